@@ -1,0 +1,198 @@
+"""Grouping of input channels and the bit allocation over the groups.
+
+- `spectral_clustering`: normalized spectral clustering (Ng, Jordan & Weiss 2002) of an
+  affinity matrix on its own device: top eigenvectors of D^-1/2 A D^-1/2 by block subspace
+  iteration with a Rayleigh-Ritz step, rows normalized, then k-means++ / Lloyd with restarts.
+  scikit-learn's SpectralClustering is the reference the tests compare against.
+- `group_channels`: the grouping methods (MI clustering and the ablations: random,
+  contiguous, by Hessian diagonal).
+- `cluster_errors` + `allocate_bits`: per group and candidate width, the Hessian-weighted
+  round-to-nearest error tr(E H_gg E^T); then the widths minimising the summed error under
+  the average-bits budget (exact multiple-choice knapsack by dynamic programming).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sparsegpt_mi import fit_minmax, quantize
+
+GROUPING_METHODS = ("mi", "random", "contiguous", "hessian")
+
+
+# ---------------------------------------------------------------- spectral clustering
+def top_eigenvectors(M: torch.Tensor, k: int, iters: int = 60, seed: int = 0) -> torch.Tensor:
+    """The k eigenvectors of the largest eigenvalues of symmetric M (C, C) with spectrum in
+    [-1, 1]; block subspace iteration on M + I (positive semi-definite) with Rayleigh-Ritz."""
+    C = M.shape[0]
+    if C <= 512:  # small: the dense solver is exact and cheap
+        vals, vecs = torch.linalg.eigh(M.double())
+        return vecs[:, -k:].to(M.dtype)
+    p = min(C, k + 10)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    Q = torch.randn(C, p, generator=gen).to(M.device, M.dtype)
+    Ms = M + torch.eye(C, device=M.device, dtype=M.dtype)
+    Q, _ = torch.linalg.qr(Q)
+    for _ in range(iters):
+        Q, _ = torch.linalg.qr(Ms @ Q)
+    T = Q.t() @ Ms @ Q  # (p, p)
+    vals, vecs = torch.linalg.eigh(T.double())
+    return (Q @ vecs[:, -k:].to(Q.dtype))
+
+
+def kmeans(X: torch.Tensor, k: int, n_init: int = 10, iters: int = 100, seed: int = 0) -> torch.Tensor:
+    """k-means++ seeding and Lloyd iterations on the rows of X (n, d); best of n_init."""
+    n = X.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    best, best_inertia = None, float("inf")
+    for _ in range(n_init):
+        centers = X[torch.randint(n, (1,), generator=gen)].clone()
+        for _ in range(1, k):
+            d2 = torch.cdist(X, centers).pow(2).min(1).values
+            probs = (d2 / d2.sum()).cpu() if d2.sum() > 0 else torch.full((n,), 1.0 / n)
+            centers = torch.cat([centers, X[torch.multinomial(probs, 1, generator=gen)]], 0)
+        labels = None
+        for _ in range(iters):
+            dist = torch.cdist(X, centers)
+            new = dist.argmin(1)
+            if labels is not None and torch.equal(new, labels):
+                break
+            labels = new
+            counts = torch.bincount(labels, minlength=k)
+            sums = torch.zeros_like(centers).index_add_(0, labels, X)
+            empty = counts == 0
+            centers = sums / counts.clamp(min=1)[:, None].to(X.dtype)
+            if empty.any():  # reseed an empty cluster at the point farthest from its center
+                far = dist.gather(1, labels[:, None]).squeeze(1).argsort(descending=True)
+                centers[empty] = X[far[: int(empty.sum())]]
+        inertia = float(torch.cdist(X, centers).min(1).values.pow(2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = labels, inertia
+    return best
+
+
+def spectral_clustering(A: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Cluster labels (C,) in [0, k) from a symmetric non-negative affinity A (C, C)."""
+    C = A.shape[0]
+    if k >= C:
+        return torch.arange(C, device=A.device)
+    A = A.float().clone()
+    A.fill_diagonal_(0)
+    A = A + 1e-6 * A.mean().clamp(min=1e-12)  # connects isolated (dead) channels
+    dinv = A.sum(1).rsqrt()
+    M = dinv[:, None] * A * dinv[None, :]
+    V = top_eigenvectors(M, k, seed=seed)  # (C, k)
+    V = V / V.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return kmeans(V, k, seed=seed)
+
+
+def group_channels(method: str, k: int, mi: torch.Tensor | None = None,
+                   diag: torch.Tensor | None = None, seed: int = 0, columns: int | None = None) -> list[torch.Tensor]:
+    """Partition range(C) into k groups; returns channel index tensors (empty ones dropped)."""
+    C = columns if columns is not None else (mi.shape[0] if mi is not None else diag.shape[0])
+    dev = mi.device if mi is not None else (diag.device if diag is not None else "cpu")
+    k = max(1, min(k, C))
+    if method == "mi":
+        labels = spectral_clustering(mi, k, seed)
+    elif method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        labels = (torch.randperm(C, generator=gen) % k).to(dev)
+    elif method == "contiguous":
+        labels = torch.arange(C, device=dev) * k // C
+    elif method == "hessian":  # equal-size groups of channels ranked by diag(H)
+        rank = torch.argsort(torch.argsort(diag, descending=True))
+        labels = rank * k // C
+    else:
+        raise ValueError(f"unknown grouping {method!r}; choose one of {', '.join(GROUPING_METHODS)}")
+    groups = [torch.nonzero(labels == g).flatten() for g in range(k)]
+    return [g for g in groups if g.numel() > 0]
+
+
+def order_groups(groups: list[torch.Tensor], diag: torch.Tensor) -> list[torch.Tensor]:
+    """Groups by descending mean Hessian diagonal: the solver meets important channels first."""
+    return sorted(groups, key=lambda g: -float(diag[g].mean()))
+
+
+# ---------------------------------------------------------------- bit allocation
+def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor], candidates: list[int],
+                   sparsity: float = 0.0, sym: bool = False) -> torch.Tensor:
+    """err[g, b] = tr(E H_gg E^T), E the round-to-nearest error of W[:, g] (per-row grid) at
+    width candidates[b]. With sparsity, the lowest w^2 H_jj of each row are pruned first, so
+    only the kept weights count (the pruning error does not depend on the width)."""
+    W = W.float()
+    if sparsity > 0:
+        sal = W ** 2 * torch.diag(H)[None, :]
+        k = int(round(sparsity * W.shape[1]))
+        if k > 0:
+            idx = torch.topk(sal, k, dim=1, largest=False).indices
+            W = W.scatter(1, idx, 0.0)
+    err = torch.zeros(len(groups), len(candidates), dtype=torch.float64)
+    for gi, g in enumerate(groups):
+        Wg = W[:, g]
+        Hg = H[g][:, g]
+        kept = Wg != 0
+        for bi, b in enumerate(candidates):
+            maxq = torch.full((Wg.shape[0],), 2.0 ** b - 1, device=W.device)
+            scale, zero = fit_minmax(Wg, maxq, sym)
+            E = (Wg - quantize(Wg, scale[:, None], zero[:, None], maxq[:, None])) * kept
+            err[gi, bi] = float(((E @ Hg) * E).sum())
+    return err
+
+
+def allocate_bits(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: list[int],
+                  target: float) -> list[int]:
+    """Widths per group minimising sum err[g, width] with sum size*width <= target * sum size.
+
+    Exact over integer budgets (multiple-choice knapsack); leftover budget then upgrades
+    groups where it fits, so the average lands as close under the target as integers allow.
+    """
+    err = np.asarray(err, dtype=np.float64)
+    G = len(sizes)
+    total = sum(sizes)
+    budget = int(np.floor(target * total + 1e-6))
+    inf = np.inf
+    dp = np.full(budget + 1, inf)
+    dp[0] = 0.0
+    choice = np.zeros((G, budget + 1), dtype=np.int16)
+    for g in range(G):
+        new = np.full(budget + 1, inf)
+        for bi, b in enumerate(candidates):
+            cost = sizes[g] * b
+            if cost > budget:
+                continue
+            cand = np.full(budget + 1, inf)
+            cand[cost:] = dp[: budget + 1 - cost] + err[g, bi]
+            better = cand < new
+            new[better] = cand[better]
+            choice[g, better] = bi
+        dp = new
+    if not np.isfinite(dp).any():
+        raise ValueError(f"target {target} bits is below the smallest width {min(candidates)}")
+    # best error; among (near) ties the largest budget used
+    best = dp.min()
+    tol = 1e-9 * max(abs(best), 1e-30)
+    used = int(np.nonzero(dp <= best + tol)[0].max())
+    picks = [0] * G
+    for g in range(G - 1, -1, -1):
+        bi = int(choice[g, used])
+        picks[g] = bi
+        used -= sizes[g] * candidates[bi]
+    bits = [candidates[p] for p in picks]
+    # fill: upgrade one step where the budget allows, largest error gain per bit first
+    spent = sum(s * b for s, b in zip(sizes, bits))
+    improved = True
+    while improved:
+        improved = False
+        opts = []
+        for g in range(G):
+            bi = candidates.index(bits[g])
+            if bi + 1 < len(candidates):
+                extra = sizes[g] * (candidates[bi + 1] - bits[g])
+                if spent + extra <= budget:
+                    opts.append(((err[g, bi] - err[g, bi + 1]) / extra, g, extra))
+        if opts:
+            _, g, extra = max(opts)
+            bits[g] = candidates[candidates.index(bits[g]) + 1]
+            spent += extra
+            improved = True
+    return bits

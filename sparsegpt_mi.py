@@ -1,0 +1,293 @@
+"""The solver: SparseGPT joint pruning + quantization with OBS error compensation.
+
+One `LinearSolver` per set of linears that share an input (q/k/v, gate/up, or a
+single linear): `add_batch` accumulates the Hessian H = 2/n sum x x^T (and the
+channel sums the MI estimator needs), `solve` prunes and quantizes the stacked
+weights column by column while compensating the error on the columns not yet
+processed (Frantar & Alistarh 2023, Alg. 1), `free` drops the buffers.
+
+Mixed precision: the input channels are split into groups (clusters), each with
+its own bit width per linear. Columns are permuted so every group is contiguous
+(inside a group by descending Hessian diagonal); scale and zero are fitted per
+output row and group when the solver enters the group, on the error-updated
+weights; the permutation is undone at the end. This file prints nothing.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+# ---------------------------------------------------------------- quantizer
+def fit_minmax(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (or symmetric) min-max grid per row of W (R, C); maxq (R,) = 2^bits - 1.
+
+    The range always contains 0, so zero is exactly on the grid (pruned weights stay 0).
+    Returns scale (R,) and integer zero point (R,), both float.
+    """
+    xmin = W.min(dim=1).values.clamp(max=0)
+    xmax = W.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, torch.full_like(xmin, -1), xmin)
+    xmax = torch.where(flat, torch.full_like(xmax, 1), xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, 0) + ((maxq + 1) / 2 if sym else torch.round(-xmin / scale))
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """Round w to the grid scale * (q - zero), q in [0, maxq]; all arguments broadcast."""
+    q = torch.minimum(torch.clamp(torch.round(w / scale) + zero, min=0), maxq)
+    return scale * (q - zero)
+
+
+def rtn_quantize(W: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = False) -> torch.Tensor:
+    """Round-to-nearest baseline: per row, or per `groupsize` consecutive columns."""
+    R, C = W.shape
+    W = W.float()
+    g = C if groupsize <= 0 else groupsize
+    out = torch.empty_like(W)
+    maxq = torch.full((R,), 2.0 ** bits - 1, device=W.device)
+    for c0 in range(0, C, g):
+        blk = W[:, c0:c0 + g]
+        scale, zero = fit_minmax(blk, maxq, sym)
+        out[:, c0:c0 + g] = quantize(blk, scale[:, None], zero[:, None], maxq[:, None])
+    return out
+
+
+# ---------------------------------------------------------------- Hessian
+_MM_OUT_DTYPE = [True]  # cleared once if this torch build has no torch.mm(out_dtype=...)
+
+
+def mm_fp32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A @ B as fp32. fp16/bf16 inputs on CUDA run on the tensor cores with fp32
+    accumulation (every fp16 product is exact); anything else is upcast to fp32."""
+    if A.is_cuda and A.dtype in (torch.float16, torch.bfloat16) and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(A, B, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE[0] = False
+    return A.float() @ B.float()
+
+
+def accumulate_xtx(H: torch.Tensor, X: torch.Tensor) -> None:
+    """H += X^T X in fp32 for X (n, C)."""
+    H.add_(mm_fp32(X.t(), X))
+
+
+@dataclass
+class SolveResult:
+    """Figures for one linear after `LinearSolver.solve`."""
+    weight: torch.Tensor          # (out, in), compressed, in the original column order
+    loss: float                   # sum over rows of the OBS error sum (w-q)^2 / [H^-1]_jj^2 / 2
+    sparsity: float
+    avg_bits: float               # weighted by weights per group (16 if unquantized)
+    seconds: float
+
+
+class LinearSolver:
+    """Hessian statistics and the joint prune + quantize solve for linears sharing one input."""
+
+    def __init__(self, columns: int, device: torch.device):
+        self.columns = columns
+        self.device = device
+        self.H = torch.zeros(columns, columns, device=device, dtype=torch.float32)
+        self.xsum = torch.zeros(columns, device=device, dtype=torch.float32)
+        self.nsamples = 0  # tokens seen
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Accumulate statistics of one batch of layer inputs (..., C)."""
+        X = inp.reshape(-1, inp.shape[-1])  # (n, C)
+        accumulate_xtx(self.H, X)
+        self.xsum += X.sum(0, dtype=torch.float32)
+        self.nsamples += X.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2/n sum x x^T (fp32, (C, C))."""
+        return self.H * (2.0 / max(self.nsamples, 1))
+
+    def mean(self) -> torch.Tensor:
+        return self.xsum / max(self.nsamples, 1)
+
+    def solve(
+        self,
+        weights: list[torch.Tensor],
+        groups: list[torch.Tensor],
+        bits: list[list[int]],
+        sparsity: float = 0.0,
+        prunen: int = 0,
+        prunem: int = 0,
+        groupsize: int = -1,
+        sym: bool = False,
+        percdamp: float = 0.01,
+        blocksize: int = 128,
+        act_order: bool = False,
+    ) -> list[SolveResult]:
+        """Prune and quantize `weights` (each (out_i, C)) jointly; they share H.
+
+        groups: input-channel index tensors partitioning range(C) (one group = all channels
+        for uniform mode). bits[i][g]: bit width of group g in weight i (16 = keep floats).
+        groupsize > 0 additionally splits each group into runs of `groupsize` columns with
+        their own scale/zero (uniform GPTQ-style g128). Returns one SolveResult per weight.
+        """
+        tick = time.perf_counter()
+        C = self.columns
+        dev = self.device
+        W = torch.cat([w.to(dev, torch.float32) for w in weights], 0)  # (R, C)
+        R = W.shape[0]
+        rows = [w.shape[0] for w in weights]
+        H = self.hessian().clone()
+
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+
+        # column order: group after group; inside a group by descending diag(H) when
+        # act_order (or always in mixed mode, where it is the order the method prescribes)
+        diag = torch.diag(H)
+        order = []
+        for g in groups:
+            g = g.to(dev)
+            order.append(g[torch.argsort(diag[g], descending=True)] if act_order else torch.sort(g).values)
+        perm = torch.cat(order)
+        assert perm.numel() == C, "groups must partition the input channels"
+        invperm = torch.argsort(perm)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+        # per-column: group id; per (row, group): maxq. 16 bits = no quantization.
+        sizes = [int(g.numel()) for g in groups]
+        col_group = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes)).tolist()
+        bits_rg = torch.cat([torch.tensor(b, dtype=torch.float32).expand(r, -1) for b, r in zip(bits, rows)], 0)
+        bits_rg = bits_rg.to(dev)  # (R, G)
+        maxq_rg = 2.0 ** bits_rg - 1
+        quant_any = bool((bits_rg < 16).any())
+        starts = set()
+        c = 0
+        for s in sizes:  # a fresh scale/zero where a group, or a groupsize run inside it, begins
+            step = groupsize if groupsize > 0 else s
+            starts.update(range(c, c + s, step))
+            c += s
+        bounds = sorted(starts) + [C]
+        run_end = {b: bounds[k + 1] for k, b in enumerate(bounds[:-1])}
+
+        Hinv = self._inverse_cholesky(H, percdamp)
+        Losses = torch.zeros(R, device=dev)
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        scale = torch.ones(R, device=dev)
+        zero = torch.zeros(R, device=dev)
+        maxq = torch.ones(R, device=dev)
+        qmask = torch.ones(R, dtype=torch.bool, device=dev)
+
+        for i1 in range(0, C, blocksize):
+            i2 = min(i1 + blocksize, C)
+            count = i2 - i1
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            d1 = torch.diag(Hinv1)
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+
+            if prunen == 0 and sparsity > 0:
+                # per-row exact: prune the smallest OBS saliencies w^2 / [H^-1]_jj^2 of each row
+                target = round(sparsity * i2) - round(sparsity * i1)
+                if target > 0:
+                    sal = W1 ** 2 / d1[None, :] ** 2
+                    idx = torch.topk(sal, target, dim=1, largest=False).indices
+                    mask1.scatter_(1, idx, True)
+
+            for i in range(count):
+                j = i1 + i
+                w = W1[:, i]
+                d = d1[i]
+                if prunen != 0 and i % prunem == 0:
+                    sal = W1[:, i:i + prunem] ** 2 / d1[i:i + prunem][None, :] ** 2
+                    mask1.scatter_(1, i + torch.topk(sal, prunen, dim=1, largest=False).indices, True)
+                if quant_any and j in run_end:
+                    g = col_group[j]
+                    maxq = maxq_rg[:, g]
+                    qmask = bits_rg[:, g] < 16
+                    end = run_end[j]
+                    # the error-updated weights: W1 holds this block's updates, W the rest
+                    cur = torch.cat([W1[:, i:min(count, end - i1)], W[:, i2:max(i2, end)]], 1)
+                    scale, zero = fit_minmax(cur, maxq, sym)
+                q = quantize(w, scale, zero, maxq) if quant_any else w
+                if quant_any:
+                    q = torch.where(qmask, q, w)
+                q = q.masked_fill(mask1[:, i], 0)
+                Q1[:, i] = q
+                err = (w - q) / d
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+                Err1[:, i] = err
+
+            W[:, i1:i2] = Q1
+            mask[:, i1:i2] = mask1
+            Losses += (Err1 ** 2).sum(1) / 2
+            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        W = W[:, invperm]
+        mask = mask[:, invperm]
+        seconds = time.perf_counter() - tick
+        results = []
+        r0 = 0
+        size_t = torch.tensor(sizes, dtype=torch.float32)
+        for w, r, b in zip(weights, rows, bits):
+            Wi = W[r0:r0 + r]
+            avg = float((torch.tensor(b, dtype=torch.float32) * size_t).sum() / C)
+            results.append(SolveResult(
+                weight=Wi.to(w.dtype),
+                loss=float(Losses[r0:r0 + r].sum()),
+                sparsity=float(mask[r0:r0 + r].float().mean()),
+                avg_bits=avg,
+                seconds=seconds * r / R,
+            ))
+            r0 += r
+        return results
+
+    @staticmethod
+    def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+        """Upper Cholesky factor of (H + damp I)^-1; raises the damping tenfold on failure."""
+        mean_diag = torch.mean(torch.diag(H))
+        damp = percdamp
+        for _ in range(6):
+            Hd = H.clone()
+            Hd.diagonal().add_(damp * mean_diag)
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if int(info) == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if int(info) == 0 and torch.isfinite(U).all():
+                    if damp != percdamp:
+                        warnings.warn(f"Cholesky failed at percdamp {percdamp}; succeeded with damping {damp:g}"
+                                      " (pass a larger --percdamp or more --nsamples to avoid this)")
+                    return U
+            damp *= 10
+        raise RuntimeError(f"Cholesky failed even with damping {damp / 10:g}: "
+                           "the Hessian is degenerate; use more --nsamples or a larger --percdamp")
+
+    def free(self) -> None:
+        self.H = None
+        self.xsum = None
+
+
+def group_overhead_bits(bits: list[int], sizes: list[int], groupsize: int = -1) -> float:
+    """Storage bits per weight for the per-(row, group) fp16 scale and bits-wide zero of one
+    linear, averaged over its weights; unquantized (16-bit) groups cost nothing."""
+    C = sum(sizes)
+    total = 0.0
+    for b, s in zip(bits, sizes):
+        if b >= 16:
+            continue
+        runs = math.ceil(s / groupsize) if groupsize > 0 else 1
+        total += runs * (16 + b)
+    return total / C

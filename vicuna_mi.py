@@ -1,0 +1,671 @@
+"""Compress a LLaMA-family model: SparseGPT pruning + mixed-precision quantization whose
+bit widths follow clusters of mutually informative input channels.
+
+    python vicuna_mi.py MODEL DATASET --sparsity 0.5 --wbits 4 --target_avg_bits 4.0 \\
+        --use_mi_grouping 1 --n_groups 10 --nsamples 128 --save DIR
+
+The model stays on the CPU; one decoder layer at a time goes to the GPU with the
+calibration activations, is compressed linear group by linear group in true-sequential
+order, and its outputs feed the next layer. Perplexity is evaluated the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_GPUS = "0"  # GPUs used when CUDA_VISIBLE_DEVICES is unset (the original used "2,3")
+
+SUPPORTED_HELP = "llama (LLaMA 1/2/3, Vicuna, Yi), mistral, qwen2, qwen3"
+
+
+# ---------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the parts of a decoder-only family live, and its linears in true-sequential order
+    (linears of one inner tuple share their input)."""
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    rotary: str | None = "model.rotary_emb"
+    norm: str = "model.norm"
+    head: str = "lm_head"
+    groups: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    )
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(),    # LLaMA 1/2/3, Vicuna, Yi; GQA through num_key_value_heads
+    "mistral": ArchSpec(),  # sliding-window attention lives inside the layer
+    "qwen2": ArchSpec(),    # q/k/v carry biases: kept, only weights are compressed
+    "qwen3": ArchSpec(),    # q/k norms inside attention
+}
+
+
+def get_module(root, path: str):
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+# ---------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything the per-layer compression needs; built once from the CLI."""
+    sparsity: float = 0.0
+    prunen: int = 0
+    prunem: int = 0
+    wbits: int = 16
+    groupsize: int = -1
+    sym: bool = False
+    target_avg_bits: float = 4.0
+    use_mi_grouping: bool = True
+    n_groups: int = 10
+    min_bits: int = 2
+    max_bits: int = 8
+    percdamp: float = 0.01
+    blocksize: int = 128
+    rtn: bool = False
+    act_order: bool = False
+    mi_method: str = "gaussian"
+    grouping: str = "mi"
+    mi_tokens: int = 8192
+    seed: int = 0
+
+    @property
+    def mixed(self) -> bool:
+        """MI mode: per-cluster widths around the target (quantization on, MI grouping on)."""
+        return self.use_mi_grouping and self.wbits < 16 and not self.rtn
+
+
+class UsageError(Exception):
+    """Bad input the user can fix; reported as one line with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Prune (SparseGPT) and quantize a LLaMA-family model with MI-grouped mixed precision.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="hub id (e.g. lmsys/vicuna-13b-v1.5), local model folder, or local .gguf file")
+    p.add_argument("dataset", help="calibration data: wikitext2, ptb, c4, or a local .txt/.jsonl file or folder")
+    p.add_argument("--nsamples", type=int, default=128, help="number of calibration windows")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and clustering")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration/evaluation window")
+    p.add_argument("--sparsity", type=float, default=0.0, help="unstructured sparsity per output row, in [0, 1)")
+    p.add_argument("--prunen", type=int, default=0, help="N of N:M structured sparsity (e.g. 2 for 2:4)")
+    p.add_argument("--prunem", type=int, default=0, help="M of N:M structured sparsity (e.g. 4 for 2:4)")
+    p.add_argument("--wbits", type=int, default=16,
+                   help="uniform mode: bit width of every weight (2..8; 16 = no quantization). "
+                        "MI mode (--use_mi_grouping 1): any value below 16 switches quantization on; "
+                        "the widths then come from --target_avg_bits within [--min_bits, --max_bits]")
+    p.add_argument("--groupsize", type=int, default=-1,
+                   help="uniform mode: scale/zero per this many input columns (-1 = per output row)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization grid (default asymmetric)")
+    p.add_argument("--target_avg_bits", type=float, default=4.0,
+                   help="MI mode: average bits per weight each linear must meet (never exceeded by > 0.01)")
+    p.add_argument("--use_mi_grouping", type=int, default=1, choices=[0, 1],
+                   help="1: cluster input channels by mutual information, one bit width per cluster; "
+                        "0: uniform SparseGPT/GPTQ baseline")
+    p.add_argument("--n_groups", type=int, default=10, help="MI mode: clusters of input channels per linear")
+    p.add_argument("--min_bits", type=int, default=2, help="MI mode: smallest width a cluster may get")
+    p.add_argument("--max_bits", type=int, default=8, help="MI mode: largest width a cluster may get")
+    p.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
+    p.add_argument("--blocksize", type=int, default=128, help="columns per lazy-update block of the solver")
+    p.add_argument("--rtn", action="store_true",
+                   help="baseline: round-to-nearest at --wbits/--groupsize (and magnitude pruning), no calibration")
+    p.add_argument("--act_order", action="store_true",
+                   help="uniform mode: process columns by descending Hessian diagonal (always on in MI mode)")
+    p.add_argument("--mi_method", default="gaussian", choices=["gaussian", "binned"],
+                   help="MI estimator: Gaussian from the covariance, or equal-frequency binning on a token sample")
+    p.add_argument("--grouping", default="mi", choices=["mi", "random", "contiguous", "hessian"],
+                   help="how channels are grouped in MI mode (random/contiguous/hessian are ablations)")
+    p.add_argument("--mi_tokens", type=int, default=8192, help="tokens sampled for the binned MI estimator")
+    p.add_argument("--eval", nargs="+", default=["wikitext2", "ptb", "c4"],
+                   help="datasets to evaluate perplexity on (names or local files); 'none' to skip")
+    p.add_argument("--eval_windows", type=int, default=0,
+                   help="evaluate at most this many windows per dataset (0 = the whole protocol)")
+    p.add_argument("--save", default=None, help="folder to write the compressed model and compression_report.json")
+    p.add_argument("--overwrite", action="store_true", help="allow --save into a non-empty folder")
+    p.add_argument("--device", default=None, help="torch device (default: the first visible CUDA GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="model dtype (auto: float16 on GPU, float32 on CPU)")
+    p.add_argument("--fwd_batch", type=int, default=8, help="calibration windows per layer forward call")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    return p
+
+
+def validate(args) -> None:
+    """Reject inconsistent flags before anything is loaded."""
+    if not 0 <= args.sparsity < 1:
+        raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if (args.prunen > 0) != (args.prunem > 0) or args.prunen < 0 or (args.prunem and args.prunen >= args.prunem):
+        raise UsageError(f"--prunen/--prunem must both be 0 or satisfy 0 < N < M, got {args.prunen}:{args.prunem}")
+    if args.prunen and args.sparsity:
+        raise UsageError("use either --sparsity (unstructured) or --prunen/--prunem (N:M), not both")
+    if args.prunem and args.blocksize % args.prunem:
+        raise UsageError(f"--blocksize {args.blocksize} must be a multiple of --prunem {args.prunem}")
+    if not (2 <= args.wbits <= 8 or args.wbits == 16):
+        raise UsageError(f"--wbits must be in 2..8 or 16 (no quantization), got {args.wbits}")
+    for name in ("min_bits", "max_bits"):
+        if not 2 <= getattr(args, name) <= 8:
+            raise UsageError(f"--{name} must be in 2..8, got {getattr(args, name)}")
+    if args.min_bits > args.max_bits:
+        raise UsageError(f"--min_bits {args.min_bits} exceeds --max_bits {args.max_bits}")
+    if not args.min_bits <= args.target_avg_bits <= args.max_bits:
+        raise UsageError(f"--target_avg_bits {args.target_avg_bits} is outside [--min_bits {args.min_bits}, "
+                         f"--max_bits {args.max_bits}]")
+    if args.n_groups < 1:
+        raise UsageError(f"--n_groups must be at least 1, got {args.n_groups}")
+    if args.nsamples < 1:
+        raise UsageError(f"--nsamples must be at least 1, got {args.nsamples}")
+    if args.seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.groupsize == 0 or args.groupsize < -1:
+        raise UsageError(f"--groupsize must be -1 or positive, got {args.groupsize}")
+    if args.percdamp <= 0 or args.blocksize < 1:
+        raise UsageError("--percdamp must be positive and --blocksize at least 1")
+    if args.save and Path(args.save).exists() and not args.overwrite:
+        p = Path(args.save)
+        if not p.is_dir() or any(p.iterdir()):
+            raise UsageError(f"--save folder {args.save} exists and is not empty; pass --overwrite to replace it")
+
+
+def config_from_args(args) -> CompressConfig:
+    names = CompressConfig.__dataclass_fields__
+    vals = {k: getattr(args, k) for k in names}
+    vals["use_mi_grouping"] = bool(args.use_mi_grouping)
+    return CompressConfig(**vals)
+
+
+# ---------------------------------------------------------------- device and loading
+def pick_device(requested: str | None):
+    import torch
+    if requested:
+        dev = torch.device(requested)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {requested}: no CUDA GPU is visible "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda:0")
+    gpus = Path("/proc/driver/nvidia/gpus")
+    n = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    if n:
+        raise UsageError(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} leaves none of this "
+                         f"machine's {n} GPU(s) visible; choose GPUs with e.g. CUDA_VISIBLE_DEVICES=0 "
+                         f"or edit DEFAULT_GPUS at the top of vicuna_mi.py")
+    raise UsageError("no CUDA GPU found; pass --device cpu to run on the CPU (slow, for small models only)")
+
+
+def model_location(model: str) -> tuple[str, dict]:
+    """(name or folder for from_pretrained, extra kwargs) for a hub id, folder or .gguf file."""
+    p = Path(model).expanduser()
+    if model.endswith(".gguf"):
+        if not p.is_file():
+            raise UsageError(f"model file {model} does not exist")
+        return str(p.parent), {"gguf_file": p.name}
+    if p.exists():
+        if not p.is_dir():
+            raise UsageError(f"model path {model} is a file; pass a model folder, a .gguf file or a hub id")
+        return str(p), {}
+    if model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep + os.sep in model:
+        raise UsageError(f"model path {model} does not exist")
+    return model, {}
+
+
+def load_config(model: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+    where, extra = model_location(model)
+    try:
+        cfg = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    except ImportError as e:
+        raise UsageError(f"loading {model} needs a missing package: {e}")
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load the configuration of {model} ({first}); "
+                         "if you are offline, pass a local model folder or .gguf file")
+    if cfg.model_type not in ARCHS:
+        raise UsageError(f"unsupported architecture {cfg.model_type!r} of {model}; supported: {SUPPORTED_HELP}")
+    return cfg
+
+
+def load_tokenizer(model: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+    where, extra = model_location(model)
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    except (ImportError, ValueError, OSError) as e:
+        if "sentencepiece" in str(e).lower() or "SentencePiece" in str(e):
+            raise UsageError(f"the tokenizer of {model} needs sentencepiece: pip install sentencepiece")
+        raise UsageError(f"could not load the tokenizer of {model}: {str(e).splitlines()[0] if str(e) else e!r}")
+
+
+def load_model(model: str, dtype, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+    where, extra = model_location(model)
+    m = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
+                                             low_cpu_mem_usage=True, **extra)
+    m.config.use_cache = False
+    m.eval()
+    torch.set_grad_enabled(False)
+    return m
+
+
+# ---------------------------------------------------------------- capture and layer runner
+class _StopForward(Exception):
+    """Raised from a hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+def capture_layer_inputs(model, spec: ArchSpec, windows, dev, dtype):
+    """Run embeddings (and rotary) on `dev` and capture the hidden states entering layer 0
+    for every window (1, seqlen), together with every keyword argument the model passes
+    its decoder layers. Returns inps (N, seqlen, hidden) and the kwargs."""
+    import torch
+    layers = get_module(model, spec.layers)
+    parts = [get_module(model, spec.embed)] + ([get_module(model, spec.rotary)] if spec.rotary else [])
+    for m in parts:
+        m.to(dev)
+    seqlen = windows[0].shape[-1]
+    hidden = model.config.hidden_size
+    inps = torch.empty(len(windows), seqlen, hidden, device=dev, dtype=dtype)
+    state = {"i": 0, "kwargs": None}
+
+    def hook(_module, args, kwargs):
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        inps[state["i"]] = hs[0]
+        if state["kwargs"] is None:
+            state["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i, w in enumerate(windows):
+            state["i"] = i
+            try:
+                get_module(model, spec.layers.rsplit(".", 1)[0])(input_ids=w.to(dev), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m in parts:
+            m.to("cpu")
+    return inps, state["kwargs"]
+
+
+def run_layer(layer, inps, outs, kwargs: dict, batch: int) -> None:
+    """outs[i] = layer(inps[i]) for every window, `batch` windows per call. With outs None the
+    outputs are dropped (a hook raising _StopForward may cut each call short)."""
+    for b0 in range(0, inps.shape[0], batch):
+        try:
+            out = layer(inps[b0:b0 + batch], **kwargs)
+        except _StopForward:
+            continue
+        if outs is not None:
+            outs[b0:b0 + batch] = out[0] if isinstance(out, (tuple, list)) else out
+
+
+# ---------------------------------------------------------------- compression
+@dataclass
+class LinearReport:
+    shape: list[int]
+    sparsity: float
+    avg_bits: float
+    effective_bits: float
+    loss: float
+    seconds: float
+    groups: list[dict] = field(default_factory=list)
+
+
+def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: int, mi_sample, dev):
+    """Channel groups (index tensors) and per-linear widths for one shared-input set of linears.
+    Returns groups, bits per linear, MI statistics (or None) and the seconds spent."""
+    import torch
+    from channel_grouping import allocate_bits, cluster_errors, group_channels, order_groups
+    from mutual_info import estimate_mi, mi_summary
+    tick = time.perf_counter()
+    if not cfg.mixed:
+        bits = 16 if (cfg.wbits >= 16) else cfg.wbits
+        return [torch.arange(columns, device=dev)], [[bits] for _ in weights], None, 0.0
+    H = solver.hessian()
+    diag = torch.diag(H)
+    k = min(cfg.n_groups, columns)
+    stats = None
+    if cfg.grouping == "mi":
+        mi = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
+        stats = mi_summary(mi)
+        groups = group_channels("mi", k, mi=mi, seed=cfg.seed)
+    else:
+        groups = group_channels(cfg.grouping, k, diag=diag, seed=cfg.seed, columns=columns)
+    groups = order_groups(groups, diag)
+    candidates = list(range(cfg.min_bits, cfg.max_bits + 1))
+    sizes = [int(g.numel()) for g in groups]
+    bits = []
+    for W in weights:
+        err = cluster_errors(W.to(dev), H, groups, candidates, cfg.sparsity or (cfg.prunen / cfg.prunem if cfg.prunem else 0),
+                             cfg.sym)
+        bits.append(allocate_bits(err, sizes, candidates, cfg.target_avg_bits))
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return groups, bits, stats, time.perf_counter() - tick
+
+
+def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps, kwargs: dict, dev,
+                   log, fwd_batch: int) -> dict[str, LinearReport]:
+    """Compress the linears of one decoder layer (already on `dev`) in true-sequential order."""
+    import torch
+    from mutual_info import TokenSample
+    from sparsegpt_mi import LinearSolver, group_overhead_bits, rtn_quantize
+    reports: dict[str, LinearReport] = {}
+    for names in spec.groups:
+        linears = [get_module(layer, n) for n in names]
+        columns = linears[0].in_features
+        if cfg.rtn:
+            for name, lin in zip(names, linears):
+                tick = time.perf_counter()
+                W = lin.weight.data.float()
+                if cfg.sparsity > 0 or cfg.prunen:
+                    W = magnitude_prune(W, cfg)
+                Q = rtn_quantize(W, cfg.wbits, cfg.groupsize, cfg.sym) if cfg.wbits < 16 else W
+                Q = Q * (W != 0)
+                lin.weight.data = Q.to(lin.weight.dtype)
+                rep = LinearReport(shape=list(W.shape), sparsity=float((Q == 0).float().mean()), avg_bits=float(cfg.wbits),
+                                   effective_bits=cfg.wbits + group_overhead_bits([cfg.wbits], [columns], cfg.groupsize),
+                                   loss=float("nan"), seconds=time.perf_counter() - tick,
+                                   groups=[{"bits": cfg.wbits, "channels": list(range(columns))}])
+                reports[name] = rep
+                log(f"layer {index} {name}  sparsity {rep.sparsity:.3f}  bits {rep.avg_bits:.2f}  {rep.seconds:.1f}s")
+            continue
+        solver = LinearSolver(columns, dev)
+        sample = TokenSample(cfg.mi_tokens, max(1, cfg.mi_tokens // max(1, inps.shape[0])), cfg.seed) \
+            if (cfg.mixed and cfg.grouping == "mi" and cfg.mi_method == "binned") else None
+
+        def hook(_m, inp, _out):
+            solver.add_batch(inp[0].detach())
+            if sample is not None:
+                sample.add_batch(inp[0].detach())
+            raise _StopForward
+
+        handle = linears[0].register_forward_hook(hook)
+        run_layer(layer, inps, None, kwargs, fwd_batch)
+        handle.remove()
+
+        weights = [lin.weight.data for lin in linears]
+        groups, bits, mi_stats, group_secs = choose_groups_and_bits(cfg, solver, weights, columns, sample, dev)
+        if mi_stats is not None:
+            log(f"layer {index} {'/'.join(n.split('.')[-1] for n in names)}  MI mean {mi_stats['mean']:.4f}  "
+                f"max {mi_stats['max']:.3f}  >0.1 {mi_stats['frac_above_0.1']:.3f}  groups {len(groups)}  "
+                f"grouping {group_secs:.2f}s")
+        results = solver.solve(weights, groups, bits, sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem,
+                               groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym,
+                               percdamp=cfg.percdamp, blocksize=cfg.blocksize, act_order=cfg.mixed or cfg.act_order)
+        solver.free()
+        sizes = [int(g.numel()) for g in groups]
+        for name, lin, res, b in zip(names, linears, results, bits):
+            if not torch.isfinite(res.weight).all():
+                raise FloatingPointError(f"layer {index} {name}: the solver produced NaN/inf weights; "
+                                         "try a larger --percdamp or more --nsamples")
+            lin.weight.data = res.weight.to(lin.weight.dtype)
+            eff = res.avg_bits + group_overhead_bits(b, sizes, cfg.groupsize if not cfg.mixed else -1) \
+                if res.avg_bits < 16 else 16.0
+            if cfg.mixed:
+                eff += math.ceil(math.log2(max(columns, 2))) / lin.out_features  # the stored permutation
+            rep = LinearReport(shape=[lin.out_features, columns], sparsity=res.sparsity, avg_bits=res.avg_bits,
+                               effective_bits=eff, loss=res.loss, seconds=res.seconds + group_secs / len(names),
+                               groups=[{"bits": int(bb), "channels": g.tolist()} for bb, g in zip(b, groups)])
+            reports[name] = rep
+            if cfg.mixed and res.avg_bits < cfg.target_avg_bits - 0.05:
+                log(f"warning: layer {index} {name} reaches {res.avg_bits:.3f} bits, below the target "
+                    f"{cfg.target_avg_bits} (integer widths over {len(groups)} groups allow no closer)")
+            log(f"layer {index} {name}  loss {res.loss:.3e}  sparsity {res.sparsity:.3f}  bits {res.avg_bits:.2f}  "
+                f"{rep.seconds:.1f}s")
+    return reports
+
+
+def magnitude_prune(W, cfg: CompressConfig):
+    """Baseline pruning by |w|: per row (unstructured) or per M consecutive weights (N:M)."""
+    import torch
+    R, C = W.shape
+    if cfg.prunen:
+        blocks = W.abs().reshape(R, C // cfg.prunem, cfg.prunem)
+        idx = torch.topk(blocks, cfg.prunen, dim=2, largest=False).indices
+        mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(2, idx, True).reshape(R, C)
+    else:
+        k = int(round(cfg.sparsity * C))
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        if k:
+            mask.scatter_(1, torch.topk(W.abs(), k, dim=1, largest=False).indices, True)
+    return W.masked_fill(mask, 0)
+
+
+def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, log,
+                   fwd_batch: int = 8) -> dict[str, LinearReport]:
+    """Layer-by-layer compression of the whole model; returns a report per linear."""
+    import torch
+    layers = get_module(model, spec.layers)
+    reports: dict[str, LinearReport] = {}
+    if cfg.rtn:
+        inps = torch.empty(0, 1, device=dev)
+        kwargs = {}
+    else:
+        inps, kwargs = capture_layer_inputs(model, spec, windows, dev, dtype)
+    outs = torch.empty_like(inps)
+    start = time.perf_counter()
+    for i, layer in enumerate(layers):
+        tick = time.perf_counter()
+        layer.to(dev)
+        reps = compress_layer(layer, i, spec, cfg, inps, kwargs, dev, log, fwd_batch)
+        reports.update({f"{spec.layers}.{i}.{n}": r for n, r in reps.items()})
+        if not cfg.rtn:
+            run_layer(layer, inps, outs, kwargs, fwd_batch)
+            if not torch.isfinite(outs).all():
+                raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
+                                         "try a larger --percdamp, more --nsamples or --dtype bfloat16")
+            inps, outs = outs, inps
+        layer.to("cpu")
+        done = i + 1
+        elapsed = time.perf_counter() - start
+        log(f"layer {i} done in {time.perf_counter() - tick:.1f}s  [{done}/{len(layers)}, "
+            f"eta {elapsed / done * (len(layers) - done):.0f}s]")
+    return reports
+
+
+# ---------------------------------------------------------------- evaluation
+def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windows: int = 0,
+               fwd_batch: int = 8) -> float:
+    """exp(mean over non-overlapping windows of the mean token cross-entropy), streamed layer
+    by layer so that a model larger than the GPU evaluates."""
+    import torch
+    n = tokens.shape[1] // seqlen
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise UsageError(f"evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
+    windows = [tokens[:, i * seqlen:(i + 1) * seqlen] for i in range(n)]
+    inps, kwargs = capture_layer_inputs(model, spec, windows, dev, dtype)
+    outs = torch.empty_like(inps)
+    for layer in get_module(model, spec.layers):
+        layer.to(dev)
+        run_layer(layer, inps, outs, kwargs, fwd_batch)
+        layer.to("cpu")
+        inps, outs = outs, inps
+    norm, head = get_module(model, spec.norm), get_module(model, spec.head)
+    norm.to(dev)
+    head.to(dev)
+    nlls = []
+    for i in range(n):
+        logits = head(norm(inps[i:i + 1])).float()  # (1, T, V)
+        target = windows[i].to(dev)
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], target[0, 1:])
+        nlls.append(float(nll))
+    norm.to("cpu")
+    head.to("cpu")
+    return math.exp(sum(nlls) / len(nlls))
+
+
+# ---------------------------------------------------------------- saving and report
+def save_model(model, tokenizer, out_dir: str, report: dict, overwrite: bool) -> None:
+    """Write the model (safetensors), tokenizer and report to a temporary folder beside
+    out_dir, then rename it into place: a run never leaves a half-written folder."""
+    out = Path(out_dir).resolve()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        plain_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "compression_report.json").write_text(json.dumps(report, indent=1))
+        if out.exists():
+            if any(out.iterdir()) and not overwrite:
+                raise UsageError(f"--save folder {out} became non-empty during the run")
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def plain_model(model):
+    """A model plain transformers can save: a GGUF-loaded model carries a quantization
+    config that save_pretrained refuses, so rebuild it from its config (weights shared)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    if getattr(model.config, "quantization_config", None) is None and not getattr(model, "hf_quantizer", None):
+        return model
+    cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                            if k != "quantization_config"})
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(cfg, dtype=next(model.parameters()).dtype)
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    fresh.tie_weights()
+    return fresh
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        v["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                     text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        v["commit"] = None
+    return v
+
+
+def summarize(reports: dict[str, LinearReport]) -> dict:
+    """Weighted averages over every compressed weight, and the bit distribution."""
+    total = sum(r.shape[0] * r.shape[1] for r in reports.values()) or 1
+    hist: dict[int, float] = {}
+    for r in reports.values():
+        rows = r.shape[0]
+        for g in r.groups:
+            hist[g["bits"]] = hist.get(g["bits"], 0) + rows * len(g["channels"])
+    return {
+        "avg_bits": sum(r.avg_bits * r.shape[0] * r.shape[1] for r in reports.values()) / total,
+        "effective_bits": sum(r.effective_bits * r.shape[0] * r.shape[1] for r in reports.values()) / total,
+        "sparsity": sum(r.sparsity * r.shape[0] * r.shape[1] for r in reports.values()) / total,
+        "bits_histogram": {str(b): n / total for b, n in sorted(hist.items())},
+    }
+
+
+# ---------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # data errors are user errors too
+        from datautils import DataError
+        if isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def run(args) -> int:
+    validate(args)
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", DEFAULT_GPUS)
+    from datautils import check_dataset, get_eval_tokens, get_loaders
+    cfg = config_from_args(args)
+    evals = [] if [e.lower() for e in args.eval] == ["none"] else args.eval
+    if not cfg.rtn:
+        check_dataset(args.dataset)
+    for e in evals:
+        check_dataset(e)
+    model_cfg = load_config(args.model, args.trust_remote_code)
+    limit = getattr(model_cfg, "max_position_embeddings", None)
+    if limit and args.seqlen > limit:
+        raise UsageError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings {limit}")
+    width = min(model_cfg.hidden_size, getattr(model_cfg, "intermediate_size", model_cfg.hidden_size))
+    if cfg.mixed and args.n_groups > width:
+        print(f"warning: --n_groups {args.n_groups} exceeds the {width} input channels of the smallest "
+              f"linear; capped per linear", file=sys.stderr)
+
+    import numpy as np
+    import torch
+    dev = pick_device(args.device)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(
+        args.dtype, torch.float16 if dev.type == "cuda" else torch.float32)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    warnings.simplefilter("always", UserWarning)
+
+    spec = ARCHS[model_cfg.model_type]
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    print(f"loading {args.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) as {dtype} on the CPU;"
+          f" compressing on {dev}", flush=True)
+    model = load_model(args.model, dtype, args.trust_remote_code)
+    log = _logger()
+    t0 = time.perf_counter()
+    windows = [] if cfg.rtn else get_loaders(args.dataset, tokenizer, args.nsamples, args.seed, args.seqlen)
+    reports = compress_model(model, spec, cfg, windows, dev, dtype, log, args.fwd_batch)
+    seconds = time.perf_counter() - t0
+    summary = summarize(reports)
+    print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
+          f"effective bits {summary['effective_bits']:.3f}", flush=True)
+    print("bit distribution (fraction of weights): " +
+          "  ".join(f"{b}b {f:.3f}" for b, f in summary["bits_histogram"].items()), flush=True)
+
+    ppl = {}
+    for name in evals:
+        tokens = get_eval_tokens(name, tokenizer, args.seqlen)
+        ppl[name] = perplexity(model, spec, tokens, args.seqlen, dev, dtype, args.eval_windows, args.fwd_batch)
+        print(f"{name} ppl {ppl[name]:.3f}", flush=True)
+
+    report = {"config": vars(args), "versions": versions(), **summary, "ppl": ppl, "seconds": seconds,
+              "linears": {k: asdict(v) for k, v in reports.items()}}
+    if args.save:
+        save_model(model, tokenizer, args.save, report, args.overwrite)
+        print(f"saved to {args.save}", flush=True)
+    return 0
+
+
+def _logger():
+    """print for each log line; lines go through tqdm when a progress bar is on screen."""
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+    return log
+
+
+if __name__ == "__main__":
+    sys.exit(main())
