@@ -382,7 +382,7 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
                 Q = rtn_quantize(W, cfg.wbits, cfg.groupsize, cfg.sym) if cfg.wbits < 16 else W
                 Q = Q * (W != 0)
                 lin.weight.data = Q.to(lin.weight.dtype)
-                rep = LinearReport(shape=list(W.shape), sparsity=float((Q == 0).float().mean()), avg_bits=float(cfg.wbits),
+                rep = LinearReport(shape=list(W.shape), sparsity=float((W == 0).float().mean()), avg_bits=float(cfg.wbits),
                                    effective_bits=cfg.wbits + group_overhead_bits([cfg.wbits], [columns], cfg.groupsize),
                                    loss=float("nan"), seconds=time.perf_counter() - tick,
                                    groups=[{"bits": cfg.wbits, "channels": list(range(columns))}])

@@ -1,0 +1,120 @@
+"""Quality matrix: perplexity against bits for the baselines, the MI method and its ablations,
+all on one loaded model (weights restored between rows), through the real pipeline code.
+
+    python bench/quality.py MODEL CALIB.txt EVAL.txt [--rows NAME ...] [--out bench/results]
+
+Protocol of the anchors: calibration = 128 windows of 2048 tokens from CALIB tokenized as one
+string (offsets from torch.Generator().manual_seed(0)); evaluation = the first 128
+non-overlapping 2048-token windows of EVAL. Writes quality-<device>-<date>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import vicuna_mi as vm  # noqa: E402
+from datautils import get_eval_tokens, get_loaders  # noqa: E402
+
+U = dict(use_mi_grouping=False)
+
+
+def _rows() -> dict[str, dict]:
+    rows = {"fp16": dict(U)}
+    for b in (3, 4):
+        rows[f"rtn_w{b}"] = dict(U, rtn=True, wbits=b)
+        rows[f"rtn_w{b}_g128"] = dict(U, rtn=True, wbits=b, groupsize=128)
+    for b in (2, 3, 4):
+        rows[f"gptq_w{b}"] = dict(U, wbits=b)
+        rows[f"gptq_w{b}_g128"] = dict(U, wbits=b, groupsize=128)
+    rows["gptq_w3_g128_actorder"] = dict(U, wbits=3, groupsize=128, act_order=True)
+    rows["sparsegpt_50"] = dict(U, sparsity=0.5)
+    rows["sparsegpt_2:4"] = dict(U, prunen=2, prunem=4)
+    rows["sparsegpt_50_w4"] = dict(U, sparsity=0.5, wbits=4)
+    for t in (2.5, 3.0, 3.5, 4.0):
+        for k in (4, 10, 16):
+            rows[f"mi_t{t}_k{k}"] = dict(wbits=4, target_avg_bits=t, n_groups=k)
+    for t in (3.0, 4.0):
+        rows[f"sparse50_mi_t{t}_k10"] = dict(sparsity=0.5, wbits=4, target_avg_bits=t, n_groups=10)
+    for g in ("random", "contiguous", "hessian"):
+        rows[f"ablation_{g}_t3.0_k10"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, grouping=g)
+    rows["ablation_binned_t3.0_k10"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, mi_method="binned")
+    return rows
+
+
+ROWS = _rows()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("calib")
+    p.add_argument("eval")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), help="row names (default: all): " + " ".join(ROWS))
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--eval_windows", type=int, default=128)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tag", default="", help="suffix of the results file name")
+    args = p.parse_args()
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}")
+
+    dev = torch.device(args.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tok = vm.load_tokenizer(args.model, False)
+    model = vm.load_model(args.model, dtype, False)
+    spec = vm.ARCHS[model.config.model_type]
+    windows = get_loaders(args.calib, tok, args.nsamples, 0, args.seqlen)
+    tokens = get_eval_tokens(args.eval, tok, args.seqlen)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    results = []
+    for name in args.rows:
+        model.load_state_dict(original)
+        cfg = vm.CompressConfig(**ROWS[name])
+        torch.manual_seed(0)
+        tick = time.perf_counter()
+        if name == "fp16":
+            summary = {"avg_bits": 16.0, "effective_bits": 16.0, "sparsity": 0.0, "bits_histogram": {"16": 1.0}}
+        else:
+            reports = vm.compress_model(model, spec, cfg, windows, dev, dtype, lambda m: None)
+            summary = vm.summarize(reports)
+        secs = time.perf_counter() - tick
+        ppl = vm.perplexity(model, spec, tokens, args.seqlen, dev, dtype, args.eval_windows)
+        row = {"row": name, "config": ROWS[name], "wiki_ppl": ppl, "seconds": secs, **summary}
+        results.append(row)
+        print(f"{name:28s} ppl {ppl:9.3f}  bits {summary['avg_bits']:.3f}  eff {summary['effective_bits']:.3f}  "
+              f"sparsity {summary['sparsity']:.3f}  {secs:6.1f}s", flush=True)
+
+    commit = vm.versions().get("commit")
+    date = datetime.date.today().isoformat()
+    slug = device_name.replace(" ", "-").replace("/", "-")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"quality-{slug}-{date}{args.tag}"
+    meta = {"machine": device_name, "date": date, "commit": commit, "command": " ".join(sys.argv),
+            "versions": vm.versions(), "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                                      "eval_windows": args.eval_windows}}
+    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results}, indent=1))
+    lines = [f"Machine {device_name}, {date}, commit {commit}", f"`{meta['command']}`", "",
+             "| row | wiki ppl | weight bits | effective bits | sparsity | seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['wiki_ppl']:.2f} | {r['avg_bits']:.3f} | {r['effective_bits']:.3f} | "
+              f"{r['sparsity']:.3f} | {r['seconds']:.1f} |" for r in results]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / stem}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
