@@ -48,18 +48,23 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: tor
     return scale * (q - zero)
 
 
-def rtn_quantize(W: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = False) -> torch.Tensor:
-    """Round-to-nearest baseline: per row, or per `groupsize` consecutive columns."""
+def rtn_quantize(W: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest baseline: per row, or per `groupsize` consecutive columns.
+    Returns the quantized weights (R, C) and scale, zero (R, n_runs)."""
     R, C = W.shape
     W = W.float()
     g = C if groupsize <= 0 else groupsize
     out = torch.empty_like(W)
     maxq = torch.full((R,), 2.0 ** bits - 1, device=W.device)
+    scales, zeros = [], []
     for c0 in range(0, C, g):
         blk = W[:, c0:c0 + g]
         scale, zero = fit_minmax(blk, maxq, sym)
         out[:, c0:c0 + g] = quantize(blk, scale[:, None], zero[:, None], maxq[:, None])
-    return out
+        scales.append(scale)
+        zeros.append(zero)
+    return out, torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
 # ---------------------------------------------------------------- Hessian
@@ -90,6 +95,10 @@ class SolveResult:
     sparsity: float
     avg_bits: float               # weighted by weights per group (16 if unquantized)
     seconds: float
+    perm: torch.Tensor | None = None     # (in,) solver column order: column k of the order is perm[k]
+    runs: list[tuple[int, int, int]] | None = None  # (start, end, bits) in permuted columns, one grid each
+    scale: torch.Tensor | None = None    # (out, n_runs) fp32 grid step per row and run
+    zero: torch.Tensor | None = None     # (out, n_runs) integer zero point per row and run
 
 
 class LinearSolver:
@@ -129,13 +138,16 @@ class LinearSolver:
         percdamp: float = 0.01,
         blocksize: int = 128,
         act_order: bool = False,
+        mask_scope: str = "row",
     ) -> list[SolveResult]:
         """Prune and quantize `weights` (each (out_i, C)) jointly; they share H.
 
         groups: input-channel index tensors partitioning range(C) (one group = all channels
         for uniform mode). bits[i][g]: bit width of group g in weight i (16 = keep floats).
         groupsize > 0 additionally splits each group into runs of `groupsize` columns with
-        their own scale/zero (uniform GPTQ-style g128). Returns one SolveResult per weight.
+        their own scale/zero (uniform GPTQ-style g128). mask_scope "row": unstructured masks
+        exact per output row (default); "block": one threshold per block over all rows, as the
+        reference SparseGPT. Returns one SolveResult per weight.
         """
         tick = time.perf_counter()
         C = self.columns
@@ -179,6 +191,9 @@ class LinearSolver:
         run_end = {b: bounds[k + 1] for k, b in enumerate(bounds[:-1])}
 
         Hinv = self._inverse_cholesky(H, percdamp)
+        run_starts = bounds[:-1]
+        scales = torch.ones(R, len(run_starts), device=dev)
+        zeros = torch.zeros(R, len(run_starts), device=dev)
         Losses = torch.zeros(R, device=dev)
         mask = torch.zeros_like(W, dtype=torch.bool)
         scale = torch.ones(R, device=dev)
@@ -197,12 +212,15 @@ class LinearSolver:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
             if prunen == 0 and sparsity > 0:
-                # per-row exact: prune the smallest OBS saliencies w^2 / [H^-1]_jj^2 of each row
-                target = round(sparsity * i2) - round(sparsity * i1)
-                if target > 0:
-                    sal = W1 ** 2 / d1[None, :] ** 2
-                    idx = torch.topk(sal, target, dim=1, largest=False).indices
-                    mask1.scatter_(1, idx, True)
+                # prune the smallest OBS saliencies w^2 / [H^-1]_jj^2 (Sec. 3.2 adaptive mask)
+                sal = W1 ** 2 / d1[None, :] ** 2
+                if mask_scope == "row":  # exact per row: cumulative target rounded per block
+                    target = round(sparsity * i2) - round(sparsity * i1)
+                    if target > 0:
+                        mask1.scatter_(1, torch.topk(sal, target, dim=1, largest=False).indices, True)
+                else:
+                    thresh = torch.sort(sal.flatten()).values[int(sal.numel() * sparsity)]
+                    mask1 = sal <= thresh
 
             for i in range(count):
                 j = i1 + i
@@ -219,6 +237,9 @@ class LinearSolver:
                     # the error-updated weights: W1 holds this block's updates, W the rest
                     cur = torch.cat([W1[:, i:min(count, end - i1)], W[:, i2:max(i2, end)]], 1)
                     scale, zero = fit_minmax(cur, maxq, sym)
+                    r = run_starts.index(j)
+                    scales[:, r] = scale
+                    zeros[:, r] = zero
                 q = quantize(w, scale, zero, maxq) if quant_any else w
                 if quant_any:
                     q = torch.where(qmask, q, w)
@@ -250,6 +271,10 @@ class LinearSolver:
                 sparsity=float(mask[r0:r0 + r].float().mean()),
                 avg_bits=avg,
                 seconds=seconds * r / R,
+                perm=perm.cpu(),
+                runs=[(s0, e0, int(b[col_group[s0]])) for s0, e0 in zip(run_starts, bounds[1:])],
+                scale=scales[r0:r0 + r].cpu(),
+                zero=zeros[r0:r0 + r].cpu(),
             ))
             r0 += r
         return results

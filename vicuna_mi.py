@@ -83,6 +83,7 @@ class CompressConfig:
     mi_method: str = "gaussian"
     grouping: str = "mi"
     mi_tokens: int = 8192
+    mask_scope: str = "row"
     seed: int = 0
 
     @property
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grouping", default="mi", choices=["mi", "random", "contiguous", "hessian"],
                    help="how channels are grouped in MI mode (random/contiguous/hessian are ablations)")
     p.add_argument("--mi_tokens", type=int, default=8192, help="tokens sampled for the binned MI estimator")
+    p.add_argument("--mask_scope", default="row", choices=["row", "block"],
+                   help="unstructured sparsity exact per output row, or one threshold per 128-column block "
+                        "over all rows as the reference SparseGPT")
     p.add_argument("--eval", nargs="+", default=["wikitext2", "ptb", "c4"],
                    help="datasets to evaluate perplexity on (names or local files); 'none' to skip")
     p.add_argument("--eval_windows", type=int, default=0,
@@ -328,6 +332,12 @@ class LinearReport:
     loss: float
     seconds: float
     groups: list[dict] = field(default_factory=list)
+    # grid of the quantized weights, for packed saves: perm (in,), runs [(start, end, bits)]
+    # over permuted columns, scale/zero (out, n_runs); None where nothing was quantized
+    qparams: dict | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "qparams"}
 
 
 def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: int, mi_sample, dev):
@@ -379,13 +389,19 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
                 W = lin.weight.data.float()
                 if cfg.sparsity > 0 or cfg.prunen:
                     W = magnitude_prune(W, cfg)
-                Q = rtn_quantize(W, cfg.wbits, cfg.groupsize, cfg.sym) if cfg.wbits < 16 else W
+                qparams = None
+                Q = W
+                if cfg.wbits < 16:
+                    Q, scale, zero = rtn_quantize(W, cfg.wbits, cfg.groupsize, cfg.sym)
+                    g = columns if cfg.groupsize <= 0 else cfg.groupsize
+                    qparams = {"perm": torch.arange(columns), "scale": scale.cpu(), "zero": zero.cpu(),
+                               "runs": [(c0, min(c0 + g, columns), cfg.wbits) for c0 in range(0, columns, g)]}
                 Q = Q * (W != 0)
                 lin.weight.data = Q.to(lin.weight.dtype)
                 rep = LinearReport(shape=list(W.shape), sparsity=float((W == 0).float().mean()), avg_bits=float(cfg.wbits),
                                    effective_bits=cfg.wbits + group_overhead_bits([cfg.wbits], [columns], cfg.groupsize),
                                    loss=float("nan"), seconds=time.perf_counter() - tick,
-                                   groups=[{"bits": cfg.wbits, "channels": list(range(columns))}])
+                                   groups=[{"bits": cfg.wbits, "channels": list(range(columns))}], qparams=qparams)
                 reports[name] = rep
                 log(f"layer {index} {name}  sparsity {rep.sparsity:.3f}  bits {rep.avg_bits:.2f}  {rep.seconds:.1f}s")
             continue
@@ -411,7 +427,8 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
                 f"grouping {group_secs:.2f}s")
         results = solver.solve(weights, groups, bits, sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem,
                                groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym,
-                               percdamp=cfg.percdamp, blocksize=cfg.blocksize, act_order=cfg.mixed or cfg.act_order)
+                               percdamp=cfg.percdamp, blocksize=cfg.blocksize, act_order=cfg.mixed or cfg.act_order,
+                               mask_scope=cfg.mask_scope)
         solver.free()
         sizes = [int(g.numel()) for g in groups]
         for name, lin, res, b in zip(names, linears, results, bits):
@@ -425,7 +442,9 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
                 eff += math.ceil(math.log2(max(columns, 2))) / lin.out_features  # the stored permutation
             rep = LinearReport(shape=[lin.out_features, columns], sparsity=res.sparsity, avg_bits=res.avg_bits,
                                effective_bits=eff, loss=res.loss, seconds=res.seconds + group_secs / len(names),
-                               groups=[{"bits": int(bb), "channels": g.tolist()} for bb, g in zip(b, groups)])
+                               groups=[{"bits": int(bb), "channels": g.tolist()} for bb, g in zip(b, groups)],
+                               qparams=None if res.avg_bits >= 16 else
+                               {"perm": res.perm, "runs": res.runs, "scale": res.scale, "zero": res.zero})
             reports[name] = rep
             if cfg.mixed and res.avg_bits < cfg.target_avg_bits - 0.05:
                 log(f"warning: layer {index} {name} reaches {res.avg_bits:.3f} bits, below the target "
@@ -653,7 +672,7 @@ def run(args) -> int:
         print(f"{name} ppl {ppl[name]:.3f}", flush=True)
 
     report = {"config": vars(args), "versions": versions(), **summary, "ppl": ppl, "seconds": seconds,
-              "linears": {k: asdict(v) for k, v in reports.items()}}
+              "linears": {k: v.to_json() for k, v in reports.items()}}
     if args.save:
         save_model(model, tokenizer, args.save, report, args.overwrite)
         print(f"saved to {args.save}", flush=True)
