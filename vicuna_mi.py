@@ -340,7 +340,42 @@ class LinearReport:
         return {k: v for k, v in asdict(self).items() if k != "qparams"}
 
 
-def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: int, mi_sample, dev):
+class StageTimer:
+    """Seconds per named stage (`with timer("solve"): ...`). When enabled it synchronizes the
+    device at each stage boundary so the numbers are true; disabled it costs nothing."""
+
+    def __init__(self, dev=None, enabled: bool = False):
+        self.dev, self.enabled = dev, enabled
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        return _Stage(self, stage)
+
+
+class _Stage:
+    def __init__(self, timer: StageTimer, stage: str):
+        self.t, self.stage = timer, stage
+
+    def _sync(self):
+        if self.t.enabled and self.t.dev is not None and self.t.dev.type == "cuda":
+            import torch
+            torch.cuda.synchronize(self.t.dev)
+
+    def __enter__(self):
+        self._sync()
+        self.tick = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self._sync()
+        if self.t.enabled:
+            self.t.seconds[self.stage] = self.t.seconds.get(self.stage, 0.0) + time.perf_counter() - self.tick
+
+
+NO_TIMER = StageTimer()
+
+
+def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: int, mi_sample, dev,
+                           timer: StageTimer = NO_TIMER):
     """Channel groups (index tensors) and per-linear widths for one shared-input set of linears.
     Returns groups, bits per linear, MI statistics (or None) and the seconds spent."""
     import torch
@@ -355,26 +390,30 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
     k = min(cfg.n_groups, columns)
     stats = None
     if cfg.grouping == "mi":
-        mi = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
-        stats = mi_summary(mi)
-        groups = group_channels("mi", k, mi=mi, seed=cfg.seed)
+        with timer("mi"):
+            mi = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
+            stats = mi_summary(mi)
+        with timer("clustering"):
+            groups = group_channels("mi", k, mi=mi, seed=cfg.seed)
     else:
-        groups = group_channels(cfg.grouping, k, diag=diag, seed=cfg.seed, columns=columns)
+        with timer("clustering"):
+            groups = group_channels(cfg.grouping, k, diag=diag, seed=cfg.seed, columns=columns)
     groups = order_groups(groups, diag)
     candidates = list(range(cfg.min_bits, cfg.max_bits + 1))
     sizes = [int(g.numel()) for g in groups]
     bits = []
-    for W in weights:
-        err = cluster_errors(W.to(dev), H, groups, candidates, cfg.sparsity or (cfg.prunen / cfg.prunem if cfg.prunem else 0),
-                             cfg.sym)
-        bits.append(allocate_bits(err, sizes, candidates, cfg.target_avg_bits))
+    sparsity = cfg.sparsity or (cfg.prunen / cfg.prunem if cfg.prunem else 0.0)
+    with timer("allocation"):
+        for W in weights:
+            err = cluster_errors(W.to(dev), H, groups, candidates, sparsity, cfg.sym)
+            bits.append(allocate_bits(err, sizes, candidates, cfg.target_avg_bits))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return groups, bits, stats, time.perf_counter() - tick
 
 
 def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps, kwargs: dict, dev,
-                   log, fwd_batch: int) -> dict[str, LinearReport]:
+                   log, fwd_batch: int, timer: StageTimer = NO_TIMER) -> dict[str, LinearReport]:
     """Compress the linears of one decoder layer (already on `dev`) in true-sequential order."""
     import torch
     from mutual_info import TokenSample
@@ -416,19 +455,22 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
             raise _StopForward
 
         handle = linears[0].register_forward_hook(hook)
-        run_layer(layer, inps, None, kwargs, fwd_batch)
+        with timer("forward+hessian"):
+            run_layer(layer, inps, None, kwargs, fwd_batch)
         handle.remove()
 
         weights = [lin.weight.data for lin in linears]
-        groups, bits, mi_stats, group_secs = choose_groups_and_bits(cfg, solver, weights, columns, sample, dev)
+        groups, bits, mi_stats, group_secs = choose_groups_and_bits(cfg, solver, weights, columns, sample, dev,
+                                                                    timer)
         if mi_stats is not None:
             log(f"layer {index} {'/'.join(n.split('.')[-1] for n in names)}  MI mean {mi_stats['mean']:.4f}  "
                 f"max {mi_stats['max']:.3f}  >0.1 {mi_stats['frac_above_0.1']:.3f}  groups {len(groups)}  "
                 f"grouping {group_secs:.2f}s")
-        results = solver.solve(weights, groups, bits, sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem,
-                               groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym,
-                               percdamp=cfg.percdamp, blocksize=cfg.blocksize, act_order=cfg.mixed or cfg.act_order,
-                               mask_scope=cfg.mask_scope)
+        with timer("solve"):
+            results = solver.solve(weights, groups, bits, sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem,
+                                   groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym,
+                                   percdamp=cfg.percdamp, blocksize=cfg.blocksize,
+                                   act_order=cfg.mixed or cfg.act_order, mask_scope=cfg.mask_scope)
         solver.free()
         sizes = [int(g.numel()) for g in groups]
         for name, lin, res, b in zip(names, linears, results, bits):
@@ -471,7 +513,7 @@ def magnitude_prune(W, cfg: CompressConfig):
 
 
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, log,
-                   fwd_batch: int = 8) -> dict[str, LinearReport]:
+                   fwd_batch: int = 8, timer: StageTimer = NO_TIMER) -> dict[str, LinearReport]:
     """Layer-by-layer compression of the whole model; returns a report per linear."""
     import torch
     layers = get_module(model, spec.layers)
@@ -486,10 +528,11 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
     for i, layer in enumerate(layers):
         tick = time.perf_counter()
         layer.to(dev)
-        reps = compress_layer(layer, i, spec, cfg, inps, kwargs, dev, log, fwd_batch)
+        reps = compress_layer(layer, i, spec, cfg, inps, kwargs, dev, log, fwd_batch, timer)
         reports.update({f"{spec.layers}.{i}.{n}": r for n, r in reps.items()})
         if not cfg.rtn:
-            run_layer(layer, inps, outs, kwargs, fwd_batch)
+            with timer("forward outputs"):
+                run_layer(layer, inps, outs, kwargs, fwd_batch)
             if not torch.isfinite(outs).all():
                 raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
                                          "try a larger --percdamp, more --nsamples or --dtype bfloat16")
