@@ -30,45 +30,40 @@ def top_eigenvectors(M: torch.Tensor, k: int, iters: int = 60, seed: int = 0) ->
         return vecs[:, -k:].to(M.dtype)
     p = min(C, k + 10)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    Q = torch.randn(C, p, generator=gen).to(M.device, M.dtype)
-    Ms = M + torch.eye(C, device=M.device, dtype=M.dtype)
-    Q, _ = torch.linalg.qr(Q)
+    Q, _ = torch.linalg.qr(torch.randn(C, p, generator=gen).to(M.device, M.dtype))
     for _ in range(iters):
-        Q, _ = torch.linalg.qr(Ms @ Q)
-    T = Q.t() @ Ms @ Q  # (p, p)
+        Q, _ = torch.linalg.qr(M @ Q + Q)  # (M + I) Q without forming M + I
+    T = Q.t() @ (M @ Q)  # (p, p) Rayleigh quotient
     vals, vecs = torch.linalg.eigh(T.double())
-    return (Q @ vecs[:, -k:].to(Q.dtype))
+    return Q @ vecs[:, -k:].to(Q.dtype)
 
 
-def kmeans(X: torch.Tensor, k: int, n_init: int = 10, iters: int = 100, seed: int = 0) -> torch.Tensor:
-    """k-means++ seeding and Lloyd iterations on the rows of X (n, d); best of n_init."""
-    n = X.shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    best, best_inertia = None, float("inf")
-    for _ in range(n_init):
-        centers = X[torch.randint(n, (1,), generator=gen)].clone()
-        for _ in range(1, k):
-            d2 = torch.cdist(X, centers).pow(2).min(1).values
-            probs = (d2 / d2.sum()).cpu() if d2.sum() > 0 else torch.full((n,), 1.0 / n)
-            centers = torch.cat([centers, X[torch.multinomial(probs, 1, generator=gen)]], 0)
-        labels = None
-        for _ in range(iters):
-            dist = torch.cdist(X, centers)
-            new = dist.argmin(1)
-            if labels is not None and torch.equal(new, labels):
-                break
-            labels = new
-            counts = torch.bincount(labels, minlength=k)
-            sums = torch.zeros_like(centers).index_add_(0, labels, X)
-            empty = counts == 0
-            centers = sums / counts.clamp(min=1)[:, None].to(X.dtype)
-            if empty.any():  # reseed an empty cluster at the point farthest from its center
-                far = dist.gather(1, labels[:, None]).squeeze(1).argsort(descending=True)
-                centers[empty] = X[far[: int(empty.sum())]]
-        inertia = float(torch.cdist(X, centers).min(1).values.pow(2).sum())
-        if inertia < best_inertia:
-            best, best_inertia = labels, inertia
-    return best
+def kmeans(X: torch.Tensor, k: int, n_init: int = 8, iters: int = 60, seed: int = 0) -> torch.Tensor:
+    """k-means++ seeding and Lloyd iterations on the rows of X (n, d); the n_init restarts run
+    together as one batch on X's device, and the one of least inertia wins."""
+    n, d = X.shape
+    dev = X.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    I = n_init
+    centers = X[torch.randint(n, (I,), generator=gen, device=dev)][:, None, :]  # (I, 1, d)
+    for _ in range(1, k):  # k-means++: next center drawn proportional to squared distance
+        d2 = torch.cdist(X[None].expand(I, n, d), centers).pow(2).min(2).values  # (I, n)
+        d2 = d2 + 1e-12  # all-equal points: uniform draw
+        pick = torch.multinomial(d2 / d2.sum(1, keepdim=True), 1, generator=gen)  # (I, 1)
+        centers = torch.cat([centers, X[pick]], 1)
+    offsets = (torch.arange(I, device=dev) * k)[:, None]
+    for _ in range(iters):
+        labels = torch.cdist(X[None].expand(I, n, d), centers).argmin(2)  # (I, n)
+        flat = (labels + offsets).flatten()
+        sums = torch.zeros(I * k, d, device=dev, dtype=X.dtype).index_add_(0, flat, X.repeat(I, 1))
+        counts = torch.bincount(flat, minlength=I * k).to(X.dtype)[:, None]
+        new = sums / counts.clamp(min=1)
+        old = centers.reshape(I * k, d)
+        centers = torch.where(counts > 0, new, old).reshape(I, k, d)  # empty cluster: keep its center
+    dist = torch.cdist(X[None].expand(I, n, d), centers)
+    labels = dist.argmin(2)
+    inertia = dist.min(2).values.pow(2).sum(1)
+    return labels[int(inertia.argmin())]
 
 
 def spectral_clustering(A: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -76,12 +71,13 @@ def spectral_clustering(A: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     C = A.shape[0]
     if k >= C:
         return torch.arange(C, device=A.device)
-    A = A.float().clone()
-    A.fill_diagonal_(0)
-    A = A + 1e-6 * A.mean().clamp(min=1e-12)  # connects isolated (dead) channels
-    dinv = A.sum(1).rsqrt()
-    M = dinv[:, None] * A * dinv[None, :]
+    M = A.float().clone()  # becomes D^-1/2 A D^-1/2 in place (one C x C buffer)
+    M.fill_diagonal_(0)
+    M.add_(1e-6 * M.mean().clamp(min=1e-12))  # connects isolated (dead) channels
+    dinv = M.sum(1).rsqrt()
+    M.mul_(dinv[:, None]).mul_(dinv[None, :])
     V = top_eigenvectors(M, k, seed=seed)  # (C, k)
+    del M
     V = V / V.norm(dim=1, keepdim=True).clamp(min=1e-12)
     return kmeans(V, k, seed=seed)
 
@@ -127,15 +123,26 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
             idx = torch.topk(sal, k, dim=1, largest=False).indices
             W = W.scatter(1, idx, 0.0)
     err = torch.zeros(len(groups), len(candidates), dtype=torch.float64)
+    maxq = (2.0 ** torch.tensor(candidates, device=W.device, dtype=torch.float32))[:, None] - 1  # (B, 1)
     for gi, g in enumerate(groups):
-        Wg = W[:, g]
-        Hg = H[g][:, g]
+        Wg = W[:, g]  # (R, s)
+        Hg = H[g][:, g]  # (s, s)
         kept = Wg != 0
-        for bi, b in enumerate(candidates):
-            maxq = torch.full((Wg.shape[0],), 2.0 ** b - 1, device=W.device)
-            scale, zero = fit_minmax(Wg, maxq, sym)
-            E = (Wg - quantize(Wg, scale[:, None], zero[:, None], maxq[:, None])) * kept
-            err[gi, bi] = float(((E @ Hg) * E).sum())
+        # all candidate widths at once: per-row grids (B, R), errors (B, R, s)
+        xmin = Wg.min(1).values.clamp(max=0)
+        xmax = Wg.max(1).values.clamp(min=0)
+        if sym:
+            xmax = torch.maximum(xmin.abs(), xmax)
+            xmin = -xmax
+        flat = (xmin == 0) & (xmax == 0)
+        xmin = torch.where(flat, torch.full_like(xmin, -1), xmin)
+        xmax = torch.where(flat, torch.full_like(xmax, 1), xmax)
+        scale = (xmax - xmin)[None, :] / maxq  # (B, R)
+        zero = (maxq + 1) / 2 if sym else torch.round(-xmin[None, :] / scale)
+        zero = zero.expand_as(scale)
+        Q = quantize(Wg[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
+        E = (Wg[None] - Q) * kept[None]
+        err[gi] = ((E @ Hg) * E).sum(dim=(1, 2)).double().cpu()
     return err
 
 

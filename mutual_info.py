@@ -17,20 +17,18 @@ MI_METHODS = ("gaussian", "binned")
 
 
 def gaussian_mi(hessian: torch.Tensor, mean: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Gaussian MI from H = 2 E[x x^T] (C, C) and the channel means (C,)."""
-    S = hessian.double() / 2  # E[x x^T]
-    mu = mean.double()
-    cov = S - torch.outer(mu, mu)
-    var = torch.diag(cov).clamp(min=0)
-    std = var.sqrt()
+    """Gaussian MI from H = 2 E[x x^T] (C, C) and the channel means (C,). Works in place on
+    one fp32 C x C buffer (11008^2 floats is 0.5 GB)."""
+    mu = mean.float()
+    cov = hessian.float() / 2  # E[x x^T]
+    cov.sub_(torch.outer(mu, mu))  # covariance
+    std = torch.diag(cov).clamp(min=0).sqrt()
     alive = std > 0
-    denom = torch.outer(std, std)
-    rho = torch.where(denom > 0, cov / denom.clamp(min=1e-300), torch.zeros_like(cov))
-    rho2 = (rho ** 2).clamp(max=1 - eps)
-    mi = -0.5 * torch.log1p(-rho2)
-    mi = mi * (alive[:, None] & alive[None, :])
+    inv = torch.where(alive, 1 / std.clamp(min=1e-30), torch.zeros_like(std))
+    rho2 = cov.mul_(inv[:, None]).mul_(inv[None, :]).square_().clamp_(max=1 - eps)
+    mi = rho2.neg_().log1p_().mul_(-0.5)  # -1/2 log(1 - rho^2)
     mi.fill_diagonal_(0)
-    return mi.float()
+    return mi
 
 
 def quantile_bins(X: torch.Tensor, bins: int) -> torch.Tensor:
