@@ -191,6 +191,15 @@ class LinearSolver:
         run_end = {b: bounds[k + 1] for k, b in enumerate(bounds[:-1])}
 
         Hinv = self._inverse_cholesky(H, percdamp)
+        # N:M must hold on consecutive *original* columns (what sparse kernels need). When the
+        # columns are permuted, the mask is chosen once up front by the OBS saliency
+        # w^2 / [H^-1]_jj instead of adaptively inside the blocks.
+        nm_fixed = None
+        if prunen and not torch.equal(perm, torch.arange(C, device=dev)):
+            hinv_diag = (Hinv ** 2).sum(0)[invperm]  # diag(H^-1) = diag(U^T U), original order
+            sal = (W[:, invperm] ** 2 / hinv_diag[None, :]).reshape(R, C // prunem, prunem)
+            idx = torch.topk(sal, prunen, dim=2, largest=False).indices
+            nm_fixed = torch.zeros_like(sal, dtype=torch.bool).scatter_(2, idx, True).reshape(R, C)[:, perm]
         run_starts = bounds[:-1]
         scales = torch.ones(R, len(run_starts), device=dev)
         zeros = torch.zeros(R, len(run_starts), device=dev)
@@ -209,7 +218,7 @@ class LinearSolver:
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             d1 = torch.diag(Hinv1)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            mask1 = torch.zeros_like(W1, dtype=torch.bool) if nm_fixed is None else nm_fixed[:, i1:i2]
 
             if prunen == 0 and sparsity > 0:
                 # prune the smallest OBS saliencies w^2 / [H^-1]_jj^2 (Sec. 3.2 adaptive mask)
@@ -226,7 +235,7 @@ class LinearSolver:
                 j = i1 + i
                 w = W1[:, i]
                 d = d1[i]
-                if prunen != 0 and i % prunem == 0:
+                if prunen != 0 and nm_fixed is None and i % prunem == 0:
                     sal = W1[:, i:i + prunem] ** 2 / d1[i:i + prunem][None, :] ** 2
                     mask1.scatter_(1, i + torch.topk(sal, prunen, dim=1, largest=False).indices, True)
                 if quant_any and j in run_end:
