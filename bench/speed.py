@@ -1,0 +1,185 @@
+"""Speed and peak GPU memory of the real pipeline on decoder layers of LLaMA-2 shapes.
+
+    python bench/speed.py [--shapes 7b 13b 70b] [--methods ...] [--nsamples 128] [--repeats 3]
+    python bench/speed.py --model7b TOKENIZER.gguf EVAL.txt      # + a whole random 32-layer 7B model
+
+One decoder layer with random weights gets `nsamples` x 2048 random calibration activations
+on the GPU; `vicuna_mi.compress_layer` (the code the CLI runs) compresses it with a stage
+timer (device synchronized at stage boundaries), then the outputs are computed as the next
+layer would need them. A warm-up on 8 samples comes first; medians of the repeats are kept.
+Writes speed-<device>-<date>.json and .md in bench/results (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import vicuna_mi as vm  # noqa: E402
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8),
+}
+METHODS = {
+    "sparsegpt_50": dict(use_mi_grouping=False, sparsity=0.5),
+    "gptq_w4_g128": dict(use_mi_grouping=False, wbits=4, groupsize=128),
+    "mi_50_t4.0_k10": dict(sparsity=0.5, wbits=4, target_avg_bits=4.0, n_groups=10),
+}
+
+
+def llama_config(shape: str, layers: int = 1, vocab: int = 32000):
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096,
+                      **SHAPES[shape])
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def layer_inputs(cfg, nsamples: int, seqlen: int, dev):
+    """Random hidden states and the keyword arguments a LLaMA model passes its layers."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    gen = torch.Generator(device=dev).manual_seed(0)
+    inps = torch.randn(nsamples, seqlen, cfg.hidden_size, device=dev, dtype=torch.float16, generator=gen)
+    pos = torch.arange(seqlen, device=dev)[None]
+    rot = LlamaRotaryEmbedding(cfg).to(dev)
+    kwargs = {"attention_mask": None, "position_ids": pos, "position_embeddings": rot(inps[:1], pos),
+              "use_cache": False}
+    return inps, kwargs
+
+
+def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int, dev) -> dict:
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    cfg = llama_config(shape)
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(cfg, 0).to(dev, torch.float16)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1)
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    inps, kwargs = layer_inputs(cfg, nsamples, seqlen, dev)
+    outs = torch.empty_like(inps)
+    ccfg = vm.CompressConfig(**METHODS[method])
+    spec = vm.ARCHS["llama"]
+    runs = []
+    for rep in range(repeats + 1):  # the first is the warm-up, on 8 samples
+        layer.load_state_dict(original)
+        x, y = (inps[:8], outs[:8]) if rep == 0 else (inps, outs)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        timer = vm.StageTimer(dev, enabled=True)
+        tick = time.perf_counter()
+        vm.compress_layer(layer, 0, spec, ccfg, x, kwargs, dev, lambda m: None, 8, timer)
+        with timer("forward outputs"):
+            vm.run_layer(layer, x, y, kwargs, 8)
+        torch.cuda.synchronize(dev)
+        total = time.perf_counter() - tick
+        if rep:
+            runs.append({**timer.seconds, "total": total,
+                         "peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30})
+    del inps, outs, layer
+    torch.cuda.empty_cache()
+    keys = sorted({k for r in runs for k in r})
+    med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
+    grouping = sum(med.get(k, 0.0) for k in ("mi", "clustering", "allocation"))
+    return {"shape": shape, "method": method, "nsamples": nsamples, "seqlen": seqlen, "repeats": repeats,
+            "median": med, "grouping_share": grouping / med["total"], "runs": runs}
+
+
+def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, dev) -> dict:
+    """A random 32-layer LLaMA-2-7B-shaped model: compression (50% + MI 4.0) and evaluation."""
+    from transformers import LlamaForCausalLM
+    from datautils import get_eval_tokens
+    tok = vm.load_tokenizer(tok_src, False)
+    cfg = llama_config("7b", layers=32, vocab=len(tok))
+    tick = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(torch.float16).to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1)
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # buffers were left empty
+    model.config.use_cache = False
+    model.eval()
+    torch.set_grad_enabled(False)
+    build = time.perf_counter() - tick
+    gen = torch.Generator().manual_seed(0)
+    windows = [torch.randint(0, len(tok), (1, seqlen), generator=gen) for _ in range(nsamples)]
+    ccfg = vm.CompressConfig(**METHODS["mi_50_t4.0_k10"])
+    torch.cuda.reset_peak_memory_stats(dev)
+    tick = time.perf_counter()
+    vm.compress_model(model, vm.ARCHS["llama"], ccfg, windows, dev, torch.float16, lambda m: None)
+    compress = time.perf_counter() - tick
+    tick = time.perf_counter()
+    tokens = get_eval_tokens(eval_txt, tok, seqlen)
+    ppl = vm.perplexity(model, vm.ARCHS["llama"], tokens, seqlen, dev, torch.float16)
+    evaluate = time.perf_counter() - tick
+    return {"build_s": build, "compress_s": compress, "eval_s": evaluate, "total_s": compress + evaluate,
+            "eval_windows": tokens.shape[1] // seqlen, "ppl_random_model": ppl,
+            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model7b", nargs=2, metavar=("TOKENIZER", "EVAL_TXT"),
+                   help="also run a whole random 32-layer 7B-shaped model with this tokenizer/eval text")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_grad_enabled(False)
+    name = torch.cuda.get_device_name(dev)
+    rows = []
+    for shape in args.shapes:
+        for method in args.methods:
+            r = time_layer(shape, method, args.nsamples, args.seqlen, args.repeats, dev)
+            rows.append(r)
+            m = r["median"]
+            print(f"{shape:4s} {method:16s} total {m['total']:6.2f}s  " +
+                  "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k not in ("total", "peak_gib")) +
+                  f"  grouping {100 * r['grouping_share']:.1f}%  peak {m['peak_gib']:.2f} GiB", flush=True)
+    model_row = None
+    if args.model7b:
+        model_row = whole_model(args.model7b[0], args.model7b[1], args.nsamples, args.seqlen, dev)
+        print("7b model: " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in model_row.items()), flush=True)
+    date = datetime.date.today().isoformat()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"speed-{name.replace(' ', '-')}-{date}{args.tag}"
+    meta = {"machine": name, "date": date, "commit": vm.versions().get("commit"), "command": " ".join(sys.argv),
+            "versions": vm.versions()}
+    (out / f"{stem}.json").write_text(json.dumps({**meta, "layers": rows, "model_7b": model_row}, indent=1))
+    lines = [f"Machine {name}, {date}, commit {meta['commit']}", f"`{meta['command']}`", "",
+             "| shape | method | forward+hessian | mi | clustering | allocation | solve | forward outputs | total | "
+             "grouping share | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["median"]
+        lines.append(f"| {r['shape']} | {r['method']} | " + " | ".join(
+            f"{m.get(k, 0.0):.2f}" for k in ("forward+hessian", "mi", "clustering", "allocation", "solve",
+                                             "forward outputs", "total")) +
+            f" | {100 * r['grouping_share']:.1f}% | {m['peak_gib']:.2f} |")
+    if model_row:
+        lines += ["", "Whole random 7B-shaped model (32 layers, 50% + MI 4.0, 10 groups): " +
+                  ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in model_row.items())]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / stem}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
