@@ -110,17 +110,22 @@ class LinearSolver:
         self.H = torch.zeros(columns, columns, device=device, dtype=torch.float32)
         self.xsum = torch.zeros(columns, device=device, dtype=torch.float32)
         self.nsamples = 0  # tokens seen
+        self._scaled = False
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """Accumulate statistics of one batch of layer inputs (..., C)."""
+        assert not self._scaled, "add_batch after hessian()"
         X = inp.reshape(-1, inp.shape[-1])  # (n, C)
         accumulate_xtx(self.H, X)
         self.xsum += X.sum(0, dtype=torch.float32)
         self.nsamples += X.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """H = 2/n sum x x^T (fp32, (C, C))."""
-        return self.H * (2.0 / max(self.nsamples, 1))
+        """H = 2/n sum x x^T (fp32, (C, C)); scaled in place once the batches are in."""
+        if not self._scaled:
+            self.H.mul_(2.0 / max(self.nsamples, 1))
+            self._scaled = True
+        return self.H
 
     def mean(self) -> torch.Tensor:
         return self.xsum / max(self.nsamples, 1)
@@ -139,6 +144,7 @@ class LinearSolver:
         blocksize: int = 128,
         act_order: bool = False,
         mask_scope: str = "row",
+        use_kernel: bool = True,
     ) -> list[SolveResult]:
         """Prune and quantize `weights` (each (out_i, C)) jointly; they share H.
 
@@ -147,7 +153,9 @@ class LinearSolver:
         groupsize > 0 additionally splits each group into runs of `groupsize` columns with
         their own scale/zero (uniform GPTQ-style g128). mask_scope "row": unstructured masks
         exact per output row (default); "block": one threshold per block over all rows, as the
-        reference SparseGPT. Returns one SolveResult per weight.
+        reference SparseGPT. use_kernel: on CUDA, run each block's column loop as one fused
+        kernel (solver_kernel.py) instead of ~15 small launches per column. Returns one
+        SolveResult per weight.
         """
         tick = time.perf_counter()
         C = self.columns
@@ -155,7 +163,8 @@ class LinearSolver:
         W = torch.cat([w.to(dev, torch.float32) for w in weights], 0)  # (R, C)
         R = W.shape[0]
         rows = [w.shape[0] for w in weights]
-        H = self.hessian().clone()
+        H = self.hessian()
+        self.H = None  # the solve owns (and overwrites) the Hessian: one C x C buffer less
 
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
@@ -171,8 +180,10 @@ class LinearSolver:
         perm = torch.cat(order)
         assert perm.numel() == C, "groups must partition the input channels"
         invperm = torch.argsort(perm)
-        W = W[:, perm]
-        H = H[perm][:, perm]
+        identity = torch.equal(perm, torch.arange(C, device=dev))
+        if not identity:
+            W = W[:, perm]
+            H = H[perm][:, perm]
 
         # per-column: group id; per (row, group): maxq. 16 bits = no quantization.
         sizes = [int(g.numel()) for g in groups]
@@ -188,14 +199,14 @@ class LinearSolver:
             starts.update(range(c, c + s, step))
             c += s
         bounds = sorted(starts) + [C]
-        run_end = {b: bounds[k + 1] for k, b in enumerate(bounds[:-1])}
 
         Hinv = self._inverse_cholesky(H, percdamp)
+        del H
         # N:M must hold on consecutive *original* columns (what sparse kernels need). When the
         # columns are permuted, the mask is chosen once up front by the OBS saliency
         # w^2 / [H^-1]_jj instead of adaptively inside the blocks.
         nm_fixed = None
-        if prunen and not torch.equal(perm, torch.arange(C, device=dev)):
+        if prunen and not identity:
             hinv_diag = (Hinv ** 2).sum(0)[invperm]  # diag(H^-1) = diag(U^T U), original order
             sal = (W[:, invperm] ** 2 / hinv_diag[None, :]).reshape(R, C // prunem, prunem)
             idx = torch.topk(sal, prunen, dim=2, largest=False).indices
@@ -205,63 +216,40 @@ class LinearSolver:
         zeros = torch.zeros(R, len(run_starts), device=dev)
         Losses = torch.zeros(R, device=dev)
         mask = torch.zeros_like(W, dtype=torch.bool)
-        scale = torch.ones(R, device=dev)
-        zero = torch.zeros(R, device=dev)
-        maxq = torch.ones(R, device=dev)
-        qmask = torch.ones(R, dtype=torch.bool, device=dev)
+        block_fn = _block_triton if (dev.type == "cuda" and use_kernel) else _block_torch
 
-        for i1 in range(0, C, blocksize):
-            i2 = min(i1 + blocksize, C)
-            count = i2 - i1
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            d1 = torch.diag(Hinv1)
-            mask1 = torch.zeros_like(W1, dtype=torch.bool) if nm_fixed is None else nm_fixed[:, i1:i2]
-
-            if prunen == 0 and sparsity > 0:
-                # prune the smallest OBS saliencies w^2 / [H^-1]_jj^2 (Sec. 3.2 adaptive mask)
-                sal = W1 ** 2 / d1[None, :] ** 2
-                if mask_scope == "row":  # exact per row: cumulative target rounded per block
-                    target = round(sparsity * i2) - round(sparsity * i1)
-                    if target > 0:
-                        mask1.scatter_(1, torch.topk(sal, target, dim=1, largest=False).indices, True)
-                else:
-                    thresh = torch.sort(sal.flatten()).values[int(sal.numel() * sparsity)]
-                    mask1 = sal <= thresh
-
-            for i in range(count):
-                j = i1 + i
-                w = W1[:, i]
-                d = d1[i]
-                if prunen != 0 and nm_fixed is None and i % prunem == 0:
-                    sal = W1[:, i:i + prunem] ** 2 / d1[i:i + prunem][None, :] ** 2
-                    mask1.scatter_(1, i + torch.topk(sal, prunen, dim=1, largest=False).indices, True)
-                if quant_any and j in run_end:
-                    g = col_group[j]
-                    maxq = maxq_rg[:, g]
-                    qmask = bits_rg[:, g] < 16
-                    end = run_end[j]
-                    # the error-updated weights: W1 holds this block's updates, W the rest
-                    cur = torch.cat([W1[:, i:min(count, end - i1)], W[:, i2:max(i2, end)]], 1)
-                    scale, zero = fit_minmax(cur, maxq, sym)
-                    r = run_starts.index(j)
-                    scales[:, r] = scale
-                    zeros[:, r] = zero
-                q = quantize(w, scale, zero, maxq) if quant_any else w
-                if quant_any:
-                    q = torch.where(qmask, q, w)
-                q = q.masked_fill(mask1[:, i], 0)
-                Q1[:, i] = q
-                err = (w - q) / d
-                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-                Err1[:, i] = err
-
-            W[:, i1:i2] = Q1
-            mask[:, i1:i2] = mask1
-            Losses += (Err1 ** 2).sum(1) / 2
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        # blocks never straddle a run, so each run's grid is fitted at a block start, where
+        # every update of the columns before it has been applied (W is exact there)
+        for r_idx, (s0, e0) in enumerate(zip(run_starts, bounds[1:])):
+            g = col_group[s0]
+            maxq = maxq_rg[:, g].contiguous()
+            qon = bits_rg[:, g] < 16
+            quant = bool(qon.any())
+            if quant:
+                scale, zero = fit_minmax(W[:, s0:e0], maxq, sym)
+                scales[:, r_idx] = scale
+                zeros[:, r_idx] = zero
+            else:
+                scale, zero = torch.ones(R, device=dev), torch.zeros(R, device=dev)
+            for i1 in range(s0, e0, blocksize):
+                i2 = min(i1 + blocksize, e0)
+                d1 = torch.diag(Hinv)[i1:i2]
+                mask1 = None if nm_fixed is None else nm_fixed[:, i1:i2].clone()
+                if prunen == 0 and sparsity > 0:
+                    # prune the smallest OBS saliencies w^2 / [H^-1]_jj^2 (Sec. 3.2 adaptive mask)
+                    sal = W[:, i1:i2] ** 2 / d1[None, :] ** 2
+                    if mask_scope == "row":  # exact per row: cumulative target rounded per block
+                        mask1 = torch.zeros_like(sal, dtype=torch.bool)
+                        target = round(sparsity * i2) - round(sparsity * i1)
+                        if target > 0:
+                            mask1.scatter_(1, torch.topk(sal, target, dim=1, largest=False).indices, True)
+                    else:
+                        mask1 = sal <= torch.sort(sal.flatten()).values[int(sal.numel() * sparsity)]
+                Err1, mask1 = block_fn(W, i1, i2, Hinv, mask1, prunen if nm_fixed is None else 0, prunem,
+                                       scale, zero, maxq, qon, quant)
+                mask[:, i1:i2] = mask1
+                Losses += (Err1 ** 2).sum(1) / 2
+                W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -290,16 +278,19 @@ class LinearSolver:
 
     @staticmethod
     def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-        """Upper Cholesky factor of (H + damp I)^-1; raises the damping tenfold on failure."""
+        """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); on failure
+        the damping grows tenfold (with a warning). H is damped in place."""
         mean_diag = torch.mean(torch.diag(H))
-        damp = percdamp
+        damp, added = percdamp, 0.0
         for _ in range(6):
-            Hd = H.clone()
-            Hd.diagonal().add_(damp * mean_diag)
-            L, info = torch.linalg.cholesky_ex(Hd)
+            H.diagonal().add_(damp * mean_diag - added)
+            added = damp * mean_diag
+            L, info = torch.linalg.cholesky_ex(H)
             if int(info) == 0:
                 Hinv = torch.cholesky_inverse(L)
+                del L
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                del Hinv
                 if int(info) == 0 and torch.isfinite(U).all():
                     if damp != percdamp:
                         warnings.warn(f"Cholesky failed at percdamp {percdamp}; succeeded with damping {damp:g}"
@@ -312,6 +303,52 @@ class LinearSolver:
     def free(self) -> None:
         self.H = None
         self.xsum = None
+
+
+def _block_torch(W: torch.Tensor, i1: int, i2: int, Hinv: torch.Tensor, mask1: torch.Tensor | None,
+                 prunen: int, prunem: int, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
+                 qon: torch.Tensor, quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-by-column OBS step over W[:, i1:i2] (Alg. 1 inner loop): prune (adaptive N:M when
+    prunen), quantize on the row grids, spread each column's error over the block's later
+    columns. Writes the result into W[:, i1:i2]; returns the scaled errors Err1 and the mask."""
+    W1 = W[:, i1:i2].clone()
+    count = i2 - i1
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    d1 = torch.diag(Hinv1)
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    mask1 = torch.zeros_like(W1, dtype=torch.bool) if mask1 is None else mask1
+    for i in range(count):
+        w = W1[:, i]
+        if prunen and i % prunem == 0:
+            sal = W1[:, i:i + prunem] ** 2 / d1[i:i + prunem][None, :] ** 2
+            mask1.scatter_(1, i + torch.topk(sal, prunen, dim=1, largest=False).indices, True)
+        q = torch.where(qon, quantize(w, scale, zero, maxq), w) if quant else w
+        q = q.masked_fill(mask1[:, i], 0)
+        Q1[:, i] = q
+        err = (w - q) / d1[i]
+        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+        Err1[:, i] = err
+    W[:, i1:i2] = Q1
+    return Err1, mask1
+
+
+_KERNEL = []  # [obs_block] once imported, [None] where Triton is missing
+
+
+def _block_triton(W, i1, i2, Hinv, mask1, prunen, prunem, scale, zero, maxq, qon, quant):
+    """The same step as `_block_torch`, fused into one kernel launch (Triton); falls back to
+    `_block_torch`, with one warning, where Triton is not installed."""
+    if not _KERNEL:
+        try:
+            from solver_kernel import obs_block
+            _KERNEL.append(obs_block)
+        except ImportError as e:
+            warnings.warn(f"Triton is not available ({e}); the solver runs its slower column loop")
+            _KERNEL.append(None)
+    if _KERNEL[0] is None:
+        return _block_torch(W, i1, i2, Hinv, mask1, prunen, prunem, scale, zero, maxq, qon, quant)
+    return _KERNEL[0](W, i1, i2, Hinv, mask1, prunen, prunem, scale, zero, maxq, qon, quant)
 
 
 def group_overhead_bits(bits: list[int], sizes: list[int], groupsize: int = -1) -> float:
