@@ -295,7 +295,7 @@ class LinearSolver:
                     if damp != percdamp:
                         warnings.warn(f"Cholesky failed at percdamp {percdamp}; succeeded with damping {damp:g}"
                                       " (pass a larger --percdamp or more --nsamples to avoid this)")
-                    return U
+                    return U.contiguous()  # row-major: the fused kernel reads rows of it
             damp *= 10
         raise RuntimeError(f"Cholesky failed even with damping {damp / 10:g}: "
                            "the Hessian is degenerate; use more --nsamples or a larger --percdamp")
