@@ -31,8 +31,10 @@ def top_eigenvectors(M: torch.Tensor, k: int, iters: int = 60, seed: int = 0) ->
     p = min(C, k + 10)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(C, p, generator=gen).to(M.device, M.dtype))
-    for _ in range(iters):
-        Q, _ = torch.linalg.qr(M @ Q + Q)  # (M + I) Q without forming M + I
+    for it in range(iters):
+        Q = torch.addmm(Q, M, Q)  # (M + I) Q without forming M + I
+        if it % 4 == 3 or it == iters - 1:  # re-orthonormalize now and then (spectrum of M + I is in [0, 2])
+            Q, _ = torch.linalg.qr(Q)
     T = Q.t() @ (M @ Q)  # (p, p) Rayleigh quotient
     vals, vecs = torch.linalg.eigh(T.double())
     return Q @ vecs[:, -k:].to(Q.dtype)
@@ -66,12 +68,13 @@ def kmeans(X: torch.Tensor, k: int, n_init: int = 8, iters: int = 60, seed: int 
     return labels[int(inertia.argmin())]
 
 
-def spectral_clustering(A: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """Cluster labels (C,) in [0, k) from a symmetric non-negative affinity A (C, C)."""
+def spectral_clustering(A: torch.Tensor, k: int, seed: int = 0, inplace: bool = False) -> torch.Tensor:
+    """Cluster labels (C,) in [0, k) from a symmetric non-negative affinity A (C, C).
+    inplace: A (fp32) may be overwritten, which saves a C x C buffer."""
     C = A.shape[0]
     if k >= C:
         return torch.arange(C, device=A.device)
-    M = A.float().clone()  # becomes D^-1/2 A D^-1/2 in place (one C x C buffer)
+    M = A if (inplace and A.dtype == torch.float32) else A.float().clone()  # -> D^-1/2 A D^-1/2
     M.fill_diagonal_(0)
     M.add_(1e-6 * M.mean().clamp(min=1e-12))  # connects isolated (dead) channels
     dinv = M.sum(1).rsqrt()
@@ -82,14 +85,15 @@ def spectral_clustering(A: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     return kmeans(V, k, seed=seed)
 
 
-def group_channels(method: str, k: int, mi: torch.Tensor | None = None,
-                   diag: torch.Tensor | None = None, seed: int = 0, columns: int | None = None) -> list[torch.Tensor]:
-    """Partition range(C) into k groups; returns channel index tensors (empty ones dropped)."""
+def group_channels(method: str, k: int, mi: torch.Tensor | None = None, diag: torch.Tensor | None = None,
+                   seed: int = 0, columns: int | None = None, inplace: bool = False) -> list[torch.Tensor]:
+    """Partition range(C) into k groups; returns channel index tensors (empty ones dropped).
+    inplace: the MI matrix may be overwritten by the clustering."""
     C = columns if columns is not None else (mi.shape[0] if mi is not None else diag.shape[0])
     dev = mi.device if mi is not None else (diag.device if diag is not None else "cpu")
     k = max(1, min(k, C))
     if method == "mi":
-        labels = spectral_clustering(mi, k, seed)
+        labels = spectral_clustering(mi, k, seed, inplace=inplace)
     elif method == "random":
         gen = torch.Generator().manual_seed(seed)
         labels = (torch.randperm(C, generator=gen) % k).to(dev)
@@ -122,7 +126,7 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
         if k > 0:
             idx = torch.topk(sal, k, dim=1, largest=False).indices
             W = W.scatter(1, idx, 0.0)
-    err = torch.zeros(len(groups), len(candidates), dtype=torch.float64)
+    err = torch.zeros(len(groups), len(candidates), dtype=torch.float64, device=W.device)
     maxq = (2.0 ** torch.tensor(candidates, device=W.device, dtype=torch.float32))[:, None] - 1  # (B, 1)
     for gi, g in enumerate(groups):
         Wg = W[:, g]  # (R, s)
@@ -142,8 +146,8 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
         zero = zero.expand_as(scale)
         Q = quantize(Wg[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
         E = (Wg[None] - Q) * kept[None]
-        err[gi] = ((E @ Hg) * E).sum(dim=(1, 2)).double().cpu()
-    return err
+        err[gi] = ((E @ Hg) * E).sum(dim=(1, 2)).double()
+    return err.cpu()
 
 
 def allocate_bits(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: list[int],

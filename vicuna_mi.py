@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device (default: the first visible CUDA GPU)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="model dtype (auto: float16 on GPU, float32 on CPU)")
-    p.add_argument("--fwd_batch", type=int, default=8, help="calibration windows per layer forward call")
+    p.add_argument("--fwd_batch", type=int, default=4, help="calibration windows per layer forward call")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
     return p
 
@@ -311,8 +311,10 @@ def capture_layer_inputs(model, spec: ArchSpec, windows, dev, dtype):
 
 
 def run_layer(layer, inps, outs, kwargs: dict, batch: int) -> None:
-    """outs[i] = layer(inps[i]) for every window, `batch` windows per call. With outs None the
-    outputs are dropped (a hook raising _StopForward may cut each call short)."""
+    """outs[i] = layer(inps[i]) for every window, `batch` windows per call. outs may be inps
+    itself (each batch is read before its outputs are written), which halves the activation
+    memory. With outs None the outputs are dropped (a hook raising _StopForward may cut each
+    call short)."""
     for b0 in range(0, inps.shape[0], batch):
         try:
             out = layer(inps[b0:b0 + batch], **kwargs)
@@ -394,7 +396,8 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
             mi = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
             stats = mi_summary(mi)
         with timer("clustering"):
-            groups = group_channels("mi", k, mi=mi, seed=cfg.seed)
+            groups = group_channels("mi", k, mi=mi, seed=cfg.seed, inplace=True)
+            del mi
     else:
         with timer("clustering"):
             groups = group_channels(cfg.grouping, k, diag=diag, seed=cfg.seed, columns=columns)
@@ -513,7 +516,7 @@ def magnitude_prune(W, cfg: CompressConfig):
 
 
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, log,
-                   fwd_batch: int = 8, timer: StageTimer = NO_TIMER) -> dict[str, LinearReport]:
+                   fwd_batch: int = 4, timer: StageTimer = NO_TIMER) -> dict[str, LinearReport]:
     """Layer-by-layer compression of the whole model; returns a report per linear."""
     import torch
     layers = get_module(model, spec.layers)
@@ -523,7 +526,6 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
         kwargs = {}
     else:
         inps, kwargs = capture_layer_inputs(model, spec, windows, dev, dtype)
-    outs = torch.empty_like(inps)
     start = time.perf_counter()
     for i, layer in enumerate(layers):
         tick = time.perf_counter()
@@ -532,11 +534,10 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
         reports.update({f"{spec.layers}.{i}.{n}": r for n, r in reps.items()})
         if not cfg.rtn:
             with timer("forward outputs"):
-                run_layer(layer, inps, outs, kwargs, fwd_batch)
-            if not torch.isfinite(outs).all():
+                run_layer(layer, inps, inps, kwargs, fwd_batch)  # in place: the next layer's inputs
+            if not torch.isfinite(inps).all():
                 raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
                                          "try a larger --percdamp, more --nsamples or --dtype bfloat16")
-            inps, outs = outs, inps
         layer.to("cpu")
         done = i + 1
         elapsed = time.perf_counter() - start
@@ -547,7 +548,7 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
 
 # ---------------------------------------------------------------- evaluation
 def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windows: int = 0,
-               fwd_batch: int = 8) -> float:
+               fwd_batch: int = 4) -> float:
     """exp(mean over non-overlapping windows of the mean token cross-entropy), streamed layer
     by layer so that a model larger than the GPU evaluates."""
     import torch
@@ -558,12 +559,10 @@ def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windo
         raise UsageError(f"evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
     windows = [tokens[:, i * seqlen:(i + 1) * seqlen] for i in range(n)]
     inps, kwargs = capture_layer_inputs(model, spec, windows, dev, dtype)
-    outs = torch.empty_like(inps)
     for layer in get_module(model, spec.layers):
         layer.to(dev)
-        run_layer(layer, inps, outs, kwargs, fwd_batch)
+        run_layer(layer, inps, inps, kwargs, fwd_batch)  # in place: one activation buffer
         layer.to("cpu")
-        inps, outs = outs, inps
     norm, head = get_module(model, spec.norm), get_module(model, spec.head)
     norm.to(dev)
     head.to(dev)

@@ -66,26 +66,25 @@ def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int
         p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1)
     original = {k: v.clone() for k, v in layer.state_dict().items()}
     inps, kwargs = layer_inputs(cfg, nsamples, seqlen, dev)
-    outs = torch.empty_like(inps)
     ccfg = vm.CompressConfig(**METHODS[method])
     spec = vm.ARCHS["llama"]
     runs = []
     for rep in range(repeats + 1):  # the first is the warm-up, on 8 samples
         layer.load_state_dict(original)
-        x, y = (inps[:8], outs[:8]) if rep == 0 else (inps, outs)
+        x = inps[:8] if rep == 0 else inps
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         timer = vm.StageTimer(dev, enabled=True)
         tick = time.perf_counter()
-        vm.compress_layer(layer, 0, spec, ccfg, x, kwargs, dev, lambda m: None, 8, timer)
+        vm.compress_layer(layer, 0, spec, ccfg, x, kwargs, dev, lambda m: None, 4, timer)
         with timer("forward outputs"):
-            vm.run_layer(layer, x, y, kwargs, 8)
+            vm.run_layer(layer, x, x, kwargs, 4)  # in place, as compress_model does
         torch.cuda.synchronize(dev)
         total = time.perf_counter() - tick
         if rep:
             runs.append({**timer.seconds, "total": total,
                          "peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30})
-    del inps, outs, layer
+    del inps, layer
     torch.cuda.empty_cache()
     keys = sorted({k for r in runs for k in r})
     med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
