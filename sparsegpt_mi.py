@@ -282,7 +282,8 @@ class LinearSolver:
         the damping grows tenfold (with a warning). H is damped in place."""
         mean_diag = torch.mean(torch.diag(H))
         damp, added = percdamp, 0.0
-        for _ in range(6):
+        # at least 6 tries, and enough for the damping to reach mean(diag H) itself
+        for _ in range(max(6, math.ceil(-math.log10(max(percdamp, 1e-30))) + 1)):
             H.diagonal().add_(damp * mean_diag - added)
             added = damp * mean_diag
             L, info = torch.linalg.cholesky_ex(H)
