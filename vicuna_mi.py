@@ -143,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at most this many windows per dataset (0 = the whole protocol)")
     p.add_argument("--save", default=None, help="folder to write the compressed model and compression_report.json")
     p.add_argument("--overwrite", action="store_true", help="allow --save into a non-empty folder")
+    p.add_argument("--save_format", default="fake", choices=["fake", "packed"],
+                   help="fake: dense safetensors holding the dequantized weights (save_pretrained); packed: "
+                        "packed.safetensors with bit-packed codes, scales, zeros, permutation and sparsity mask "
+                        "(load with packing.load_packed), plus a GPTQ-layout copy in gptq/ where the "
+                        "quantization is uniform, unpermuted and unpruned")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="write PNG figures: bits per layer and linear, and layer 0's MI matrix ordered by cluster")
+    p.add_argument("--log_json", default=None, metavar="FILE",
+                   help="write machine-readable progress, one JSON object per line (per linear, per layer, "
+                        "per evaluated dataset), flushed as written")
     p.add_argument("--device", default=None, help="torch device (default: the first visible CUDA GPU)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="model dtype (auto: float16 on GPU, float32 on CPU)")
@@ -377,9 +387,10 @@ NO_TIMER = StageTimer()
 
 
 def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: int, mi_sample, dev,
-                           timer: StageTimer = NO_TIMER):
+                           timer: StageTimer = NO_TIMER, stash: dict | None = None):
     """Channel groups (index tensors) and per-linear widths for one shared-input set of linears.
-    Returns groups, bits per linear, MI statistics (or None) and the seconds spent."""
+    Returns groups, bits per linear, MI statistics (or None) and the seconds spent. stash: the
+    first MI matrix computed is copied to stash["mi"] (for --plot)."""
     import torch
     from channel_grouping import allocate_bits, cluster_errors, group_channels, order_groups
     from mutual_info import estimate_mi, mi_summary
@@ -395,6 +406,8 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
         with timer("mi"):
             mi = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
             stats = mi_summary(mi)
+            if stash is not None and "mi" not in stash:
+                stash["mi"] = mi.to("cpu", copy=True)  # before the in-place clustering
         with timer("clustering"):
             groups = group_channels("mi", k, mi=mi, seed=cfg.seed, inplace=True)
             del mi
@@ -416,7 +429,8 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
 
 
 def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps, kwargs: dict, dev,
-                   log, fwd_batch: int, timer: StageTimer = NO_TIMER) -> dict[str, LinearReport]:
+                   log, fwd_batch: int, timer: StageTimer = NO_TIMER,
+                   stash: dict | None = None) -> dict[str, LinearReport]:
     """Compress the linears of one decoder layer (already on `dev`) in true-sequential order."""
     import torch
     from mutual_info import TokenSample
@@ -464,7 +478,7 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
 
         weights = [lin.weight.data for lin in linears]
         groups, bits, mi_stats, group_secs = choose_groups_and_bits(cfg, solver, weights, columns, sample, dev,
-                                                                    timer)
+                                                                    timer, stash)
         if mi_stats is not None:
             log(f"layer {index} {'/'.join(n.split('.')[-1] for n in names)}  MI mean {mi_stats['mean']:.4f}  "
                 f"max {mi_stats['max']:.3f}  >0.1 {mi_stats['frac_above_0.1']:.3f}  groups {len(groups)}  "
@@ -516,8 +530,10 @@ def magnitude_prune(W, cfg: CompressConfig):
 
 
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, log,
-                   fwd_batch: int = 4, timer: StageTimer = NO_TIMER) -> dict[str, LinearReport]:
-    """Layer-by-layer compression of the whole model; returns a report per linear."""
+                   fwd_batch: int = 4, timer: StageTimer = NO_TIMER,
+                   stash: dict | None = None) -> dict[str, LinearReport]:
+    """Layer-by-layer compression of the whole model; returns a report per linear. stash: see
+    choose_groups_and_bits (layer 0's first MI matrix lands there)."""
     import torch
     layers = get_module(model, spec.layers)
     reports: dict[str, LinearReport] = {}
@@ -530,7 +546,7 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
     for i, layer in enumerate(layers):
         tick = time.perf_counter()
         layer.to(dev)
-        reps = compress_layer(layer, i, spec, cfg, inps, kwargs, dev, log, fwd_batch, timer)
+        reps = compress_layer(layer, i, spec, cfg, inps, kwargs, dev, log, fwd_batch, timer, stash)
         reports.update({f"{spec.layers}.{i}.{n}": r for n, r in reps.items()})
         if not cfg.rtn:
             with timer("forward outputs"):
@@ -578,16 +594,22 @@ def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windo
 
 
 # ---------------------------------------------------------------- saving and report
-def save_model(model, tokenizer, out_dir: str, report: dict, overwrite: bool) -> None:
+def save_model(model, tokenizer, out_dir: str, report: dict, overwrite: bool, packed: dict | None = None) -> None:
     """Write the model (safetensors), tokenizer and report to a temporary folder beside
-    out_dir, then rename it into place: a run never leaves a half-written folder."""
+    out_dir, then rename it into place: a run never leaves a half-written folder.
+    packed: keyword arguments of packing.save_packed for --save_format packed (None: dense);
+    its disk report goes to report["disk"]."""
     out = Path(out_dir).resolve()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        plain_model(model).save_pretrained(tmp, safe_serialization=True)
+        if packed is None:
+            plain_model(model).save_pretrained(tmp, safe_serialization=True)
+        else:
+            import packing
+            report["disk"] = packing.save_packed(plain_model(model), tmp, tokenizer, **packed)
         tokenizer.save_pretrained(tmp)
         (tmp / "compression_report.json").write_text(json.dumps(report, indent=1))
         if out.exists():
@@ -625,6 +647,7 @@ def versions() -> dict:
                                      text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         v["commit"] = None
+    v["commit"] = v["commit"] or os.environ.get("GIT_COMMIT")  # a copy without .git names it so
     return v
 
 
@@ -696,28 +719,45 @@ def run(args) -> int:
     print(f"loading {args.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) as {dtype} on the CPU;"
           f" compressing on {dev}", flush=True)
     model = load_model(args.model, dtype, args.trust_remote_code)
-    log = _logger()
+    import plots
+    jlog = plots.JsonLog(args.log_json)  # a no-op without --log_json
+    jlog.event("start", model=args.model, dataset=args.dataset, config=vars(args))
+    log = jlog.tee(_logger())
+    mi_stash = {} if args.plot else None
     t0 = time.perf_counter()
     windows = [] if cfg.rtn else get_loaders(args.dataset, tokenizer, args.nsamples, args.seed, args.seqlen)
-    reports = compress_model(model, spec, cfg, windows, dev, dtype, log, args.fwd_batch)
+    reports = compress_model(model, spec, cfg, windows, dev, dtype, log, args.fwd_batch, stash=mi_stash)
     seconds = time.perf_counter() - t0
     summary = summarize(reports)
     print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
           f"effective bits {summary['effective_bits']:.3f}", flush=True)
     print("bit distribution (fraction of weights): " +
           "  ".join(f"{b}b {f:.3f}" for b, f in summary["bits_histogram"].items()), flush=True)
+    jlog.event("compressed", seconds=seconds, **summary)
+    if args.plot:
+        for path in plots.write_plots(args.plot, reports, mi_stash, spec.layers, spec.groups[0]):
+            print(f"plot {path}", flush=True)
 
     ppl = {}
     for name in evals:
         tokens = get_eval_tokens(name, tokenizer, args.seqlen)
         ppl[name] = perplexity(model, spec, tokens, args.seqlen, dev, dtype, args.eval_windows, args.fwd_batch)
         print(f"{name} ppl {ppl[name]:.3f}", flush=True)
+        jlog.event("eval", dataset=name, ppl=ppl[name])
 
     report = {"config": vars(args), "versions": versions(), **summary, "ppl": ppl, "seconds": seconds,
               "linears": {k: v.to_json() for k, v in reports.items()}}
     if args.save:
-        save_model(model, tokenizer, args.save, report, args.overwrite)
+        packed = None if args.save_format == "fake" else \
+            {"reports": reports, "nm": (cfg.prunen, cfg.prunem), "pruned": bool(cfg.sparsity or cfg.prunen)}
+        save_model(model, tokenizer, args.save, report, args.overwrite, packed)
+        if "disk" in report:
+            import packing
+            print(packing.describe_disk(report["disk"]), flush=True)
         print(f"saved to {args.save}", flush=True)
+        jlog.event("saved", folder=args.save, format=args.save_format, disk=report.get("disk"))
+    jlog.event("done", ppl=ppl)
+    jlog.close()
     return 0
 
 

@@ -53,6 +53,26 @@ def _rows() -> dict[str, dict]:
 ROWS = _rows()
 
 
+def write_results(args, device_name: str, results: list[dict]) -> Path:
+    """Results so far as JSON and a markdown table (rewritten after every row)."""
+    commit = vm.versions().get("commit")
+    date = datetime.date.today().isoformat()
+    slug = device_name.replace(" ", "-").replace("/", "-")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"quality-{slug}-{date}{args.tag}"
+    meta = {"machine": device_name, "date": date, "commit": commit, "command": " ".join(sys.argv),
+            "versions": vm.versions(), "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                                      "eval_windows": args.eval_windows}}
+    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results}, indent=1))
+    lines = [f"Machine {device_name}, {date}, commit {commit}", f"`{meta['command']}`", "",
+             "| row | wiki ppl | weight bits | effective bits | sparsity | seconds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['wiki_ppl']:.2f} | {r['avg_bits']:.3f} | {r['effective_bits']:.3f} | "
+              f"{r['sparsity']:.3f} | {r['seconds']:.1f} |" for r in results]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return out / stem
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
@@ -97,23 +117,10 @@ def main() -> None:
         results.append(row)
         print(f"{name:28s} ppl {ppl:9.3f}  bits {summary['avg_bits']:.3f}  eff {summary['effective_bits']:.3f}  "
               f"sparsity {summary['sparsity']:.3f}  {secs:6.1f}s", flush=True)
+        write_results(args, device_name, results)
 
-    commit = vm.versions().get("commit")
-    date = datetime.date.today().isoformat()
-    slug = device_name.replace(" ", "-").replace("/", "-")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"quality-{slug}-{date}{args.tag}"
-    meta = {"machine": device_name, "date": date, "commit": commit, "command": " ".join(sys.argv),
-            "versions": vm.versions(), "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen,
-                                                      "eval_windows": args.eval_windows}}
-    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results}, indent=1))
-    lines = [f"Machine {device_name}, {date}, commit {commit}", f"`{meta['command']}`", "",
-             "| row | wiki ppl | weight bits | effective bits | sparsity | seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | {r['wiki_ppl']:.2f} | {r['avg_bits']:.3f} | {r['effective_bits']:.3f} | "
-              f"{r['sparsity']:.3f} | {r['seconds']:.1f} |" for r in results]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / stem}.json/.md")
+    stem = write_results(args, device_name, results)
+    print(f"wrote {stem}.json/.md")
 
 
 if __name__ == "__main__":
