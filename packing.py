@@ -1,0 +1,427 @@
+"""Deployable outputs: the packed checkpoint (`--save_format packed`), its loader, and a
+GPTQ-layout copy where the quantization allows one.
+
+    python -c "import packing; m = packing.load_packed('DIR')"
+
+packed.safetensors holds, for every quantized linear P (e.g. model.layers.0.self_attn.q_proj):
+  P.codes  uint8   the integer codes, one little-endian bit stream per run, each run at its
+                   own width (2..8) and starting on a byte boundary; value i of a stream
+                   occupies bits [i*b, (i+1)*b), bit k of a byte is (byte >> k) & 1
+  P.scale  float32 (out, n_runs) grid step per output row and run
+  P.zero   uint8   (out, n_runs) integer zero point per output row and run
+  P.perm   int16/int32 (in,) solver column order, only when it is not the identity:
+                   column k of the permuted order is original column perm[k]
+  P.mask   uint8   bit stream of the (out, in) keep-mask in permuted order (mode "bitmask"), or
+  P.nm     uint8   bit stream of one index per row and M consecutive *original* columns: the
+                   rank of its set of M-N kept positions among all such sets in lexicographic
+                   order, ceil(log2 C(M, M-N)) bits each (3 bits per 4 weights at 2:4) (mode "nm")
+and every other tensor (embeddings, norms, biases, lm_head, unquantized linears) as it was.
+Codes are stored for the kept positions only ("bitmask"/"nm") or for all positions ("dense"),
+row-major within a run. The safetensors metadata key "packing" holds the JSON header
+(per linear: shape, runs [start, end, bits] over permuted columns, mask mode, byte counts).
+
+Decoding is exact: the weight is scale * (q - zero) computed in fp32 and cast to the saved
+dtype, the same operations the solver used, so the rebuilt model equals the dense save bit
+for bit.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+
+PACKED_FILE = "packed.safetensors"
+FORMAT_VERSION = 1
+_CHUNK = 8 * 65536  # values per packing step: a multiple of 8, so every step ends on a byte boundary
+
+
+# ---------------------------------------------------------------- bit streams
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Little-endian bit stream of non-negative integers < 2^bits (any shape, row-major) as uint8."""
+    v = values.reshape(-1).to(torch.int32)
+    shifts = torch.arange(bits, dtype=torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.int32)
+    out = []
+    for c0 in range(0, v.numel(), _CHUNK):
+        b = ((v[c0:c0 + _CHUNK, None] >> shifts) & 1).reshape(-1)  # (n * bits,)
+        pad = (-b.numel()) % 8
+        if pad:
+            b = torch.cat([b, b.new_zeros(pad)])
+        out.append((b.reshape(-1, 8) * weights).sum(1).to(torch.uint8))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first n values of a stream written by `pack_bits`, as int32."""
+    shifts = torch.arange(8, dtype=torch.int32)
+    weights = 1 << torch.arange(bits, dtype=torch.int32)
+    out = []
+    per = _CHUNK * bits // 8  # bytes per step
+    for c0 in range(0, n, _CHUNK):
+        cn = min(_CHUNK, n - c0)
+        d = data[c0 // _CHUNK * per:][:math.ceil(cn * bits / 8)].to(torch.int32)
+        b = ((d[:, None] >> shifts) & 1).reshape(-1)[:cn * bits].reshape(cn, bits)
+        out.append((b * weights).sum(1, dtype=torch.int32))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------- N:M index code
+def _nm_tables(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Kept-slot sets of M - N out of M positions, ranked lexicographically: rank -> bool (M,)
+    pattern, pattern-as-integer -> rank, and the width of a rank."""
+    combos = list(itertools.combinations(range(m), m - n))
+    patterns = torch.zeros(len(combos), m, dtype=torch.bool)
+    lookup = torch.full((1 << m,), -1, dtype=torch.int32)
+    for r, c in enumerate(combos):
+        patterns[r, list(c)] = True
+        lookup[sum(1 << i for i in c)] = r
+    return patterns, lookup, max(1, math.ceil(math.log2(len(combos))))
+
+
+def _nm_slots(nonzero: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
+    """Kept slots (R, C): per M consecutive columns exactly M - N of them, holding every nonzero
+    weight (padded with the first zero positions). None where some group has more nonzeros."""
+    R, C = nonzero.shape
+    if C % m:
+        return None
+    g = nonzero.reshape(R, C // m, m)
+    if int(g.sum(2).max()) > m - n:
+        return None
+    pos = torch.arange(m)
+    key = g.to(torch.int64) * m + (m - 1 - pos)  # nonzeros first, then by position
+    idx = torch.topk(key, m - n, dim=2).indices
+    return torch.zeros_like(g).scatter_(2, idx, True).reshape(R, C)
+
+
+def _nm_encode(slots: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    _, lookup, width = _nm_tables(n, m)
+    R, C = slots.shape
+    as_int = (slots.reshape(R, C // m, m).to(torch.int64) << torch.arange(m)).sum(2)
+    return pack_bits(lookup[as_int], width)
+
+
+def _nm_decode(data: torch.Tensor, n: int, m: int, R: int, C: int) -> torch.Tensor:
+    patterns, _, width = _nm_tables(n, m)
+    ranks = unpack_bits(data, width, R * (C // m)).long()
+    return patterns[ranks].reshape(R, C)
+
+
+# ---------------------------------------------------------------- one linear
+def _bits_of(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of a float tensor (to compare bit for bit, -0.0 included)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _decode_run(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """scale * (q - zero) in fp32: exactly the solver's dequantization."""
+    return scale.float() * (q.float() - zero.float())
+
+
+def codes_of(W: torch.Tensor, qparams: dict) -> torch.Tensor | None:
+    """Integer codes (out, in) in permuted column order such that decoding reproduces W (in its
+    dtype) bit for bit; None where some weight is off the grid."""
+    perm = qparams["perm"].long().cpu()
+    scale, zero = qparams["scale"].float().cpu(), qparams["zero"].float().cpu()
+    Wp = W.cpu()[:, perm]  # (R, C) permuted, model dtype
+    q = torch.empty(Wp.shape, dtype=torch.int32)
+    for j, (s, e, b) in enumerate(qparams["runs"]):
+        if b > 8:
+            return None
+        sc, z, maxq = scale[:, j:j + 1], zero[:, j:j + 1], 2 ** b - 1
+        if not (torch.equal(z, z.round()) and 0 <= float(z.min()) and float(z.max()) <= maxq):
+            return None
+        target = _bits_of(Wp[:, s:e])
+        qj = (torch.round(Wp[:, s:e].float() / sc) + z).clamp(0, maxq)
+        ok = _bits_of(_decode_run(qj, sc, z).to(W.dtype)) == target
+        for step in (-1, 1):  # a low-precision dtype can round W/scale to a neighbour code
+            if bool(ok.all()):
+                break
+            cand = (qj + step).clamp(0, maxq)
+            hit = ~ok & (_bits_of(_decode_run(cand, sc, z).to(W.dtype)) == target)
+            qj = torch.where(hit, cand, qj)
+            ok |= hit
+        if not bool(ok.all()):
+            return None
+        q[:, s:e] = qj.to(torch.int32)
+    return q
+
+
+def pack_linear(W: torch.Tensor, qparams: dict, nm: tuple[int, int] = (0, 0)
+                ) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Tensors (names relative to the linear) and the header entry of one quantized weight
+    (out, in); None where it cannot be packed exactly (it is then stored dense)."""
+    q = codes_of(W, qparams)
+    if q is None:
+        return None
+    R, C = q.shape
+    runs = [tuple(int(x) for x in r) for r in qparams["runs"]]
+    perm = qparams["perm"].long().cpu()
+    zero = qparams["zero"].cpu()
+    nonzero = q != zero.long().repeat_interleave(
+        torch.tensor([e - s for s, e, _ in runs]), dim=1)  # (R, C): weight != 0
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict = {"shape": [R, C], "runs": [list(r) for r in runs], "mask": "dense"}
+    slots = None
+    if nm[1]:  # the N:M pattern holds on consecutive original columns (what sparse kernels read)
+        nonzero_orig = torch.empty_like(nonzero)
+        nonzero_orig[:, perm] = nonzero
+        slots_orig = _nm_slots(nonzero_orig, *nm)
+        if slots_orig is not None:
+            info.update(mask="nm", nm=list(nm))
+            tensors["nm"] = _nm_encode(slots_orig, *nm)
+            slots = slots_orig[:, perm]
+    if slots is None:
+        saved = sum(int((~nonzero[:, s:e]).sum()) * b for s, e, b in runs)
+        if saved > R * C:  # a 1-bit mask pays for itself
+            slots = nonzero
+            info["mask"] = "bitmask"
+            tensors["mask"] = pack_bits(nonzero, 1)
+    streams = []
+    for s, e, b in runs:
+        qj = q[:, s:e]
+        streams.append(pack_bits(qj if slots is None else qj[slots[:, s:e]], b))
+    info["code_bytes"] = [int(x.numel()) for x in streams]
+    tensors["codes"] = torch.cat(streams)
+    tensors["scale"] = qparams["scale"].float().cpu().contiguous()
+    tensors["zero"] = zero.to(torch.uint8).contiguous()
+    info["perm"] = not torch.equal(perm, torch.arange(C))
+    if info["perm"]:
+        tensors["perm"] = perm.to(torch.int16 if C <= 32767 else torch.int32)
+    return tensors, info
+
+
+def unpack_linear(tensors: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
+    """The fp32 weight (out, in) in the original column order, from `pack_linear`'s output."""
+    R, C = info["shape"]
+    scale, zero = tensors["scale"].float(), tensors["zero"].float()
+    perm = tensors["perm"].long() if info.get("perm") else torch.arange(C)
+    slots = None
+    if info["mask"] == "bitmask":
+        slots = unpack_bits(tensors["mask"], 1, R * C).bool().reshape(R, C)
+    elif info["mask"] == "nm":
+        slots = _nm_decode(tensors["nm"], *info["nm"], R, C)[:, perm]
+    Wp = torch.empty(R, C, dtype=torch.float32)
+    off = 0
+    for j, ((s, e, b), nbytes) in enumerate(zip(info["runs"], info["code_bytes"])):
+        data = tensors["codes"][off:off + nbytes]
+        off += nbytes
+        z = zero[:, j:j + 1]
+        if slots is None:
+            qj = unpack_bits(data, b, R * (e - s)).reshape(R, e - s)
+        else:
+            sl = slots[:, s:e]
+            qj = z.expand(R, e - s).clone()  # q == zero decodes to +0.0, as a pruned weight
+            qj[sl] = unpack_bits(data, b, int(sl.sum())).float()
+        Wp[:, s:e] = _decode_run(qj, scale[:, j:j + 1], z)
+    W = torch.empty_like(Wp)
+    W[:, perm] = Wp
+    return W
+
+
+# ---------------------------------------------------------------- whole model
+def _unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict without aliases (tied weights): tensors, and alias -> kept name."""
+    tensors, seen, tied = {}, {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            tied[k] = seen[key]
+        else:
+            seen[key] = k
+            tensors[k] = v.detach().cpu().contiguous()
+    return tensors, tied
+
+
+def save_packed(model, folder, tokenizer=None, reports: dict | None = None, nm: tuple[int, int] = (0, 0),
+                pruned: bool = False) -> dict:
+    """Write config, packed.safetensors and, where possible, a GPTQ-layout copy in folder/gptq.
+    reports: module path -> LinearReport (its qparams); nm: the N:M pattern if any; pruned:
+    whether weights were pruned (the GPTQ copy is written for unpruned models only).
+    Returns the disk report (bytes against 2 bytes per parameter)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, tied = _unique_state(model)
+    dtype = next(iter(state.values())).dtype if state else torch.float16
+    header: dict = {"format": "mi-packed", "version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""),
+                    "tied": tied, "linears": {}, "dense_fallback": []}
+    out: dict[str, torch.Tensor] = {}
+    qbytes = qparams_count = 0
+    for name, rep in (reports or {}).items():
+        qp = getattr(rep, "qparams", None)
+        key = f"{name}.weight"
+        if qp is None or key not in state:
+            continue
+        packed = pack_linear(state[key], qp, nm)
+        if packed is None:
+            header["dense_fallback"].append(name)
+            continue
+        tensors, info = packed
+        del state[key]
+        header["linears"][name] = info
+        for k, v in tensors.items():
+            out[f"{name}.{k}"] = v
+            qbytes += v.numel() * v.element_size()
+        qparams_count += info["shape"][0] * info["shape"][1]
+    if header["dense_fallback"]:
+        warnings.warn(f"{len(header['dense_fallback'])} quantized linear(s) are off their grid and were stored "
+                      f"dense: {', '.join(header['dense_fallback'][:3])}")
+    out.update(state)
+    path = folder / PACKED_FILE
+    save_file(out, str(path), metadata={"packing": json.dumps(header)})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+    params = qparams_count + sum(v.numel() for v in state.values())
+    size = path.stat().st_size
+    disk = {"format": "packed", "file": PACKED_FILE, "bytes": size, "fp16_bytes": 2 * params,
+            "ratio_vs_fp16": 2 * params / size,
+            "quantized_linears": {"count": len(header["linears"]), "params": qparams_count, "bytes": qbytes,
+                                  "fp16_bytes": 2 * qparams_count,
+                                  "bits_per_weight": 8 * qbytes / qparams_count if qparams_count else None},
+            "other_params": params - qparams_count, "dense_fallback": header["dense_fallback"]}
+    disk["gptq"] = save_gptq(model, folder / "gptq", reports or {}, tokenizer) if not pruned and reports \
+        else {"written": False, "reason": "pruned weights (the GPTQ layout cannot exploit sparsity)"
+              if pruned else "nothing quantized"}
+    return disk
+
+
+def describe_disk(disk: dict) -> str:
+    """One line for the log."""
+    q = disk["quantized_linears"]
+    line = (f"{disk['file']} {disk['bytes'] / 2**20:.2f} MiB vs fp16 {disk['fp16_bytes'] / 2**20:.2f} MiB "
+            f"({disk['ratio_vs_fp16']:.2f}x smaller)")
+    if q["params"]:
+        line += (f"; quantized linears {q['bytes'] / 2**20:.2f} MiB vs {q['fp16_bytes'] / 2**20:.2f} MiB, "
+                 f"{q['bits_per_weight']:.2f} bits/weight")
+    g = disk.get("gptq", {})
+    line += f"; GPTQ copy in gptq/ ({g['checkpoint_format']})" if g.get("written") else \
+        f"; no GPTQ copy: {g.get('reason')}"
+    return line
+
+
+def load_packed(folder, dtype=torch.float16, device="cpu"):
+    """Rebuild the transformers model of a packed save: weights decoded in fp32, cast to the
+    saved dtype (as the dense save holds them), then to `dtype`."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    folder = Path(folder)
+    with safe_open(str(folder / PACKED_FILE), framework="pt") as f:
+        header = json.loads(f.metadata()["packing"])
+        raw = {k: f.get_tensor(k) for k in f.keys()}
+    if header.get("format") != "mi-packed" or header.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{folder / PACKED_FILE} is not a packed checkpoint this code can read")
+    saved = getattr(torch, header["dtype"])
+    state = {}
+    for name, info in header["linears"].items():
+        prefix = f"{name}."
+        parts = {k[len(prefix):]: raw.pop(k) for k in list(raw) if k.startswith(prefix) and
+                 k[len(prefix):] in ("codes", "scale", "zero", "perm", "mask", "nm")}
+        state[f"{name}.weight"] = unpack_linear(parts, info).to(saved).to(dtype)
+    for k, v in raw.items():
+        state[k] = v.to(dtype) if v.is_floating_point() else v
+    for alias, kept in header["tied"].items():
+        state[alias] = state[kept]
+    cfg = AutoConfig.from_pretrained(folder)
+    cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+    model, info = cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype, output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if k not in header["tied"]]
+    if missing or info["unexpected_keys"]:
+        raise ValueError(f"packed checkpoint does not match its config: missing {missing[:5]}, "
+                         f"unexpected {list(info['unexpected_keys'])[:5]}")
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------- GPTQ layout
+def gptq_group_size(reports: dict) -> tuple[int, int] | str:
+    """(bits, group_size) shared by every quantized linear in the GPTQ sense, or why there is none."""
+    bits, first = set(), set()
+    for name, rep in reports.items():
+        qp = rep.qparams
+        if qp is None:
+            return f"{name} is not quantized"
+        C = rep.shape[1]
+        if not torch.equal(qp["perm"].long().cpu(), torch.arange(C)):
+            return f"{name} has a column permutation (mixed widths or act-order)"
+        bits.update(b for _, _, b in qp["runs"])
+        if len(qp["runs"]) > 1:
+            first.add(qp["runs"][0][1] - qp["runs"][0][0])
+    if len(bits) != 1 or next(iter(bits)) not in (2, 3, 4, 8):
+        return f"widths {sorted(bits)} are not one of 2, 3, 4, 8"
+    if len(first) > 1:
+        return f"group sizes differ between linears: {sorted(first)}"
+    b = next(iter(bits))
+    g = next(iter(first)) if first else -1
+    for name, rep in reports.items():
+        C = rep.shape[1]
+        step = C if g < 0 else g
+        if [tuple(r[:2]) for r in rep.qparams["runs"]] != [(c, min(c + step, C)) for c in range(0, C, step)]:
+            return f"{name} runs are not groups of {g}"
+        R = rep.shape[0]
+        if (C * b) % 32 or (R * b) % 32:
+            return f"{name} shape {R}x{C} does not fill whole 32-bit words at {b} bits"
+    return b, g
+
+
+def gptq_tensors(W: torch.Tensor, qparams: dict, bits: int, group_size: int, v2: bool = False
+                 ) -> dict[str, torch.Tensor]:
+    """qweight (in*bits/32, out) int32 packed along the input dimension, qzeros
+    (n_groups, out*bits/32) int32 packed along the output dimension (stored zero - 1 unless
+    v2), scales (n_groups, out) fp16, g_idx (in,) int32. Within a 32-bit word, value k of a
+    column sits at bits [k*bits, (k+1)*bits); at 3 bits 32 values span 3 words, values
+    straddling words split low bits first: this is the AutoGPTQ packing."""
+    q = codes_of(W, qparams)  # identity perm: original column order
+    R, C = q.shape
+    zero = qparams["zero"].to(torch.int32).cpu()  # (R, n_groups)
+    stored = zero if v2 else zero - 1
+    qweight = pack_bits(q, bits).view(torch.int32).reshape(R, C * bits // 32).t().contiguous()
+    qzeros = pack_bits((stored & (2 ** bits - 1)).t().contiguous(), bits).view(torch.int32)
+    g = C if group_size < 0 else group_size
+    return {"qweight": qweight, "qzeros": qzeros.reshape(zero.shape[1], R * bits // 32),
+            "scales": qparams["scale"].t().to(torch.float16).contiguous(),
+            "g_idx": (torch.arange(C, dtype=torch.int32) // g).to(torch.int32)}
+
+
+def save_gptq(model, folder, reports: dict, tokenizer=None) -> dict:
+    """The standard GPTQ checkpoint (HF / AutoGPTQ / GPTQModel layout, desc_act false) in
+    folder, when every linear shares one width in 2/3/4/8 and one group size, in the original
+    column order. Writes checkpoint_format "gptq" (v1: stored zero = zero - 1, what loaders
+    expect by default) unless some zero point is 0, which v1 cannot hold: then "gptq_v2"."""
+    from safetensors.torch import save_file
+    shape = gptq_group_size(reports)
+    if isinstance(shape, str):
+        return {"written": False, "reason": shape}
+    bits, group_size = shape
+    state, tied = _unique_state(model)
+    v2 = any(bool((rep.qparams["zero"] == 0).any()) for rep in reports.values())
+    sym = all(bool((rep.qparams["zero"] == 2 ** (bits - 1)).all()) for rep in reports.values())
+    for name, rep in reports.items():
+        W = state.pop(f"{name}.weight")
+        if codes_of(W, rep.qparams) is None:
+            return {"written": False, "reason": f"{name} is off its quantization grid"}
+        for k, v in gptq_tensors(W, rep.qparams, bits, group_size, v2).items():
+            state[f"{name}.{k}"] = v
+    fmt = "gptq_v2" if v2 else "gptq"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    qcfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": sym,
+            "true_sequential": True, "static_groups": False, "format": fmt, "checkpoint_format": fmt}
+    model.config.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = qcfg
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    (folder / "quantize_config.json").write_text(json.dumps(
+        {k: v for k, v in qcfg.items() if k != "format"}, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if v2:
+        warnings.warn("some zero points are 0, which the v1 GPTQ format (zero - 1) cannot store; "
+                      "the GPTQ copy is written as gptq_v2 (GPTQModel loads it; older loaders do not)")
+    return {"written": True, "folder": "gptq", "bits": bits, "group_size": group_size, "sym": sym,
+            "checkpoint_format": fmt, "bytes": (folder / "model.safetensors").stat().st_size}
