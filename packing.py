@@ -307,7 +307,7 @@ def describe_disk(disk: dict) -> str:
 
 def load_packed(folder, dtype=torch.float16, device="cpu"):
     """Rebuild the transformers model of a packed save: weights decoded in fp32, cast to the
-    saved dtype (as the dense save holds them), then to `dtype`."""
+    saved dtype (as the dense save holds them), then to `dtype` (None: the saved dtype)."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     folder = Path(folder)
@@ -317,6 +317,7 @@ def load_packed(folder, dtype=torch.float16, device="cpu"):
     if header.get("format") != "mi-packed" or header.get("version", 0) > FORMAT_VERSION:
         raise ValueError(f"{folder / PACKED_FILE} is not a packed checkpoint this code can read")
     saved = getattr(torch, header["dtype"])
+    dtype = dtype or saved
     state = {}
     for name, info in header["linears"].items():
         prefix = f"{name}."
