@@ -647,7 +647,8 @@ def versions() -> dict:
                                      text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         v["commit"] = None
-    v["commit"] = v["commit"] or os.environ.get("GIT_COMMIT")  # a copy without .git names it so
+    if not (v["commit"] and len(v["commit"]) == 40):  # a copy without git history names it so
+        v["commit"] = os.environ.get("GIT_COMMIT")
     return v
 
 
