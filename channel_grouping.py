@@ -17,11 +17,11 @@ import torch
 
 from sparsegpt_mi import fit_minmax, quantize
 
-GROUPING_METHODS = ("mi", "random", "contiguous", "hessian")
+GROUPING_METHODS = ("mi", "mi_hessian", "random", "contiguous", "hessian")
 
 
 # ---------------------------------------------------------------- spectral clustering
-def top_eigenvectors(M: torch.Tensor, k: int, iters: int = 60, seed: int = 0) -> torch.Tensor:
+def top_eigenvectors(M: torch.Tensor, k: int, iters: int = 40, seed: int = 0) -> torch.Tensor:
     """The k eigenvectors of the largest eigenvalues of symmetric M (C, C) with spectrum in
     [-1, 1]; block subspace iteration on M + I (positive semi-definite) with Rayleigh-Ritz."""
     C = M.shape[0]
@@ -40,7 +40,7 @@ def top_eigenvectors(M: torch.Tensor, k: int, iters: int = 60, seed: int = 0) ->
     return Q @ vecs[:, -k:].to(Q.dtype)
 
 
-def kmeans(X: torch.Tensor, k: int, n_init: int = 8, iters: int = 60, seed: int = 0) -> torch.Tensor:
+def kmeans(X: torch.Tensor, k: int, n_init: int = 4, iters: int = 40, seed: int = 0) -> torch.Tensor:
     """k-means++ seeding and Lloyd iterations on the rows of X (n, d); the n_init restarts run
     together as one batch on X's device, and the one of least inertia wins."""
     n, d = X.shape
@@ -94,6 +94,8 @@ def group_channels(method: str, k: int, mi: torch.Tensor | None = None, diag: to
     k = max(1, min(k, C))
     if method == "mi":
         labels = spectral_clustering(mi, k, seed, inplace=inplace)
+    elif method == "mi_hessian":
+        labels = spectral_clustering(sensitivity_weighted(mi, diag, inplace), k, seed, inplace=True)
     elif method == "random":
         gen = torch.Generator().manual_seed(seed)
         labels = (torch.randperm(C, generator=gen) % k).to(dev)
@@ -106,6 +108,19 @@ def group_channels(method: str, k: int, mi: torch.Tensor | None = None, diag: to
         raise ValueError(f"unknown grouping {method!r}; choose one of {', '.join(GROUPING_METHODS)}")
     groups = [torch.nonzero(labels == g).flatten() for g in range(k)]
     return [g for g in groups if g.numel() > 0]
+
+
+def sensitivity_weighted(mi: torch.Tensor, diag: torch.Tensor, inplace: bool = False,
+                         chunk: int = 4096) -> torch.Tensor:
+    """Affinity MI_ij * exp(-(l_i - l_j)^2 / (2 s^2)), l = log diag(H), s = std(l): channels are
+    grouped when they are mutually informative AND about as sensitive, so that one bit width
+    suits the whole group."""
+    A = mi if (inplace and mi.dtype == torch.float32) else mi.float().clone()
+    ld = torch.log(diag.float().clamp(min=1e-12))
+    s2 = 2 * ld.var().clamp(min=1e-12)
+    for r0 in range(0, A.shape[0], chunk):  # row chunks: no second C x C buffer
+        A[r0:r0 + chunk].mul_(torch.exp(-(ld[r0:r0 + chunk, None] - ld[None, :]) ** 2 / s2))
+    return A
 
 
 def order_groups(groups: list[torch.Tensor], diag: torch.Tensor) -> list[torch.Tensor]:

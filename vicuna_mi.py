@@ -84,6 +84,7 @@ class CompressConfig:
     grouping: str = "mi"
     mi_tokens: int = 8192
     mask_scope: str = "row"
+    no_kernel: bool = False
     seed: int = 0
 
     @property
@@ -131,8 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform mode: process columns by descending Hessian diagonal (always on in MI mode)")
     p.add_argument("--mi_method", default="gaussian", choices=["gaussian", "binned"],
                    help="MI estimator: Gaussian from the covariance, or equal-frequency binning on a token sample")
-    p.add_argument("--grouping", default="mi", choices=["mi", "random", "contiguous", "hessian"],
-                   help="how channels are grouped in MI mode (random/contiguous/hessian are ablations)")
+    p.add_argument("--grouping", default="mi", choices=["mi", "mi_hessian", "random", "contiguous", "hessian"],
+                   help="how channels are grouped in MI mode: spectral clustering of the MI affinity (mi), of the "
+                        "MI affinity weighted by similar Hessian diagonal (mi_hessian); random/contiguous/hessian "
+                        "(equal groups by diag(H) rank) are ablations")
+    p.add_argument("--no_kernel", action="store_true",
+                   help="run the solver's plain PyTorch column loop instead of the fused Triton kernel on CUDA")
     p.add_argument("--mi_tokens", type=int, default=8192, help="tokens sampled for the binned MI estimator")
     p.add_argument("--mask_scope", default="row", choices=["row", "block"],
                    help="unstructured sparsity exact per output row, or one threshold per 128-column block "
@@ -402,14 +407,14 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
     diag = torch.diag(H)
     k = min(cfg.n_groups, columns)
     stats = None
-    if cfg.grouping == "mi":
+    if cfg.grouping in ("mi", "mi_hessian"):
         with timer("mi"):
             mi = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
             stats = mi_summary(mi)
             if stash is not None and "mi" not in stash:
                 stash["mi"] = mi.to("cpu", copy=True)  # before the in-place clustering
         with timer("clustering"):
-            groups = group_channels("mi", k, mi=mi, seed=cfg.seed, inplace=True)
+            groups = group_channels(cfg.grouping, k, mi=mi, diag=diag, seed=cfg.seed, inplace=True)
             del mi
     else:
         with timer("clustering"):
@@ -463,7 +468,7 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
             continue
         solver = LinearSolver(columns, dev)
         sample = TokenSample(cfg.mi_tokens, max(1, cfg.mi_tokens // max(1, inps.shape[0])), cfg.seed) \
-            if (cfg.mixed and cfg.grouping == "mi" and cfg.mi_method == "binned") else None
+            if (cfg.mixed and cfg.grouping.startswith("mi") and cfg.mi_method == "binned") else None
 
         def hook(_m, inp, _out):
             solver.add_batch(inp[0].detach())
@@ -487,7 +492,8 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
             results = solver.solve(weights, groups, bits, sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem,
                                    groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym,
                                    percdamp=cfg.percdamp, blocksize=cfg.blocksize,
-                                   act_order=cfg.mixed or cfg.act_order, mask_scope=cfg.mask_scope)
+                                   act_order=cfg.mixed or cfg.act_order, mask_scope=cfg.mask_scope,
+                                   use_kernel=not cfg.no_kernel)
         solver.free()
         sizes = [int(g.numel()) for g in groups]
         for name, lin, res, b in zip(names, linears, results, bits):

@@ -47,6 +47,11 @@ def _rows() -> dict[str, dict]:
     for g in ("random", "contiguous", "hessian"):
         rows[f"ablation_{g}_t3.0_k10"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, grouping=g)
     rows["ablation_binned_t3.0_k10"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, mi_method="binned")
+    for t, k in ((3.0, 4), (3.0, 10), (3.5, 4), (4.0, 4)):
+        rows[f"mi_hessian_t{t}_k{k}"] = dict(wbits=4, target_avg_bits=t, n_groups=k, grouping="mi_hessian")
+    rows["ablation_hessian_t3.0_k4"] = dict(wbits=4, target_avg_bits=3.0, n_groups=4, grouping="hessian")
+    rows["gptq_w3_g128_torchloop"] = dict(U, wbits=3, groupsize=128, no_kernel=True)
+    rows["mi_t3.0_k10_torchloop"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, no_kernel=True)
     return rows
 
 
