@@ -23,7 +23,8 @@ GROUPING_METHODS = ("mi", "mi_hessian", "random", "contiguous", "hessian")
 # ---------------------------------------------------------------- spectral clustering
 def top_eigenvectors(M: torch.Tensor, k: int, iters: int = 40, seed: int = 0) -> torch.Tensor:
     """The k eigenvectors of the largest eigenvalues of symmetric M (C, C) with spectrum in
-    [-1, 1]; block subspace iteration on M + I (positive semi-definite) with Rayleigh-Ritz."""
+    [-1, 1]; block subspace iteration on M - lambda_min I (positive semi-definite) with
+    Rayleigh-Ritz."""
     C = M.shape[0]
     if C <= 512:  # small: the dense solver is exact and cheap
         vals, vecs = torch.linalg.eigh(M.double())
@@ -31,9 +32,15 @@ def top_eigenvectors(M: torch.Tensor, k: int, iters: int = 40, seed: int = 0) ->
     p = min(C, k + 10)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(C, p, generator=gen).to(M.device, M.dtype))
+    # shift by -lambda_min (estimated by power iteration on I - M), not by +1: the spectrum of
+    # M + I crowds near 1, where small eigenvalue gaps would need thousands of iterations
+    v = Q[:, :1]
+    for _ in range(20):
+        v = torch.addmm(v, M, v, alpha=-1)  # (I - M) v; grows by at most 2x a step
+    shift = -(v * (M @ v)).sum() / (v * v).sum()
     for it in range(iters):
-        Q = torch.addmm(Q, M, Q)  # (M + I) Q without forming M + I
-        if it % 4 == 3 or it == iters - 1:  # re-orthonormalize now and then (spectrum of M + I is in [0, 2])
+        Q = torch.addmm(Q * shift, M, Q)  # (M + shift I) Q without forming it
+        if it % 4 == 3 or it == iters - 1:  # re-orthonormalize now and then
             Q, _ = torch.linalg.qr(Q)
     T = Q.t() @ (M @ Q)  # (p, p) Rayleigh quotient
     vals, vecs = torch.linalg.eigh(T.double())
@@ -214,7 +221,7 @@ def allocate_bits(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: 
             bi = candidates.index(bits[g])
             if bi + 1 < len(candidates):
                 extra = sizes[g] * (candidates[bi + 1] - bits[g])
-                if spent + extra <= budget:
+                if spent + extra <= budget and err[g, bi + 1] <= err[g, bi]:  # never a worse total
                     opts.append(((err[g, bi] - err[g, bi + 1]) / extra, g, extra))
         if opts:
             _, g, extra = max(opts)
