@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Prune Vicuna-13B to 50% sparsity and quantize it with MI-grouped mixed precision
+# (average 4.0 bits per weight over 10 channel clusters per linear), then evaluate perplexity.
+#
+#   bash test_vicuna.sh                                  # the defaults below
+#   MODEL=meta-llama/Llama-2-7b-hf TARGET=3.5 NGROUPS=15 SPARSITY=0 bash test_vicuna.sh
+#   bash test_vicuna.sh --eval wikitext2 --fwd_batch 1   # extra arguments go to vicuna_mi.py
+#
+# Every setting can be overridden from the environment, as in the second line.
+set -euo pipefail
+
+# Which GPU to use. The tool compresses on one GPU (the first one listed here, which it sees
+# as cuda:0) and keeps the model itself in CPU memory, so listing more GPUs does not speed it
+# up. Pick a free one from `nvidia-smi`, e.g. CUDA_VISIBLE_DEVICES=2 bash test_vicuna.sh
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+
+MODEL=${MODEL:-lmsys/vicuna-13b-v1.5}   # hub id, local model folder, or .gguf file
+DATASET=${DATASET:-c4}                  # calibration: wikitext2, ptb, c4, or a local .txt/.jsonl
+
+SPARSITY=${SPARSITY:-0.5}     # unstructured sparsity per output row (0 = quantize only)
+WBITS=${WBITS:-4}             # below 16 switches quantization on; MI mode takes widths from TARGET
+TARGET=${TARGET:-4.0}         # average bits per weight of every linear (MI mode)
+MI=${MI:-1}                   # 1: MI-grouped mixed precision; 0: uniform SparseGPT/GPTQ at WBITS
+NGROUPS=${NGROUPS:-10}        # channel clusters per linear
+NSAMPLES=${NSAMPLES:-128}     # calibration windows of 2048 tokens
+SAVE=${SAVE:-out/$(basename "${MODEL%.gguf}")-s${SPARSITY}-t${TARGET}-k${NGROUPS}}
+LOG_DIR=${LOG_DIR:-logs}
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+mkdir -p "$LOG_DIR"
+LOG="$LOG_DIR/$(basename "${MODEL%.gguf}")-$(date +%Y%m%d-%H%M%S).log"
+echo "GPU(s) $CUDA_VISIBLE_DEVICES; log: $LOG; model will be saved to $SAVE"
+
+python "$HERE/vicuna_mi.py" "$MODEL" "$DATASET" \
+    --sparsity "$SPARSITY" \
+    --wbits "$WBITS" \
+    --target_avg_bits "$TARGET" \
+    --use_mi_grouping "$MI" \
+    --n_groups "$NGROUPS" \
+    --nsamples "$NSAMPLES" \
+    --save "$SAVE" \
+    "$@" 2>&1 | tee "$LOG"
