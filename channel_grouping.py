@@ -137,18 +137,21 @@ def order_groups(groups: list[torch.Tensor], diag: torch.Tensor) -> list[torch.T
 
 # ---------------------------------------------------------------- bit allocation
 def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor], candidates: list[int],
-                   sparsity: float = 0.0, sym: bool = False) -> torch.Tensor:
+                   sparsity: float = 0.0, sym: bool = False, row_splits: list[int] | None = None) -> torch.Tensor:
     """err[g, b] = tr(E H_gg E^T), E the round-to-nearest error of W[:, g] (per-row grid) at
     width candidates[b]. With sparsity, the lowest w^2 H_jj of each row are pruned first, so
-    only the kept weights count (the pruning error does not depend on the width)."""
+    only the kept weights count (the pruning error does not depend on the width).
+    row_splits: W stacks several linears sharing H (rows per linear); then one err per
+    linear comes back, (n, G, B), from a single pass."""
     W = W.float()
+    splits = row_splits or [W.shape[0]]
     if sparsity > 0:
         sal = W ** 2 * torch.diag(H)[None, :]
         k = int(round(sparsity * W.shape[1]))
         if k > 0:
             idx = torch.topk(sal, k, dim=1, largest=False).indices
             W = W.scatter(1, idx, 0.0)
-    err = torch.zeros(len(groups), len(candidates), dtype=torch.float64, device=W.device)
+    err = torch.zeros(len(splits), len(groups), len(candidates), dtype=torch.float64, device=W.device)
     maxq = (2.0 ** torch.tensor(candidates, device=W.device, dtype=torch.float32))[:, None] - 1  # (B, 1)
     for gi, g in enumerate(groups):
         Wg = W[:, g]  # (R, s)
@@ -168,8 +171,11 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
         zero = zero.expand_as(scale)
         Q = quantize(Wg[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
         E = (Wg[None] - Q) * kept[None]
-        err[gi] = ((E @ Hg) * E).sum(dim=(1, 2)).double()
-    return err.cpu()
+        per_row = ((E @ Hg) * E).sum(dim=2).double()  # (B, R)
+        for li, part in enumerate(torch.split(per_row, splits, dim=1)):
+            err[li, gi] = part.sum(1)
+    err = err.cpu()
+    return err if row_splits else err[0]
 
 
 def allocate_bits(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: list[int],

@@ -81,7 +81,7 @@ class CompressConfig:
     rtn: bool = False
     act_order: bool = False
     mi_method: str = "gaussian"
-    grouping: str = "mi"
+    grouping: str = "mi_hessian"
     mi_tokens: int = 8192
     mask_scope: str = "row"
     no_kernel: bool = False
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform mode: process columns by descending Hessian diagonal (always on in MI mode)")
     p.add_argument("--mi_method", default="gaussian", choices=["gaussian", "binned"],
                    help="MI estimator: Gaussian from the covariance, or equal-frequency binning on a token sample")
-    p.add_argument("--grouping", default="mi", choices=["mi", "mi_hessian", "random", "contiguous", "hessian"],
+    p.add_argument("--grouping", default="mi_hessian", choices=["mi", "mi_hessian", "random", "contiguous", "hessian"],
                    help="how channels are grouped in MI mode: spectral clustering of the MI affinity (mi), of the "
                         "MI affinity weighted by similar Hessian diagonal (mi_hessian); random/contiguous/hessian "
                         "(equal groups by diag(H) rank) are ablations")
@@ -424,10 +424,10 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
     sizes = [int(g.numel()) for g in groups]
     bits = []
     sparsity = cfg.sparsity or (cfg.prunen / cfg.prunem if cfg.prunem else 0.0)
-    with timer("allocation"):
-        for W in weights:
-            err = cluster_errors(W.to(dev), H, groups, candidates, sparsity, cfg.sym)
-            bits.append(allocate_bits(err, sizes, candidates, cfg.target_avg_bits))
+    with timer("allocation"):  # one pass over the stacked linears that share H
+        errs = cluster_errors(torch.cat([W.to(dev) for W in weights], 0), H, groups, candidates, sparsity,
+                              cfg.sym, row_splits=[W.shape[0] for W in weights])
+        bits = [allocate_bits(err, sizes, candidates, cfg.target_avg_bits) for err in errs]
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return groups, bits, stats, time.perf_counter() - tick

@@ -41,17 +41,20 @@ def _rows() -> dict[str, dict]:
     rows["sparsegpt_50_w4"] = dict(U, sparsity=0.5, wbits=4)
     for t in (2.5, 3.0, 3.5, 4.0):
         for k in (4, 10, 16):
-            rows[f"mi_t{t}_k{k}"] = dict(wbits=4, target_avg_bits=t, n_groups=k)
+            rows[f"mi_t{t}_k{k}"] = dict(wbits=4, target_avg_bits=t, n_groups=k, grouping="mi")
     for t in (3.0, 4.0):
-        rows[f"sparse50_mi_t{t}_k10"] = dict(sparsity=0.5, wbits=4, target_avg_bits=t, n_groups=10)
+        rows[f"sparse50_mi_t{t}_k10"] = dict(sparsity=0.5, wbits=4, target_avg_bits=t, n_groups=10, grouping="mi")
+        rows[f"sparse50_mi_hessian_t{t}_k10"] = dict(sparsity=0.5, wbits=4, target_avg_bits=t, n_groups=10,
+                                                     grouping="mi_hessian")
     for g in ("random", "contiguous", "hessian"):
         rows[f"ablation_{g}_t3.0_k10"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, grouping=g)
-    rows["ablation_binned_t3.0_k10"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, mi_method="binned")
+    rows["ablation_binned_t3.0_k10"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, mi_method="binned",
+                                            grouping="mi")
     for t, k in ((3.0, 4), (3.0, 10), (3.5, 4), (4.0, 4)):
         rows[f"mi_hessian_t{t}_k{k}"] = dict(wbits=4, target_avg_bits=t, n_groups=k, grouping="mi_hessian")
     rows["ablation_hessian_t3.0_k4"] = dict(wbits=4, target_avg_bits=3.0, n_groups=4, grouping="hessian")
     rows["gptq_w3_g128_torchloop"] = dict(U, wbits=3, groupsize=128, no_kernel=True)
-    rows["mi_t3.0_k10_torchloop"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, no_kernel=True)
+    rows["mi_t3.0_k10_torchloop"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, no_kernel=True, grouping="mi")
     return rows
 
 
@@ -71,8 +74,9 @@ def write_results(args, device_name: str, results: list[dict]) -> Path:
                                                       "eval_windows": args.eval_windows}}
     (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results}, indent=1))
     lines = [f"Machine {device_name}, {date}, commit {commit}", f"`{meta['command']}`", "",
-             "| row | wiki ppl | weight bits | effective bits | sparsity | seconds |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | {r['wiki_ppl']:.2f} | {r['avg_bits']:.3f} | {r['effective_bits']:.3f} | "
+             "| row | seed | wiki ppl | weight bits | effective bits | sparsity | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['seed']} | {r['wiki_ppl']:.2f} | {r['avg_bits']:.3f} | {r['effective_bits']:.3f} | "
               f"{r['sparsity']:.3f} | {r['seconds']:.1f} |" for r in results]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return out / stem
@@ -90,6 +94,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="", help="suffix of the results file name")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (one row per seed)")
     args = p.parse_args()
     unknown = [r for r in args.rows if r not in ROWS]
     if unknown:
@@ -101,12 +106,13 @@ def main() -> None:
     tok = vm.load_tokenizer(args.model, False)
     model = vm.load_model(args.model, dtype, False)
     spec = vm.ARCHS[model.config.model_type]
-    windows = get_loaders(args.calib, tok, args.nsamples, 0, args.seqlen)
     tokens = get_eval_tokens(args.eval, tok, args.seqlen)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     results = []
-    for name in args.rows:
+    for seed, name in [(sd, n) for sd in args.seeds for n in args.rows]:
+        if not results or results[-1]["seed"] != seed:
+            windows = get_loaders(args.calib, tok, args.nsamples, seed, args.seqlen)
         model.load_state_dict(original)
         cfg = vm.CompressConfig(**ROWS[name])
         torch.manual_seed(0)
@@ -118,9 +124,9 @@ def main() -> None:
             summary = vm.summarize(reports)
         secs = time.perf_counter() - tick
         ppl = vm.perplexity(model, spec, tokens, args.seqlen, dev, dtype, args.eval_windows)
-        row = {"row": name, "config": ROWS[name], "wiki_ppl": ppl, "seconds": secs, **summary}
+        row = {"row": name, "seed": seed, "config": ROWS[name], "wiki_ppl": ppl, "seconds": secs, **summary}
         results.append(row)
-        print(f"{name:28s} ppl {ppl:9.3f}  bits {summary['avg_bits']:.3f}  eff {summary['effective_bits']:.3f}  "
+        print(f"{name:28s} seed {seed} ppl {ppl:9.3f}  bits {summary['avg_bits']:.3f}  eff {summary['effective_bits']:.3f}  "
               f"sparsity {summary['sparsity']:.3f}  {secs:6.1f}s", flush=True)
         write_results(args, device_name, results)
 
