@@ -111,12 +111,14 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, dev) ->
     model.eval()
     torch.set_grad_enabled(False)
     build = time.perf_counter() - tick
+    print(f"7b model built in {build:.1f}s", flush=True)
     gen = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, len(tok), (1, seqlen), generator=gen) for _ in range(nsamples)]
     ccfg = vm.CompressConfig(**METHODS["mi_50_t4.0_k10"])
     torch.cuda.reset_peak_memory_stats(dev)
     tick = time.perf_counter()
-    vm.compress_model(model, vm.ARCHS["llama"], ccfg, windows, dev, torch.float16, lambda m: None)
+    vm.compress_model(model, vm.ARCHS["llama"], ccfg, windows, dev, torch.float16,
+                      lambda m: print(m, flush=True) if " done in " in m else None)
     compress = time.perf_counter() - tick
     tick = time.perf_counter()
     tokens = get_eval_tokens(eval_txt, tok, seqlen)
