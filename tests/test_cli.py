@@ -1,0 +1,136 @@
+"""Bad input to the CLI: exit code 2, one `error: ...` line naming the problem, no traceback,
+nothing written to --save."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+                **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "vicuna_mi.py"), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, keywords: list[str]) -> str:
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out, out
+    assert proc.returncode == 2, out
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"want one closing `error:` line, got:\n{proc.stderr}"
+    msg = errors[0]
+    for kw in keywords:
+        assert kw.lower() in msg.lower(), f"{kw!r} not in {msg!r}"
+    return msg
+
+
+@pytest.fixture(scope="module")
+def foreign_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny GPT-2 and OPT checkpoints: real architectures the tool does not support."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
+    root = tmp_path_factory.mktemp("foreign")
+    torch.manual_seed(0)
+    cfgs = {"gpt2": GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64,
+                               bos_token_id=1, eos_token_id=2),
+            "opt": OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                             vocab_size=300, max_position_embeddings=64, word_embed_proj_dim=32,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0)}
+    out = {}
+    for name, cfg in cfgs.items():
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def bad_cases():
+    """(id, argv builder, keywords). A builder gets the tiny models, the foreign models and the
+    text files, and returns the argv; --eval/--nsamples/--seqlen get small defaults."""
+    L = lambda m, f, t: [str(m["llama"]), str(t["calib"])]  # noqa: E731
+    return [
+        ("model_missing", lambda m, f, t: [str(m["llama"].parent / "no_such_model"), str(t["calib"])],
+         ["does not exist"]),
+        ("model_missing_gguf", lambda m, f, t: [str(m["llama"].parent / "nope.gguf"), str(t["calib"])],
+         ["does not exist"]),
+        ("gpt2", lambda m, f, t: [str(f["gpt2"]), str(t["calib"])], ["unsupported architecture", "gpt2", "llama"]),
+        ("opt", lambda m, f, t: [str(f["opt"]), str(t["calib"])], ["unsupported architecture", "opt", "llama"]),
+        ("unknown_dataset", lambda m, f, t: [str(m["llama"]), "wikitext3"], ["unknown dataset", "wikitext3"]),
+        ("unknown_eval_dataset", lambda m, f, t: L(m, f, t) + ["--eval", "nonsense_set"], ["unknown dataset"]),
+        ("sparsity_1", lambda m, f, t: L(m, f, t) + ["--sparsity", "1.0"], ["--sparsity"]),
+        ("sparsity_negative", lambda m, f, t: L(m, f, t) + ["--sparsity", "-0.1"], ["--sparsity"]),
+        ("nm_2_0", lambda m, f, t: L(m, f, t) + ["--prunen", "2", "--prunem", "0"], ["--prunen", "2:0"]),
+        ("nm_4_4", lambda m, f, t: L(m, f, t) + ["--prunen", "4", "--prunem", "4"], ["--prunen", "4:4"]),
+        ("nm_and_sparsity", lambda m, f, t: L(m, f, t) + ["--prunen", "2", "--prunem", "4", "--sparsity", "0.5"],
+         ["not both"]),
+        ("wbits_1", lambda m, f, t: L(m, f, t) + ["--wbits", "1"], ["--wbits"]),
+        ("wbits_9", lambda m, f, t: L(m, f, t) + ["--wbits", "9"], ["--wbits"]),
+        ("target_above_max", lambda m, f, t: L(m, f, t) + ["--target_avg_bits", "9"], ["--target_avg_bits"]),
+        ("target_below_min", lambda m, f, t: L(m, f, t) + ["--target_avg_bits", "2.5", "--min_bits", "3"],
+         ["--target_avg_bits"]),
+        ("n_groups_0", lambda m, f, t: L(m, f, t) + ["--n_groups", "0"], ["--n_groups"]),
+        ("nsamples_0", lambda m, f, t: L(m, f, t) + ["--nsamples", "0"], ["--nsamples"]),
+        ("seqlen_too_long", lambda m, f, t: L(m, f, t) + ["--seqlen", "512"], ["max_position_embeddings", "256"]),
+    ]
+
+
+CASES = bad_cases()
+
+
+@pytest.mark.parametrize("build,keywords", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2(build, keywords, tiny_models, foreign_models, text_files, tmp_path):
+    save = tmp_path / "out"
+    argv = build(tiny_models, foreign_models, text_files)
+    defaults = {"--eval": str(text_files["eval"]), "--nsamples": "2", "--seqlen": "32"}
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv += [flag, value]
+    proc = run_cli(argv + ["--device", "cpu", "--save", str(save)])
+    assert_usage_error(proc, keywords)
+    assert not save.exists(), "a failed run must not create --save"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no temporary folder left behind"
+
+
+def test_save_into_non_empty_folder_needs_overwrite(tiny_models, text_files, tmp_path):
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "keep.txt").write_text("user data")
+    proc = run_cli([str(tiny_models["llama"]), str(text_files["calib"]), "--device", "cpu", "--nsamples", "2",
+                    "--seqlen", "32", "--eval", "none", "--save", str(save)])
+    assert_usage_error(proc, ["not empty", "--overwrite"])
+    assert [p.name for p in save.iterdir()] == ["keep.txt"]
+    assert (save / "keep.txt").read_text() == "user data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_hub_dataset_offline_message(tiny_models, text_files, tmp_path):
+    """Offline, a hub dataset name fails with advice to pass a local file, not a hub stack trace."""
+    proc = run_cli([str(tiny_models["llama"]), "wikitext2", "--device", "cpu", "--nsamples", "2", "--seqlen", "32",
+                    "--eval", str(text_files["eval"]), "--save", str(tmp_path / "out")],
+                   env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    msg = assert_usage_error(proc, ["wikitext", "local", ".txt"])
+    assert len(msg) < 400
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_requested_without_gpu(tiny_models, text_files, tmp_path):
+    proc = run_cli([str(tiny_models["llama"]), str(text_files["calib"]), "--device", "cuda", "--nsamples", "2",
+                    "--seqlen", "32", "--eval", "none", "--save", str(tmp_path / "out")])
+    assert_usage_error(proc, ["cuda"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_flag():
+    proc = run_cli(["--help"])
+    assert proc.returncode == 0
+    for flag in ("--sparsity", "--prunen", "--wbits", "--target_avg_bits", "--use_mi_grouping", "--n_groups",
+                 "--nsamples", "--seqlen", "--save", "--overwrite", "--eval", "--device"):
+        assert flag in proc.stdout
