@@ -193,18 +193,15 @@ def allocate_bits(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: 
     dp = np.full(budget + 1, inf)
     dp[0] = 0.0
     choice = np.zeros((G, budget + 1), dtype=np.int16)
-    for g in range(G):
-        new = np.full(budget + 1, inf)
+    cand = np.empty((len(candidates), budget + 1))
+    for g in range(G):  # cand[b, x]: best error of groups <= g spending x, group g at width b
+        cand.fill(inf)
         for bi, b in enumerate(candidates):
             cost = sizes[g] * b
-            if cost > budget:
-                continue
-            cand = np.full(budget + 1, inf)
-            cand[cost:] = dp[: budget + 1 - cost] + err[g, bi]
-            better = cand < new
-            new[better] = cand[better]
-            choice[g, better] = bi
-        dp = new
+            if cost <= budget:
+                cand[bi, cost:] = dp[: budget + 1 - cost] + err[g, bi]
+        choice[g] = cand.argmin(0)  # ties: the narrower width, as a strict < scan would pick
+        dp = np.take_along_axis(cand, choice[g][None].astype(np.int64), 0)[0]
     if not np.isfinite(dp).any():
         raise ValueError(f"target {target} bits is below the smallest width {min(candidates)}")
     # best error; among (near) ties the largest budget used

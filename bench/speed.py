@@ -101,12 +101,10 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, dev) ->
     cfg = llama_config("7b", layers=32, vocab=len(tok))
     tick = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to(torch.float16).to_empty(device="cpu")
-    for p in model.parameters():
-        p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1)
-    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # buffers were left empty
+    with torch.device(dev):  # random init is fast on the GPU; the pipeline then keeps it on the CPU
+        model = LlamaForCausalLM(cfg).half()
+    model = model.cpu()
+    torch.cuda.empty_cache()
     model.config.use_cache = False
     model.eval()
     torch.set_grad_enabled(False)
