@@ -157,18 +157,7 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
         Wg = W[:, g]  # (R, s)
         Hg = H[g][:, g]  # (s, s)
         kept = Wg != 0
-        # all candidate widths at once: per-row grids (B, R), errors (B, R, s)
-        xmin = Wg.min(1).values.clamp(max=0)
-        xmax = Wg.max(1).values.clamp(min=0)
-        if sym:
-            xmax = torch.maximum(xmin.abs(), xmax)
-            xmin = -xmax
-        flat = (xmin == 0) & (xmax == 0)
-        xmin = torch.where(flat, torch.full_like(xmin, -1), xmin)
-        xmax = torch.where(flat, torch.full_like(xmax, 1), xmax)
-        scale = (xmax - xmin)[None, :] / maxq  # (B, R)
-        zero = (maxq + 1) / 2 if sym else torch.round(-xmin[None, :] / scale)
-        zero = zero.expand_as(scale)
+        scale, zero = fit_minmax(Wg, maxq, sym)  # every candidate width at once: (B, R) grids
         Q = quantize(Wg[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
         E = (Wg[None] - Q) * kept[None]
         per_row = ((E @ Hg) * E).sum(dim=2).double()  # (B, R)

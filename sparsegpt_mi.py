@@ -24,10 +24,11 @@ import torch
 
 # ---------------------------------------------------------------- quantizer
 def fit_minmax(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric (or symmetric) min-max grid per row of W (R, C); maxq (R,) = 2^bits - 1.
+    """Asymmetric (or symmetric) min-max grid per row of W (R, C); maxq (R,) = 2^bits - 1,
+    or (B, 1) for B candidate widths at once, giving (B, R) grids.
 
     The range always contains 0, so zero is exactly on the grid (pruned weights stay 0).
-    Returns scale (R,) and integer zero point (R,), both float.
+    Returns scale and integer zero point (float), shaped like maxq broadcast against (R,).
     """
     xmin = W.min(dim=1).values.clamp(max=0)
     xmax = W.max(dim=1).values.clamp(min=0)
