@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_GPUS = "0"  # GPUs used when CUDA_VISIBLE_DEVICES is unset (the original used "2,3")
@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (auto: float16 on GPU, float32 on CPU)")
     p.add_argument("--fwd_batch", type=int, default=4, help="calibration windows per layer forward call")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its per-layer checkpoints in the work folder (the "
+                        "other flags must match the interrupted run); needs --save or --work_dir")
+    p.add_argument("--work_dir", default=None, metavar="DIR",
+                   help="folder for the per-layer checkpoints (default with --save: SAVE.work beside it); "
+                        "removed when the run finishes")
     return p
 
 
@@ -196,6 +202,13 @@ def validate(args) -> None:
         raise UsageError(f"--groupsize must be -1 or positive, got {args.groupsize}")
     if args.percdamp <= 0 or args.blocksize < 1:
         raise UsageError("--percdamp must be positive and --blocksize at least 1")
+    if args.resume and not (args.save or args.work_dir):
+        raise UsageError("--resume needs the work folder of the interrupted run: pass the same --save, "
+                         "or --work_dir")
+    if args.save and args.work_dir:
+        save, work = Path(args.save).resolve(), Path(args.work_dir).resolve()
+        if work == save or save in work.parents or work in save.parents:
+            raise UsageError(f"--work_dir {args.work_dir} must lie outside --save {args.save} (and not contain it)")
     if args.save and Path(args.save).exists() and not args.overwrite:
         p = Path(args.save)
         if not p.is_dir() or any(p.iterdir()):
@@ -276,8 +289,18 @@ def load_model(model: str, dtype, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM
     where, extra = model_location(model)
-    m = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
-                                             low_cpu_mem_usage=True, **extra)
+    # .bin checkpoints: from_pretrained's weights_only defaults to True (transformers 5.x), which reaches
+    # torch.load(..., weights_only=True) in modeling_utils.load_state_dict; nothing here unpickles
+    # arbitrary objects. trust_remote_code is only ever the --trust_remote_code flag.
+    import pickle
+    try:
+        m = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 low_cpu_mem_usage=True, **extra)
+    except pickle.UnpicklingError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), "")
+        raise UsageError(f"the .bin weights of {model} hold more than tensors and were refused (torch.load "
+                         f"weights_only=True{': ' + detail if detail else ''}); use a safetensors copy from a "
+                         "source you trust")
     m.config.use_cache = False
     m.eval()
     torch.set_grad_enabled(False)
@@ -444,6 +467,11 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
     for names in spec.groups:
         linears = [get_module(layer, n) for n in names]
         columns = linears[0].in_features
+        for name, lin in zip(names, linears):
+            if not torch.isfinite(lin.weight).all():
+                raise FloatingPointError(f"layer {index} {name}: the model's own weights hold NaN/inf before "
+                                         "compression; the checkpoint is damaged or overflowed its dtype (try "
+                                         "--dtype float32 or bfloat16, or a fresh copy of the model)")
         if cfg.rtn:
             for name, lin in zip(names, linears):
                 tick = time.perf_counter()
@@ -537,9 +565,15 @@ def magnitude_prune(W, cfg: CompressConfig):
 
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, log,
                    fwd_batch: int = 4, timer: StageTimer = NO_TIMER,
-                   stash: dict | None = None) -> dict[str, LinearReport]:
+                   stash: dict | None = None, checkpoint: Checkpointer | None = None) -> dict[str, LinearReport]:
     """Layer-by-layer compression of the whole model; returns a report per linear. stash: see
-    choose_groups_and_bits (layer 0's first MI matrix lands there)."""
+    choose_groups_and_bits (layer 0's first MI matrix lands there). checkpoint: each finished
+    layer is written there; in resume mode the layers it already holds are loaded instead of
+    compressed, and the next layer starts from the saved activations.
+
+    Nothing here draws from the global RNGs: clustering, the binned-MI token sample and the
+    random grouping each seed their own generator with cfg.seed per call, so a resumed run
+    computes exactly what an uninterrupted one does."""
     import torch
     layers = get_module(model, spec.layers)
     reports: dict[str, LinearReport] = {}
@@ -547,9 +581,31 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
         inps = torch.empty(0, 1, device=dev)
         kwargs = {}
     else:
-        inps, kwargs = capture_layer_inputs(model, spec, windows, dev, dtype)
+        inps, kwargs = capture_layer_inputs(model, spec, windows, dev, dtype)  # kwargs are needed on resume too
+    first = 0
+    if checkpoint is not None:
+        checkpoint.begin(log)
+        first = min(checkpoint.load_done(with_activations=not cfg.rtn), len(layers))
+        for i in range(first):
+            state, reps, extra = checkpoint.load_layer(i)
+            layers[i].load_state_dict(state)
+            reports.update({f"{spec.layers}.{i}.{n}": r for n, r in reps.items()})
+            if stash is not None and "mi" in extra and "mi" not in stash:
+                stash["mi"] = extra["mi"]
+        if first and first < len(layers) and not cfg.rtn:
+            saved = checkpoint.load_activations(first - 1)
+            if saved.shape != inps.shape:
+                raise UsageError(f"the activations in {checkpoint.folder} have shape {tuple(saved.shape)}, "
+                                 f"this run needs {tuple(inps.shape)}; rerun without --resume")
+            inps.copy_(saved)
+            del saved
+        if first:
+            log(f"resumed from {checkpoint.folder}: layers 0..{first - 1} restored, "
+                f"{len(layers) - first} to go")
     start = time.perf_counter()
     for i, layer in enumerate(layers):
+        if i < first:
+            continue
         tick = time.perf_counter()
         layer.to(dev)
         reps = compress_layer(layer, i, spec, cfg, inps, kwargs, dev, log, fwd_batch, timer, stash)
@@ -561,11 +617,155 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
                 raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
                                          "try a larger --percdamp, more --nsamples or --dtype bfloat16")
         layer.to("cpu")
+        if checkpoint is not None:
+            checkpoint.save_layer(i, layer, reps, None if cfg.rtn else inps,
+                                  {"mi": stash["mi"]} if i == 0 and stash and "mi" in stash else None)
         done = i + 1
         elapsed = time.perf_counter() - start
         log(f"layer {i} done in {time.perf_counter() - tick:.1f}s  [{done}/{len(layers)}, "
-            f"eta {elapsed / done * (len(layers) - done):.0f}s]")
+            f"eta {elapsed / (done - first) * (len(layers) - done):.0f}s]")
     return reports
+
+
+# ---------------------------------------------------------------- checkpoints (--resume)
+def run_fingerprint(cfg: CompressConfig, args, dtype) -> dict:
+    """What must match for a work folder to be resumed: every CompressConfig field, the model
+    and data (local paths resolved), the sampling, the dtype and the forward batch (it sets
+    the Hessian's summation order). JSON-ready."""
+    def where(name: str) -> str:
+        p = Path(name).expanduser()
+        return str(p.resolve()) if p.exists() else name
+    return json.loads(json.dumps({"config": asdict(cfg), "model": where(args.model), "dataset": where(args.dataset),
+                                  "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                                  "dtype": str(dtype).replace("torch.", ""), "fwd_batch": args.fwd_batch}))
+
+
+def work_folder(args) -> Path | None:
+    """--work_dir, else SAVE.work beside --save, else None (no checkpoints)."""
+    if args.work_dir:
+        return Path(args.work_dir).expanduser().resolve()
+    if args.save:
+        out = Path(args.save).expanduser().resolve()
+        return out.parent / f"{out.name}.work"
+    return None
+
+
+class Checkpointer:
+    """Per-layer checkpoints in a work folder, each written atomically (temporary file in the
+    folder, fsync, os.replace):
+
+        fingerprint.json    the run's configuration (run_fingerprint); a resume must match it
+        layer_0007.pt       layer 7's compressed parameters, its LinearReports (qparams
+                            included) and, for layer 0 with --plot, the MI matrix
+        acts_0007.pt        the calibration activations leaving layer 7 (only the latest is
+                            kept; older ones are deleted once it is safely on disk)
+
+    Everything is plain dicts, lists and tensors, read back with torch.load(weights_only=True).
+    Layers 0..k count as done when all their layer files and acts_k exist."""
+
+    FINGERPRINT = "fingerprint.json"
+
+    def __init__(self, folder: Path, fingerprint: dict, resume: bool):
+        self.folder, self.fingerprint, self.resume = Path(folder), fingerprint, resume
+        marker = self.folder / self.FINGERPRINT
+        if self.folder.exists():
+            if not self.folder.is_dir():
+                raise UsageError(f"work folder {self.folder} is a file")
+            if not marker.exists() and any(self.folder.iterdir()):
+                raise UsageError(f"work folder {self.folder} is not empty and holds no {self.FINGERPRINT}; "
+                                 "it is not a checkpoint folder of this tool, choose another --work_dir")
+        if resume and marker.exists():
+            old = json.loads(marker.read_text())
+            if old != fingerprint:
+                diff = _fingerprint_diff(old, fingerprint)
+                raise UsageError(f"the checkpoints in {self.folder} come from a different run ({diff}); "
+                                 "resume with the original flags, or rerun without --resume to start over")
+
+    def begin(self, log) -> None:
+        """Start of compression: without resume, clear a work folder an earlier run left; then
+        make the folder and record the fingerprint."""
+        if self.folder.exists() and not self.resume and any(self.folder.iterdir()):
+            log(f"clearing the work folder {self.folder} left by an earlier run (pass --resume to continue it)")
+            shutil.rmtree(self.folder)
+        if self.resume and not (self.folder / self.FINGERPRINT).exists():
+            log(f"--resume: no checkpoints in {self.folder}; starting from layer 0")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(".*.tmp-*"):  # a write cut short by a crash
+            stale.unlink()
+        if not (self.folder / self.FINGERPRINT).exists():
+            self._write(self.FINGERPRINT, lambda f: f.write(json.dumps(self.fingerprint, indent=1).encode()))
+
+    def load_done(self, with_activations: bool = True) -> int:
+        """Number of leading layers whose checkpoints are complete (0 without resume)."""
+        if not self.resume:
+            return 0
+        done = 0
+        while (self.folder / f"layer_{done:04d}.pt").exists():
+            done += 1
+        if with_activations:  # the last layer with activations bounds what can be continued
+            while done and not (self.folder / f"acts_{done - 1:04d}.pt").exists():
+                done -= 1
+        return done
+
+    def load_layer(self, i: int):
+        """(state_dict, {linear name: LinearReport}, extra) of layer i."""
+        import torch
+        d = torch.load(self.folder / f"layer_{i:04d}.pt", map_location="cpu", weights_only=True)
+        return d["state"], {n: LinearReport(**r) for n, r in d["reports"].items()}, d.get("extra") or {}
+
+    def load_activations(self, i: int):
+        import torch
+        return torch.load(self.folder / f"acts_{i:04d}.pt", map_location="cpu", weights_only=True)
+
+    def save_layer(self, i: int, layer, reports: dict[str, LinearReport], inps, extra: dict | None = None) -> None:
+        import torch
+        state = {k: v.detach().to("cpu").clone() for k, v in layer.state_dict().items()}  # clone: no shared storage
+        reps = {n: {f.name: getattr(r, f.name) for f in fields(LinearReport)} for n, r in reports.items()}
+        self._write(f"layer_{i:04d}.pt", lambda f: torch.save({"state": state, "reports": reps, "extra": extra}, f))
+        if inps is not None:
+            acts = inps.detach().to("cpu")
+            self._write(f"acts_{i:04d}.pt", lambda f: torch.save(acts, f))
+            for old in self.folder.glob("acts_*.pt"):
+                if old.name != f"acts_{i:04d}.pt":
+                    old.unlink()
+        # Testing hook: VICUNA_MI_FAIL_AFTER_LAYER=k ends the process hard (exit code 17, no cleanup)
+        # right after layer k's checkpoint is on disk, to simulate a crash for the resume tests.
+        if os.environ.get("VICUNA_MI_FAIL_AFTER_LAYER") == str(i):
+            os._exit(17)
+
+    def finish(self) -> None:
+        """The run is complete (saved): the checkpoints are no longer needed."""
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+
+    def _write(self, name: str, write) -> None:
+        path = self.folder / name
+        tmp = self.folder / f".{name}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        try:  # make the rename itself durable
+            fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def _fingerprint_diff(old: dict, new: dict) -> str:
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "config"}, **d.get("config", {})}  # noqa: E731
+    a, b = flat(old), flat(new)
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in keys[:4]) + \
+        (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -682,6 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NaN/inf in a layer: the message names it and what to try
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # data errors are user errors too
         from datautils import DataError
         if isinstance(e, DataError):
@@ -720,6 +923,11 @@ def run(args) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     warnings.simplefilter("always", UserWarning)
+    folder = work_folder(args)
+    checkpoint = Checkpointer(folder, run_fingerprint(cfg, args, dtype), args.resume) if folder else None
+    if not sys.stderr.isatty():  # logs to a file or pipe: no carriage-return bars (loading, writing, downloads)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
 
     spec = ARCHS[model_cfg.model_type]
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
@@ -733,7 +941,8 @@ def run(args) -> int:
     mi_stash = {} if args.plot else None
     t0 = time.perf_counter()
     windows = [] if cfg.rtn else get_loaders(args.dataset, tokenizer, args.nsamples, args.seed, args.seqlen)
-    reports = compress_model(model, spec, cfg, windows, dev, dtype, log, args.fwd_batch, stash=mi_stash)
+    reports = compress_model(model, spec, cfg, windows, dev, dtype, log, args.fwd_batch, stash=mi_stash,
+                             checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     summary = summarize(reports)
     print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
@@ -763,13 +972,15 @@ def run(args) -> int:
             print(packing.describe_disk(report["disk"]), flush=True)
         print(f"saved to {args.save}", flush=True)
         jlog.event("saved", folder=args.save, format=args.save_format, disk=report.get("disk"))
+    if checkpoint is not None:  # saved (or, without --save, evaluated): the checkpoints have served
+        checkpoint.finish()
     jlog.event("done", ppl=ppl)
     jlog.close()
     return 0
 
 
 def _logger():
-    """print for each log line; lines go through tqdm when a progress bar is on screen."""
+    """print for each log line: plain lines (no progress bars), so logs read well in files."""
     def log(msg: str) -> None:
         print(msg, flush=True)
     return log
