@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work_dir", default=None, metavar="DIR",
                    help="folder for the per-layer checkpoints (default with --save: SAVE.work beside it); "
                         "removed when the run finishes")
+    p.add_argument("--no_checkpoint", action="store_true",
+                   help="write no per-layer checkpoints (saves about one copy of the weights plus one "
+                        "nsamples x seqlen x hidden activation file per layer of disk writes; the run cannot "
+                        "be resumed)")
     return p
 
 
@@ -202,6 +206,8 @@ def validate(args) -> None:
         raise UsageError(f"--groupsize must be -1 or positive, got {args.groupsize}")
     if args.percdamp <= 0 or args.blocksize < 1:
         raise UsageError("--percdamp must be positive and --blocksize at least 1")
+    if args.resume and args.no_checkpoint:
+        raise UsageError("--resume and --no_checkpoint exclude each other")
     if args.resume and not (args.save or args.work_dir):
         raise UsageError("--resume needs the work folder of the interrupted run: pass the same --save, "
                          "or --work_dir")
@@ -642,6 +648,8 @@ def run_fingerprint(cfg: CompressConfig, args, dtype) -> dict:
 
 def work_folder(args) -> Path | None:
     """--work_dir, else SAVE.work beside --save, else None (no checkpoints)."""
+    if args.no_checkpoint:
+        return None
     if args.work_dir:
         return Path(args.work_dir).expanduser().resolve()
     if args.save:

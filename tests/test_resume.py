@@ -159,6 +159,16 @@ def test_resume_needs_save_or_work_dir(tiny_models, text_files):
     assert "--resume" in msg and "--work_dir" in msg
 
 
+def test_no_checkpoint_writes_no_work_folder(tiny_models, text_files, tmp_path):
+    out = tmp_path / "out"
+    argv = [str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--save", str(out), "--no_checkpoint"]
+    proc = run_cli(argv, env={FAIL_ENV: "0"})  # the crash hook sits in the checkpointer: never reached
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "out.work").exists()
+    msg = error_line(run_cli(argv + ["--resume"]), 2)
+    assert "--no_checkpoint" in msg
+
+
 def test_work_dir_without_save(tiny_models, text_files, tmp_path):
     work = tmp_path / "ckpt"
     argv = [str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--work_dir", str(work)]
