@@ -5,8 +5,10 @@
 #   bash test_vicuna.sh                                  # the defaults below
 #   MODEL=meta-llama/Llama-2-7b-hf TARGET=3.5 NGROUPS=15 SPARSITY=0 bash test_vicuna.sh
 #   bash test_vicuna.sh --eval wikitext2 --fwd_batch 1   # extra arguments go to vicuna_mi.py
+#   bash test_vicuna.sh --resume                         # continue an interrupted run (same settings)
 #
-# Every setting can be overridden from the environment, as in the second line.
+# Every setting can be overridden from the environment, as in the second line. SAVE follows the
+# settings, so rerunning with the same ones and --resume picks up the checkpoints in $SAVE.work.
 set -euo pipefail
 
 # Which GPU to use. The tool compresses on one GPU (the first one listed here, which it sees
