@@ -234,6 +234,8 @@ class JsonLog:
     written; does nothing without a path."""
 
     def __init__(self, path=None):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "w", encoding="utf-8") if path else None
         self.t0 = time.perf_counter()
 

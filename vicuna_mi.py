@@ -286,8 +286,11 @@ def load_tokenizer(model: str, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     except (ImportError, ValueError, OSError) as e:
-        if "sentencepiece" in str(e).lower() or "SentencePiece" in str(e):
-            raise UsageError(f"the tokenizer of {model} needs sentencepiece: pip install sentencepiece")
+        text = str(e).lower()
+        if "sentencepiece" in text or "tiktoken" in text or "protobuf" in text:
+            # transformers 5 converts a SentencePiece tokenizer.model, which needs both packages
+            raise UsageError(f"the tokenizer of {model} needs sentencepiece and protobuf: "
+                             "pip install sentencepiece protobuf")
         raise UsageError(f"could not load the tokenizer of {model}: {str(e).splitlines()[0] if str(e) else e!r}")
 
 
@@ -307,6 +310,9 @@ def load_model(model: str, dtype, trust_remote_code: bool):
         raise UsageError(f"the .bin weights of {model} hold more than tensors and were refused (torch.load "
                          f"weights_only=True{': ' + detail if detail else ''}); use a safetensors copy from a "
                          "source you trust")
+    except ImportError as e:  # e.g. GGUF files need accelerate and gguf
+        raise UsageError(f"loading {model} needs a missing package: {str(e).splitlines()[0]} "
+                         "(pip install -r requirements.txt)")
     m.config.use_cache = False
     m.eval()
     torch.set_grad_enabled(False)
