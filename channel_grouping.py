@@ -168,11 +168,13 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
 
 
 def allocate_bits(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: list[int],
-                  target: float) -> list[int]:
-    """Widths per group minimising sum err[g, width] with sum size*width <= target * sum size.
+                  target: float, tol_bits: float = 0.01) -> list[int]:
+    """Widths per group minimising sum err[g, width] with the average width (weighted by sizes)
+    in [target - tol_bits, target]; where integer widths cannot land there, the largest average
+    under the target that they reach (the least error among those).
 
-    Exact over integer budgets (multiple-choice knapsack); leftover budget then upgrades
-    groups where it fits, so the average lands as close under the target as integers allow.
+    Exact (multiple-choice knapsack by dynamic programming over the exact spend); leftover
+    budget then upgrades groups where that does not raise the error.
     """
     err = np.asarray(err, dtype=np.float64)
     G = len(sizes)
@@ -193,10 +195,16 @@ def allocate_bits(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: 
         dp = np.take_along_axis(cand, choice[g][None].astype(np.int64), 0)[0]
     if not np.isfinite(dp).any():
         raise ValueError(f"target {target} bits is below the smallest width {min(candidates)}")
-    # best error; among (near) ties the largest budget used
-    best = dp.min()
-    tol = 1e-9 * max(abs(best), 1e-30)
-    used = int(np.nonzero(dp <= best + tol)[0].max())
+    # dp[x]: least error spending exactly x. Meet the target: least error among the spends within
+    # tol_bits under it; where integer widths reach none of those, the largest spend there is.
+    low = max(0, int(np.ceil((target - tol_bits) * total - 1e-6)))
+    window = dp[low:]
+    if np.isfinite(window).any():
+        best = window.min()
+        tol = 1e-9 * max(abs(best), 1e-30)
+        used = low + int(np.nonzero(window <= best + tol)[0].max())  # ties: the larger spend
+    else:
+        used = int(np.nonzero(np.isfinite(dp))[0].max())
     picks = [0] * G
     for g in range(G - 1, -1, -1):
         bi = int(choice[g, used])

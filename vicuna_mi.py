@@ -551,7 +551,7 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
                                qparams=None if res.avg_bits >= 16 else
                                {"perm": res.perm, "runs": res.runs, "scale": res.scale, "zero": res.zero})
             reports[name] = rep
-            if cfg.mixed and res.avg_bits < cfg.target_avg_bits - 0.05:
+            if cfg.mixed and res.avg_bits < cfg.target_avg_bits - 0.01 - 1e-9:
                 log(f"warning: layer {index} {name} reaches {res.avg_bits:.3f} bits, below the target "
                     f"{cfg.target_avg_bits} (integer widths over {len(groups)} groups allow no closer)")
             log(f"layer {index} {name}  loss {res.loss:.3e}  sparsity {res.sparsity:.3f}  bits {res.avg_bits:.2f}  "

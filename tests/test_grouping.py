@@ -109,11 +109,18 @@ def test_group_channels_partitions():
 
 
 # ---------------------------------------------------------------- bit allocation
-def brute_force(err: np.ndarray, sizes: list[int], cands: list[int], target: float) -> float:
-    budget = target * sum(sizes) + 1e-9
-    return min(sum(err[g, cands.index(b)] for g, b in enumerate(combo))
-               for combo in itertools.product(cands, repeat=len(sizes))
-               if sum(s * b for s, b in zip(sizes, combo)) <= budget)
+def brute_force(err: np.ndarray, sizes: list[int], cands: list[int], target: float, tol_bits: float = 0.01) -> float:
+    """Least error among width choices averaging in [target - tol_bits, target]; if there are
+    none, among those with the largest average under the target."""
+    total = sum(sizes)
+    combos = [(sum(s * b for s, b in zip(sizes, c)), sum(err[g, cands.index(b)] for g, b in enumerate(c)))
+              for c in itertools.product(cands, repeat=len(sizes))]
+    feasible = [(spend, e) for spend, e in combos if spend <= target * total + 1e-9]
+    near = [e for spend, e in feasible if spend >= (target - tol_bits) * total - 1e-6]
+    if near:
+        return min(near)
+    top = max(spend for spend, _ in feasible)
+    return min(e for spend, e in feasible if spend == top)
 
 
 def total_error(err, bits, cands):
