@@ -552,8 +552,8 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
                                {"perm": res.perm, "runs": res.runs, "scale": res.scale, "zero": res.zero})
             reports[name] = rep
             if cfg.mixed and res.avg_bits < cfg.target_avg_bits - 0.01 - 1e-9:
-                log(f"warning: layer {index} {name} reaches {res.avg_bits:.3f} bits, below the target "
-                    f"{cfg.target_avg_bits} (integer widths over {len(groups)} groups allow no closer)")
+                log(f"warning: layer {index} {name}: the least-error widths average {res.avg_bits:.3f} bits, "
+                    f"{cfg.target_avg_bits - res.avg_bits:.3f} under the target {cfg.target_avg_bits}")
             log(f"layer {index} {name}  loss {res.loss:.3e}  sparsity {res.sparsity:.3f}  bits {res.avg_bits:.2f}  "
                 f"{rep.seconds:.1f}s")
     return reports

@@ -109,14 +109,16 @@ def test_group_channels_partitions():
 
 
 # ---------------------------------------------------------------- bit allocation
-def brute_force(err: np.ndarray, sizes: list[int], cands: list[int], target: float, tol_bits: float = 0.01) -> float:
-    """Least error among width choices averaging in [target - tol_bits, target]; if there are
-    none, among those with the largest average under the target."""
+def brute_force(err: np.ndarray, sizes: list[int], cands: list[int], target: float,
+                tol_bits: float | None = None) -> float:
+    """Least error among width choices averaging at most target (with tol_bits: in
+    [target - tol_bits, target]; if there are none, among those with the largest average)."""
     total = sum(sizes)
     combos = [(sum(s * b for s, b in zip(sizes, c)), sum(err[g, cands.index(b)] for g, b in enumerate(c)))
               for c in itertools.product(cands, repeat=len(sizes))]
     feasible = [(spend, e) for spend, e in combos if spend <= target * total + 1e-9]
-    near = [e for spend, e in feasible if spend >= (target - tol_bits) * total - 1e-6]
+    low = 0 if tol_bits is None else (target - tol_bits) * total - 1e-6
+    near = [e for spend, e in feasible if spend >= low]
     if near:
         return min(near)
     top = max(spend for spend, _ in feasible)
@@ -127,8 +129,9 @@ def total_error(err, bits, cands):
     return sum(err[g, cands.index(b)] for g, b in enumerate(bits))
 
 
+@pytest.mark.parametrize("tol_bits", [None, 0.01], ids=["free", "within_0.01"])
 @pytest.mark.parametrize("monotone", [True, False], ids=["decreasing_errors", "arbitrary_errors"])
-def test_allocate_bits_matches_brute_force(monotone):
+def test_allocate_bits_matches_brute_force(monotone, tol_bits):
     rng = np.random.default_rng(0)
     for trial in range(150):
         G = int(rng.integers(2, 6))
@@ -138,10 +141,10 @@ def test_allocate_bits_matches_brute_force(monotone):
         if monotone:  # what real quantization errors look like: more bits, less error
             err = -np.sort(-err, axis=1)
         target = float(rng.uniform(min(cands), max(cands)))
-        bits = allocate_bits(err, sizes, cands, target)
+        bits = allocate_bits(err, sizes, cands, target, tol_bits)
         assert len(bits) == G and all(b in cands for b in bits)
         assert sum(s * b for s, b in zip(sizes, bits)) <= target * sum(sizes) + 1e-9, "budget exceeded"
-        assert total_error(err, bits, cands) == pytest.approx(brute_force(err, sizes, cands, target), rel=1e-9,
+        assert total_error(err, bits, cands) == pytest.approx(brute_force(err, sizes, cands, target, tol_bits), rel=1e-9,
                                                               abs=1e-12), f"trial {trial}: not optimal"
 
 
