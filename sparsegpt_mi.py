@@ -192,7 +192,6 @@ class LinearSolver:
         bits_rg = torch.cat([torch.tensor(b, dtype=torch.float32).expand(r, -1) for b, r in zip(bits, rows)], 0)
         bits_rg = bits_rg.to(dev)  # (R, G)
         maxq_rg = 2.0 ** bits_rg - 1
-        quant_any = bool((bits_rg < 16).any())
         starts = set()
         c = 0
         for s in sizes:  # a fresh scale/zero where a group, or a groupsize run inside it, begins

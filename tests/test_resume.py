@@ -220,7 +220,6 @@ def in_process(monkeypatch):
 
 
 def poisoned_copy(src: Path, dst: Path, key: str, value: float) -> Path:
-    import torch
     from safetensors.torch import load_file, save_file
     shutil.copytree(src, dst)
     sd = load_file(dst / "model.safetensors")
