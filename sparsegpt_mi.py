@@ -131,6 +131,22 @@ class LinearSolver:
     def mean(self) -> torch.Tensor:
         return self.xsum / max(self.nsamples, 1)
 
+    def absorb(self, other: "LinearSolver") -> None:
+        """Add the statistics another solver (another device's share of the batches) gathered."""
+        assert not (self._scaled or other._scaled), "absorb before hessian()"
+        self.H += other.H.to(self.device)
+        self.xsum += other.xsum.to(self.device)
+        self.nsamples += other.nsamples
+
+    def copy_to(self, device: torch.device) -> "LinearSolver":
+        """A solver on `device` holding a copy of these statistics (scaled as they are now):
+        several devices can then each solve their own rows against the same H."""
+        twin = LinearSolver.__new__(LinearSolver)
+        twin.columns, twin.device, twin.nsamples, twin._scaled = self.columns, device, self.nsamples, self._scaled
+        twin.H = self.H.to(device, copy=True)
+        twin.xsum = self.xsum.to(device, copy=True)
+        return twin
+
     def solve(
         self,
         weights: list[torch.Tensor],
@@ -304,6 +320,33 @@ class LinearSolver:
     def free(self) -> None:
         self.H = None
         self.xsum = None
+
+
+def merge_row_shares(shares: list[list[SolveResult]], device: torch.device | None = None) -> list[SolveResult]:
+    """One SolveResult per weight from solves of row shares of the same weights against the
+    same H (shares[k][i]: share k's rows of weight i, in row order). Rows are independent
+    given H, so concatenating them is the whole solve. The column order, runs and widths
+    depend on H and the groups only and must agree across shares."""
+    merged = []
+    for parts in zip(*shares):
+        first = parts[0]
+        for p in parts[1:]:
+            if not (torch.equal(p.perm, first.perm) and p.runs == first.runs):
+                raise RuntimeError("row shares of one solve disagree on the column order; the devices computed "
+                                   "different results from the same Hessian")
+        rows = [p.weight.shape[0] for p in parts]
+        dev = device or first.weight.device
+        merged.append(SolveResult(
+            weight=torch.cat([p.weight.to(dev) for p in parts], 0),
+            loss=sum(p.loss for p in parts),
+            sparsity=sum(p.sparsity * r for p, r in zip(parts, rows)) / max(sum(rows), 1),
+            avg_bits=first.avg_bits,
+            seconds=max(p.seconds for p in parts),
+            perm=first.perm, runs=first.runs,
+            scale=None if first.scale is None else torch.cat([p.scale for p in parts], 0),
+            zero=None if first.zero is None else torch.cat([p.zero for p in parts], 0),
+        ))
+    return merged
 
 
 def _block_torch(W: torch.Tensor, i1: int, i2: int, Hinv: torch.Tensor, mask1: torch.Tensor | None,

@@ -229,20 +229,35 @@ def config_from_args(args) -> CompressConfig:
 
 
 # ---------------------------------------------------------------- device and loading
-def pick_device(requested: str | None):
+def pick_devices(requested: str | None) -> list:
+    """The devices to compress on: --device (one, or several comma-separated), else every
+    visible CUDA GPU (CUDA_VISIBLE_DEVICES chooses them; DEFAULT_GPUS when it is unset)."""
     import torch
+    from parallel import device_list
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if requested:
-        dev = torch.device(requested)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {requested}: no CUDA GPU is visible "
-                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r})")
-        return dev
+        try:
+            devs = device_list(requested)
+        except RuntimeError as e:
+            raise UsageError(f"--device {requested}: {e}") from None
+        for d in devs:
+            if d.type == "cuda":
+                if not torch.cuda.is_available():
+                    raise UsageError(f"--device {requested}: no CUDA GPU is visible (CUDA_VISIBLE_DEVICES={visible!r})")
+                if (d.index or 0) >= torch.cuda.device_count():
+                    raise UsageError(f"--device {requested}: {d} does not exist; {torch.cuda.device_count()} GPU(s) "
+                                     f"are visible (CUDA_VISIBLE_DEVICES={visible!r}, numbered from cuda:0)")
+            elif d.type != "cpu":
+                raise UsageError(f"--device {requested}: only cuda and cpu devices are supported")
+        if len(set(devs)) < len(devs) and devs[0].type == "cuda":
+            raise UsageError(f"--device {requested}: a GPU is listed twice")
+        return devs
     if torch.cuda.is_available():
-        return torch.device("cuda:0")
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
     gpus = Path("/proc/driver/nvidia/gpus")
     n = len(list(gpus.iterdir())) if gpus.is_dir() else 0
     if n:
-        raise UsageError(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r} leaves none of this "
+        raise UsageError(f"CUDA_VISIBLE_DEVICES={visible!r} leaves none of this "
                          f"machine's {n} GPU(s) visible; choose GPUs with e.g. CUDA_VISIBLE_DEVICES=0 "
                          f"or edit DEFAULT_GPUS at the top of vicuna_mi.py")
     raise UsageError("no CUDA GPU found; pass --device cpu to run on the CPU (slow, for small models only)")
@@ -374,6 +389,14 @@ def run_layer(layer, inps, outs, kwargs: dict, batch: int) -> None:
             outs[b0:b0 + batch] = out[0] if isinstance(out, (tuple, list)) else out
 
 
+def run_layer_spread(layers: list, shares: list, kwargs: list, batch: int, devs: list, in_place: bool) -> None:
+    """run_layer on every device at once: replica k over its share of the windows (in place,
+    or outputs dropped)."""
+    from parallel import parallel_map
+    parallel_map(lambda _d, layer, x, kw: run_layer(layer, x, x if in_place else None, kw, batch),
+                 devs, layers, shares, kwargs)
+
+
 # ---------------------------------------------------------------- compression
 @dataclass
 class LinearReport:
@@ -397,7 +420,8 @@ class StageTimer:
     device at each stage boundary so the numbers are true; disabled it costs nothing."""
 
     def __init__(self, dev=None, enabled: bool = False):
-        self.dev, self.enabled = dev, enabled
+        from parallel import device_list
+        self.devs, self.enabled = (device_list(dev) if dev is not None else []), enabled
         self.seconds: dict[str, float] = {}
 
     def __call__(self, stage: str):
@@ -409,9 +433,11 @@ class _Stage:
         self.t, self.stage = timer, stage
 
     def _sync(self):
-        if self.t.enabled and self.t.dev is not None and self.t.dev.type == "cuda":
+        if self.t.enabled:
             import torch
-            torch.cuda.synchronize(self.t.dev)
+            for d in self.t.devs:
+                if d.type == "cuda":
+                    torch.cuda.synchronize(d)
 
     def __enter__(self):
         self._sync()
@@ -430,10 +456,14 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
                            timer: StageTimer = NO_TIMER, stash: dict | None = None):
     """Channel groups (index tensors) and per-linear widths for one shared-input set of linears.
     Returns groups, bits per linear, MI statistics (or None) and the seconds spent. stash: the
-    first MI matrix computed is copied to stash["mi"] (for --plot)."""
+    first MI matrix computed is copied to stash["mi"] (for --plot). dev: a device, or a list of
+    them: the clustering runs on the first, the allocation errors are split by rows over all."""
     import torch
     from channel_grouping import allocate_bits, cluster_errors, group_channels, order_groups
     from mutual_info import estimate_mi, mi_summary
+    from parallel import device_list, parallel_map, row_shares
+    devs = device_list(dev)
+    dev = devs[0]
     tick = time.perf_counter()
     if not cfg.mixed:
         bits = 16 if (cfg.wbits >= 16) else cfg.wbits
@@ -459,22 +489,36 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
     sizes = [int(g.numel()) for g in groups]
     bits = []
     sparsity = cfg.sparsity or (cfg.prunen / cfg.prunem if cfg.prunem else 0.0)
-    with timer("allocation"):  # one pass over the stacked linears that share H
-        errs = cluster_errors(torch.cat([W.to(dev) for W in weights], 0), H, groups, candidates, sparsity,
-                              cfg.sym, row_splits=[W.shape[0] for W in weights])
+    with timer("allocation"):  # one pass over the stacked linears that share H; rows split over devices
+        shares = row_shares([W.shape[0] for W in weights], len(devs))
+        used = devs[:len(shares)]
+
+        def errors(d, share, Hd, gd):
+            return cluster_errors(torch.cat([W[rows].to(d) for W, rows in zip(weights, share)], 0), Hd, gd,
+                                  candidates, sparsity, cfg.sym, row_splits=[r.stop - r.start for r in share])
+        parts = parallel_map(errors, used, shares, [H] + [H.to(d) for d in used[1:]],
+                             [groups] + [[g.to(d) for g in groups] for d in used[1:]])
+        errs = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
         bits = [allocate_bits(err, sizes, candidates, cfg.target_avg_bits) for err in errs]
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    for d in devs:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
     return groups, bits, stats, time.perf_counter() - tick
 
 
-def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps, kwargs: dict, dev,
-                   log, fwd_batch: int, timer: StageTimer = NO_TIMER,
+def compress_layer(layers: list, index: int, spec: ArchSpec, cfg: CompressConfig, shares: list, kwargs: list,
+                   devs: list, log, fwd_batch: int, timer: StageTimer = NO_TIMER,
                    stash: dict | None = None) -> dict[str, LinearReport]:
-    """Compress the linears of one decoder layer (already on `dev`) in true-sequential order."""
+    """Compress the linears of one decoder layer in true-sequential order. layers[0] is the
+    layer on devs[0], layers[k] its replica on devs[k] (parallel.replicate); shares[k] and
+    kwargs[k] are device k's calibration inputs and the layer's keyword arguments there. The
+    replicas get every compressed weight as soon as it exists."""
     import torch
     from mutual_info import TokenSample
-    from sparsegpt_mi import LinearSolver, group_overhead_bits, rtn_quantize
+    from parallel import parallel_map, row_shares
+    from sparsegpt_mi import LinearSolver, group_overhead_bits, merge_row_shares, rtn_quantize
+    layer, dev = layers[0], devs[0]
+    nwin = sum(x.shape[0] for x in shares)
     reports: dict[str, LinearReport] = {}
     for names in spec.groups:
         linears = [get_module(layer, n) for n in names]
@@ -506,41 +550,71 @@ def compress_layer(layer, index: int, spec: ArchSpec, cfg: CompressConfig, inps,
                 reports[name] = rep
                 log(f"layer {index} {name}  sparsity {rep.sparsity:.3f}  bits {rep.avg_bits:.2f}  {rep.seconds:.1f}s")
             continue
-        solver = LinearSolver(columns, dev)
-        sample = TokenSample(cfg.mi_tokens, max(1, cfg.mi_tokens // max(1, inps.shape[0])), cfg.seed) \
-            if (cfg.mixed and cfg.grouping.startswith("mi") and cfg.mi_method == "binned") else None
+        # one solver (Hessian) and, for the binned estimator, one token sample per device; the
+        # samples split the token budget by the devices' shares of the windows
+        solvers = [LinearSolver(columns, d) for d in devs]
+        binned = cfg.mixed and cfg.grouping.startswith("mi") and cfg.mi_method == "binned"
+        samples = [TokenSample(max(1, cfg.mi_tokens * x.shape[0] // max(nwin, 1)),
+                               max(1, cfg.mi_tokens // max(1, nwin)), cfg.seed + k) if binned else None
+                   for k, x in enumerate(shares)]
 
-        def hook(_m, inp, _out):
-            solver.add_batch(inp[0].detach())
-            if sample is not None:
-                sample.add_batch(inp[0].detach())
-            raise _StopForward
+        def hook_for(solver, sample):
+            def hook(_m, inp, _out):
+                solver.add_batch(inp[0].detach())
+                if sample is not None:
+                    sample.add_batch(inp[0].detach())
+                raise _StopForward
+            return hook
 
-        handle = linears[0].register_forward_hook(hook)
-        with timer("forward+hessian"):
-            run_layer(layer, inps, None, kwargs, fwd_batch)
-        handle.remove()
+        handles = [get_module(rep, names[0]).register_forward_hook(hook_for(sv, sm))
+                   for rep, sv, sm in zip(layers, solvers, samples)]
+        try:
+            with timer("forward+hessian"):
+                run_layer_spread(layers, shares, kwargs, fwd_batch, devs, in_place=False)
+        finally:
+            for h in handles:
+                h.remove()
+        solver, sample = solvers[0], samples[0]
+        for other in solvers[1:]:  # sum the devices' Hessians on the first
+            solver.absorb(other)
+            other.free()
+        if sample is not None and len(samples) > 1:
+            sample.rows = [r.to(dev) for sm in samples for r in sm.rows]
+            sample.count = sum(sm.count for sm in samples)
 
         weights = [lin.weight.data for lin in linears]
-        groups, bits, mi_stats, group_secs = choose_groups_and_bits(cfg, solver, weights, columns, sample, dev,
+        groups, bits, mi_stats, group_secs = choose_groups_and_bits(cfg, solver, weights, columns, sample, devs,
                                                                     timer, stash)
         if mi_stats is not None:
             log(f"layer {index} {'/'.join(n.split('.')[-1] for n in names)}  MI mean {mi_stats['mean']:.4f}  "
                 f"max {mi_stats['max']:.3f}  >0.1 {mi_stats['frac_above_0.1']:.3f}  groups {len(groups)}  "
                 f"grouping {group_secs:.2f}s")
-        with timer("solve"):
-            results = solver.solve(weights, groups, bits, sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem,
-                                   groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym,
-                                   percdamp=cfg.percdamp, blocksize=cfg.blocksize,
-                                   act_order=cfg.mixed or cfg.act_order, mask_scope=cfg.mask_scope,
-                                   use_kernel=not cfg.no_kernel)
-        solver.free()
+        with timer("solve"):  # output rows are independent given H: each device solves a share of them
+            coupled = cfg.mask_scope == "block" and cfg.sparsity > 0 and not cfg.prunen  # one threshold over all rows
+            shares_rows = row_shares([W.shape[0] for W in weights], 1 if coupled else len(devs))
+            used = devs[:len(shares_rows)]
+            twins = [solver] + [solver.copy_to(d) for d in used[1:]]  # before any solve consumes H
+
+            def solve(_d, sv, rows):
+                return sv.solve([W[r] for W, r in zip(weights, rows)], groups, bits, sparsity=cfg.sparsity,
+                                prunen=cfg.prunen, prunem=cfg.prunem,
+                                groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym,
+                                percdamp=cfg.percdamp, blocksize=cfg.blocksize,
+                                act_order=cfg.mixed or cfg.act_order, mask_scope=cfg.mask_scope,
+                                use_kernel=not cfg.no_kernel)
+            parts = parallel_map(solve, used, twins, shares_rows)
+            results = parts[0] if len(parts) == 1 else merge_row_shares(parts, dev)
+            for sv in twins:
+                sv.free()
         sizes = [int(g.numel()) for g in groups]
         for name, lin, res, b in zip(names, linears, results, bits):
             if not torch.isfinite(res.weight).all():
                 raise FloatingPointError(f"layer {index} {name}: the solver produced NaN/inf weights; "
                                          "try a larger --percdamp or more --nsamples")
-            lin.weight.data = res.weight.to(lin.weight.dtype)
+            lin.weight.data = res.weight.to(dev, lin.weight.dtype)
+            for replica in layers[1:]:  # the next group's forward passes run on the compressed weights
+                other = get_module(replica, name).weight
+                other.data = lin.weight.data.to(other.device)
             eff = res.avg_bits + group_overhead_bits(b, sizes, cfg.groupsize if not cfg.mixed else -1) \
                 if res.avg_bits < 16 else 16.0
             if cfg.mixed:
@@ -585,11 +659,18 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
 
     Nothing here draws from the global RNGs: clustering, the binned-MI token sample and the
     random grouping each seed their own generator with cfg.seed per call, so a resumed run
-    computes exactly what an uninterrupted one does."""
+    computes exactly what an uninterrupted one does.
+
+    dev: one device or a list (see parallel.py): the windows are split over the devices and
+    each layer is replicated on all of them while it is compressed."""
     import torch
+    from parallel import device_list, gather, replicate, scatter, to_device
+    devs = device_list(dev)
+    dev = devs[0]
     layers = get_module(model, spec.layers)
     reports: dict[str, LinearReport] = {}
     if cfg.rtn:
+        devs = [dev]  # nothing to spread: no calibration forward passes
         inps = torch.empty(0, 1, device=dev)
         kwargs = {}
     else:
@@ -614,23 +695,28 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
         if first:
             log(f"resumed from {checkpoint.folder}: layers 0..{first - 1} restored, "
                 f"{len(layers) - first} to go")
+    shares = scatter(inps, devs)  # each device's windows
+    del inps
+    kwargs = [kwargs] + [to_device(kwargs, d) for d in devs[1:]]
     start = time.perf_counter()
     for i, layer in enumerate(layers):
         if i < first:
             continue
         tick = time.perf_counter()
         layer.to(dev)
-        reps = compress_layer(layer, i, spec, cfg, inps, kwargs, dev, log, fwd_batch, timer, stash)
+        team = replicate(layer, devs)
+        reps = compress_layer(team, i, spec, cfg, shares, kwargs, devs, log, fwd_batch, timer, stash)
         reports.update({f"{spec.layers}.{i}.{n}": r for n, r in reps.items()})
         if not cfg.rtn:
-            with timer("forward outputs"):
-                run_layer(layer, inps, inps, kwargs, fwd_batch)  # in place: the next layer's inputs
-            if not torch.isfinite(inps).all():
+            with timer("forward outputs"):  # in place: the next layer's inputs
+                run_layer_spread(team, shares, kwargs, fwd_batch, devs, in_place=True)
+            if not all(bool(torch.isfinite(x).all()) for x in shares):
                 raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
                                          "try a larger --percdamp, more --nsamples or --dtype bfloat16")
+        del team
         layer.to("cpu")
         if checkpoint is not None:
-            checkpoint.save_layer(i, layer, reps, None if cfg.rtn else inps,
+            checkpoint.save_layer(i, layer, reps, None if cfg.rtn else gather(shares, "cpu"),
                                   {"mi": stash["mi"]} if i == 0 and stash and "mi" in stash else None)
         done = i + 1
         elapsed = time.perf_counter() - start
@@ -640,16 +726,17 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
 
 
 # ---------------------------------------------------------------- checkpoints (--resume)
-def run_fingerprint(cfg: CompressConfig, args, dtype) -> dict:
+def run_fingerprint(cfg: CompressConfig, args, dtype, n_devices: int = 1) -> dict:
     """What must match for a work folder to be resumed: every CompressConfig field, the model
-    and data (local paths resolved), the sampling, the dtype and the forward batch (it sets
-    the Hessian's summation order). JSON-ready."""
+    and data (local paths resolved), the sampling, the dtype, the forward batch and the number
+    of devices (both set the Hessian's summation order). JSON-ready."""
     def where(name: str) -> str:
         p = Path(name).expanduser()
         return str(p.resolve()) if p.exists() else name
     return json.loads(json.dumps({"config": asdict(cfg), "model": where(args.model), "dataset": where(args.dataset),
                                   "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
-                                  "dtype": str(dtype).replace("torch.", ""), "fwd_batch": args.fwd_batch}))
+                                  "dtype": str(dtype).replace("torch.", ""), "fwd_batch": args.fwd_batch,
+                                  "devices": n_devices}))
 
 
 def work_folder(args) -> Path | None:
@@ -786,31 +873,45 @@ def _fingerprint_diff(old: dict, new: dict) -> str:
 def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windows: int = 0,
                fwd_batch: int = 4) -> float:
     """exp(mean over non-overlapping windows of the mean token cross-entropy), streamed layer
-    by layer so that a model larger than the GPU evaluates."""
+    by layer so that a model larger than the GPU evaluates. dev: one device or a list; the
+    windows are split over them as in compression."""
     import torch
+    from parallel import device_list, parallel_map, replicate, scatter, split_counts, to_device
+    devs = device_list(dev)
     n = tokens.shape[1] // seqlen
     if max_windows:
         n = min(n, max_windows)
     if n == 0:
         raise UsageError(f"evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
+    devs = devs[:n]
     windows = [tokens[:, i * seqlen:(i + 1) * seqlen] for i in range(n)]
-    inps, kwargs = capture_layer_inputs(model, spec, windows, dev, dtype)
+    inps, kwargs = capture_layer_inputs(model, spec, windows, devs[0], dtype)
+    shares = scatter(inps, devs)
+    del inps
+    kwargs = [kwargs] + [to_device(kwargs, d) for d in devs[1:]]
     for layer in get_module(model, spec.layers):
-        layer.to(dev)
-        run_layer(layer, inps, inps, kwargs, fwd_batch)  # in place: one activation buffer
+        layer.to(devs[0])
+        team = replicate(layer, devs)
+        run_layer_spread(team, shares, kwargs, fwd_batch, devs, in_place=True)  # one activation buffer
+        del team
         layer.to("cpu")
     norm, head = get_module(model, spec.norm), get_module(model, spec.head)
-    norm.to(dev)
-    head.to(dev)
-    nlls = []
-    for i in range(n):
-        logits = head(norm(inps[i:i + 1])).float()  # (1, T, V)
-        target = windows[i].to(dev)
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], target[0, 1:])
-        nlls.append(float(nll))
-    norm.to("cpu")
-    head.to("cpu")
-    return math.exp(sum(nlls) / len(nlls))
+    top = torch.nn.ModuleList([norm, head]).to(devs[0])
+    first = [0]
+    for c in split_counts(n, len(devs))[:-1]:
+        first.append(first[-1] + c)
+
+    def nlls(d, top_d, x, w0):
+        out = []
+        for i in range(x.shape[0]):
+            logits = top_d[1](top_d[0](x[i:i + 1])).float()  # (1, T, V)
+            target = windows[w0 + i].to(d)
+            out.append(float(torch.nn.functional.cross_entropy(logits[0, :-1], target[0, 1:])))
+        return out
+    per_device = parallel_map(nlls, devs, replicate(top, devs), shares, first)
+    top.to("cpu")
+    values = [v for part in per_device for v in part]  # window order
+    return math.exp(sum(values) / len(values))
 
 
 # ---------------------------------------------------------------- saving and report
@@ -928,9 +1029,9 @@ def run(args) -> int:
 
     import numpy as np
     import torch
-    dev = pick_device(args.device)
+    devs = pick_devices(args.device)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(
-        args.dtype, torch.float16 if dev.type == "cuda" else torch.float32)
+        args.dtype, torch.float16 if devs[0].type == "cuda" else torch.float32)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -938,7 +1039,7 @@ def run(args) -> int:
     torch.backends.cudnn.allow_tf32 = False
     warnings.simplefilter("always", UserWarning)
     folder = work_folder(args)
-    checkpoint = Checkpointer(folder, run_fingerprint(cfg, args, dtype), args.resume) if folder else None
+    checkpoint = Checkpointer(folder, run_fingerprint(cfg, args, dtype, len(devs)), args.resume) if folder else None
     if not sys.stderr.isatty():  # logs to a file or pipe: no carriage-return bars (loading, writing, downloads)
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
@@ -946,7 +1047,7 @@ def run(args) -> int:
     spec = ARCHS[model_cfg.model_type]
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     print(f"loading {args.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) as {dtype} on the CPU;"
-          f" compressing on {dev}", flush=True)
+          f" compressing on {', '.join(map(str, devs))}", flush=True)
     model = load_model(args.model, dtype, args.trust_remote_code)
     import plots
     jlog = plots.JsonLog(args.log_json)  # a no-op without --log_json
@@ -955,7 +1056,7 @@ def run(args) -> int:
     mi_stash = {} if args.plot else None
     t0 = time.perf_counter()
     windows = [] if cfg.rtn else get_loaders(args.dataset, tokenizer, args.nsamples, args.seed, args.seqlen)
-    reports = compress_model(model, spec, cfg, windows, dev, dtype, log, args.fwd_batch, stash=mi_stash,
+    reports = compress_model(model, spec, cfg, windows, devs, dtype, log, args.fwd_batch, stash=mi_stash,
                              checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     summary = summarize(reports)
@@ -971,7 +1072,7 @@ def run(args) -> int:
     ppl = {}
     for name in evals:
         tokens = get_eval_tokens(name, tokenizer, args.seqlen)
-        ppl[name] = perplexity(model, spec, tokens, args.seqlen, dev, dtype, args.eval_windows, args.fwd_batch)
+        ppl[name] = perplexity(model, spec, tokens, args.seqlen, devs, dtype, args.eval_windows, args.fwd_batch)
         print(f"{name} ppl {ppl[name]:.3f}", flush=True)
         jlog.event("eval", dataset=name, ppl=ppl[name])
 

@@ -2,6 +2,7 @@
 all on one loaded model (weights restored between rows), through the real pipeline code.
 
     python bench/quality.py MODEL CALIB.txt EVAL.txt [--rows NAME ...] [--out bench/results]
+    python bench/quality.py ... --device cuda:0,cuda:1       # the same rows spread over two GPUs
 
 Protocol of the anchors: calibration = 128 windows of 2048 tokens from CALIB tokenized as one
 string (offsets from torch.Generator().manual_seed(0)); evaluation = the first 128
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import vicuna_mi as vm  # noqa: E402
+from parallel import device_list  # noqa: E402
 from datautils import get_eval_tokens, get_loaders  # noqa: E402
 
 U = dict(use_mi_grouping=False)
@@ -70,10 +72,10 @@ def write_results(args, device_name: str, results: list[dict]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"quality-{slug}-{date}{args.tag}"
     meta = {"machine": device_name, "date": date, "commit": commit, "command": " ".join(sys.argv),
-            "versions": vm.versions(), "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen,
+            "versions": vm.versions(), "devices": args.device, "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen,
                                                       "eval_windows": args.eval_windows}}
     (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results}, indent=1))
-    lines = [f"Machine {device_name}, {date}, commit {commit}", f"`{meta['command']}`", "",
+    lines = [f"Machine {device_name}, {date}, commit {commit}, devices {args.device}", f"`{meta['command']}`", "",
              "| row | seed | wiki ppl | weight bits | effective bits | sparsity | seconds |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['row']} | {r['seed']} | {r['wiki_ppl']:.2f} | {r['avg_bits']:.3f} | {r['effective_bits']:.3f} | "
@@ -91,7 +93,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval_windows", type=int, default=128)
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda:0", help="device, or several comma-separated (cuda:0,cuda:1)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (one row per seed)")
@@ -100,7 +102,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}")
 
-    dev = torch.device(args.device)
+    devs = device_list(args.device)
+    dev = devs[0]
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = False
     tok = vm.load_tokenizer(args.model, False)
@@ -120,10 +123,10 @@ def main() -> None:
         if name == "fp16":
             summary = {"avg_bits": 16.0, "effective_bits": 16.0, "sparsity": 0.0, "bits_histogram": {"16": 1.0}}
         else:
-            reports = vm.compress_model(model, spec, cfg, windows, dev, dtype, lambda m: None)
+            reports = vm.compress_model(model, spec, cfg, windows, devs, dtype, lambda m: None)
             summary = vm.summarize(reports)
         secs = time.perf_counter() - tick
-        ppl = vm.perplexity(model, spec, tokens, args.seqlen, dev, dtype, args.eval_windows)
+        ppl = vm.perplexity(model, spec, tokens, args.seqlen, devs, dtype, args.eval_windows)
         row = {"row": name, "seed": seed, "config": ROWS[name], "wiki_ppl": ppl, "seconds": secs, **summary}
         results.append(row)
         print(f"{name:28s} seed {seed} ppl {ppl:9.3f}  bits {summary['avg_bits']:.3f}  eff {summary['effective_bits']:.3f}  "

@@ -2,11 +2,14 @@
 
     python bench/speed.py [--shapes 7b 13b 70b] [--methods ...] [--nsamples 128] [--repeats 3]
     python bench/speed.py --model7b TOKENIZER.gguf EVAL.txt      # + a whole random 32-layer 7B model
+    python bench/speed.py --gpus 1 2 ...                         # each row on 1, then 2 GPUs
 
 One decoder layer with random weights gets `nsamples` x 2048 random calibration activations
 on the GPU; `vicuna_mi.compress_layer` (the code the CLI runs) compresses it with a stage
-timer (device synchronized at stage boundaries), then the outputs are computed as the next
-layer would need them. A warm-up on 8 samples comes first; medians of the repeats are kept.
+timer (devices synchronized at stage boundaries), then the outputs are computed as the next
+layer would need them. With several GPUs the layer is replicated and the samples split as
+compress_model does (the replication is timed). A warm-up on 8 samples comes first; medians
+of the repeats are kept.
 Writes speed-<device>-<date>.json and .md in bench/results (or --out).
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import vicuna_mi as vm  # noqa: E402
+from parallel import replicate, scatter, to_device  # noqa: E402
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
@@ -57,8 +61,9 @@ def layer_inputs(cfg, nsamples: int, seqlen: int, dev):
     return inps, kwargs
 
 
-def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int, dev) -> dict:
+def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int, devs: list) -> dict:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    dev = devs[0]
     cfg = llama_config(shape)
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(cfg, 0).to(dev, torch.float16)
@@ -69,32 +74,40 @@ def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int
     ccfg = vm.CompressConfig(**METHODS[method])
     spec = vm.ARCHS["llama"]
     runs = []
+    kw = [kwargs] + [to_device(kwargs, d) for d in devs[1:]]
     for rep in range(repeats + 1):  # the first is the warm-up, on 8 samples
         layer.load_state_dict(original)
-        x = inps[:8] if rep == 0 else inps
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        timer = vm.StageTimer(dev, enabled=True)
+        shares = scatter(inps[:8] if rep == 0 else inps, devs)
+        for d in devs:
+            torch.cuda.synchronize(d)
+            torch.cuda.reset_peak_memory_stats(d)
+        timer = vm.StageTimer(devs, enabled=True)
         tick = time.perf_counter()
-        vm.compress_layer(layer, 0, spec, ccfg, x, kwargs, dev, lambda m: None, 4, timer)
-        with timer("forward outputs"):
-            vm.run_layer(layer, x, x, kwargs, 4)  # in place, as compress_model does
-        torch.cuda.synchronize(dev)
+        with timer("replicate"):
+            team = replicate(layer, devs)
+        vm.compress_layer(team, 0, spec, ccfg, shares, kw, devs, lambda m: None, 4, timer)
+        with timer("forward outputs"):  # in place, as compress_model does
+            vm.run_layer_spread(team, shares, kw, 4, devs, in_place=True)
+        for d in devs:
+            torch.cuda.synchronize(d)
         total = time.perf_counter() - tick
+        del team, shares
         if rep:
             runs.append({**timer.seconds, "total": total,
-                         "peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30})
+                         "peak_gib": max(torch.cuda.max_memory_allocated(d) for d in devs) / 2 ** 30})
     del inps, layer
     torch.cuda.empty_cache()
     keys = sorted({k for r in runs for k in r})
     med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
     grouping = sum(med.get(k, 0.0) for k in ("mi", "clustering", "allocation"))
-    return {"shape": shape, "method": method, "nsamples": nsamples, "seqlen": seqlen, "repeats": repeats,
+    return {"shape": shape, "method": method, "gpus": len(devs), "nsamples": nsamples, "seqlen": seqlen,
+            "repeats": repeats,
             "median": med, "grouping_share": grouping / med["total"], "runs": runs}
 
 
-def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, dev) -> dict:
+def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: list) -> dict:
     """A random 32-layer LLaMA-2-7B-shaped model: compression (50% + MI 4.0) and evaluation."""
+    dev = devs[0]
     from transformers import LlamaForCausalLM
     from datautils import get_eval_tokens
     tok = vm.load_tokenizer(tok_src, False)
@@ -113,18 +126,20 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, dev) ->
     gen = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, len(tok), (1, seqlen), generator=gen) for _ in range(nsamples)]
     ccfg = vm.CompressConfig(**METHODS["mi_50_t4.0_k10"])
-    torch.cuda.reset_peak_memory_stats(dev)
+    for d in devs:
+        torch.cuda.reset_peak_memory_stats(d)
     tick = time.perf_counter()
-    vm.compress_model(model, vm.ARCHS["llama"], ccfg, windows, dev, torch.float16,
+    vm.compress_model(model, vm.ARCHS["llama"], ccfg, windows, devs, torch.float16,
                       lambda m: print(m, flush=True) if " done in " in m else None)
     compress = time.perf_counter() - tick
     tick = time.perf_counter()
     tokens = get_eval_tokens(eval_txt, tok, seqlen)
-    ppl = vm.perplexity(model, vm.ARCHS["llama"], tokens, seqlen, dev, torch.float16)
+    ppl = vm.perplexity(model, vm.ARCHS["llama"], tokens, seqlen, devs, torch.float16)
     evaluate = time.perf_counter() - tick
-    return {"build_s": build, "compress_s": compress, "eval_s": evaluate, "total_s": compress + evaluate,
-            "eval_windows": tokens.shape[1] // seqlen, "ppl_random_model": ppl,
-            "peak_gib": torch.cuda.max_memory_allocated(dev) / 2 ** 30}
+    del model
+    return {"gpus": len(devs), "build_s": build, "compress_s": compress, "eval_s": evaluate,
+            "total_s": compress + evaluate, "eval_windows": tokens.shape[1] // seqlen, "ppl_random_model": ppl,
+            "peak_gib": max(torch.cuda.max_memory_allocated(d) for d in devs) / 2 ** 30}
 
 
 def main() -> None:
@@ -136,46 +151,61 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--model7b", nargs=2, metavar=("TOKENIZER", "EVAL_TXT"),
                    help="also run a whole random 32-layer 7B-shaped model with this tokenizer/eval text")
+    p.add_argument("--gpus", nargs="*", type=int, default=[1],
+                   help="run every row on this many GPUs (cuda:0..N-1), e.g. --gpus 1 2")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="")
     args = p.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device("cuda:0")
+    if max(args.gpus) > torch.cuda.device_count():
+        p.error(f"--gpus {max(args.gpus)}: only {torch.cuda.device_count()} GPU(s) visible")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_grad_enabled(False)
     name = torch.cuda.get_device_name(dev)
     rows = []
     for shape in args.shapes:
         for method in args.methods:
-            r = time_layer(shape, method, args.nsamples, args.seqlen, args.repeats, dev)
-            rows.append(r)
-            m = r["median"]
-            print(f"{shape:4s} {method:16s} total {m['total']:6.2f}s  " +
-                  "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k not in ("total", "peak_gib")) +
-                  f"  grouping {100 * r['grouping_share']:.1f}%  peak {m['peak_gib']:.2f} GiB", flush=True)
-    model_row = None
+            for n in args.gpus:
+                devs = [torch.device(f"cuda:{i}") for i in range(n)]
+                r = time_layer(shape, method, args.nsamples, args.seqlen, args.repeats, devs)
+                base = next((b for b in rows if (b["shape"], b["method"], b["gpus"]) == (shape, method, 1)), None)
+                r["speedup_vs_1gpu"] = base["median"]["total"] / r["median"]["total"] if base else None
+                rows.append(r)
+                m = r["median"]
+                print(f"{shape:4s} {method:16s} gpus {n}  total {m['total']:6.2f}s  " +
+                      "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k not in ("total", "peak_gib")) +
+                      f"  grouping {100 * r['grouping_share']:.1f}%  peak {m['peak_gib']:.2f} GiB" +
+                      (f"  speed-up {r['speedup_vs_1gpu']:.2f}x" if r["speedup_vs_1gpu"] else ""), flush=True)
+    model_rows = []
     if args.model7b:
-        model_row = whole_model(args.model7b[0], args.model7b[1], args.nsamples, args.seqlen, dev)
-        print("7b model: " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                       for k, v in model_row.items()), flush=True)
+        for n in args.gpus:
+            row = whole_model(args.model7b[0], args.model7b[1], args.nsamples, args.seqlen,
+                              [torch.device(f"cuda:{i}") for i in range(n)])
+            model_rows.append(row)
+            print("7b model: " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in row.items()), flush=True)
     date = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"speed-{name.replace(' ', '-')}-{date}{args.tag}"
     meta = {"machine": name, "date": date, "commit": vm.versions().get("commit"), "command": " ".join(sys.argv),
             "versions": vm.versions()}
-    (out / f"{stem}.json").write_text(json.dumps({**meta, "layers": rows, "model_7b": model_row}, indent=1))
-    lines = [f"Machine {name}, {date}, commit {meta['commit']}", f"`{meta['command']}`", "",
-             "| shape | method | forward+hessian | mi | clustering | allocation | solve | forward outputs | total | "
-             "grouping share | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    (out / f"{stem}.json").write_text(json.dumps({**meta, "gpu_count": torch.cuda.device_count(), "layers": rows,
+                                                  "model_7b": model_rows}, indent=1))
+    lines = [f"Machine {name} x{torch.cuda.device_count()}, {date}, commit {meta['commit']}",
+             f"`{meta['command']}`", "",
+             "| shape | method | GPUs | replicate | forward+hessian | mi | clustering | allocation | solve | "
+             "forward outputs | total | speed-up | grouping share | peak GiB per GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["median"]
-        lines.append(f"| {r['shape']} | {r['method']} | " + " | ".join(
-            f"{m.get(k, 0.0):.2f}" for k in ("forward+hessian", "mi", "clustering", "allocation", "solve",
-                                             "forward outputs", "total")) +
-            f" | {100 * r['grouping_share']:.1f}% | {m['peak_gib']:.2f} |")
-    if model_row:
-        lines += ["", "Whole random 7B-shaped model (32 layers, 50% + MI 4.0, 10 groups): " +
-                  ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in model_row.items())]
+        lines.append(f"| {r['shape']} | {r['method']} | {r['gpus']} | " + " | ".join(
+            f"{m.get(k, 0.0):.2f}" for k in ("replicate", "forward+hessian", "mi", "clustering", "allocation",
+                                             "solve", "forward outputs", "total")) +
+            f" | {r['speedup_vs_1gpu'] or 1.0:.2f}x | {100 * r['grouping_share']:.1f}% | {m['peak_gib']:.2f} |")
+    for row in model_rows:
+        lines += ["", f"Whole random 7B-shaped model (32 layers, 50% + MI 4.0, 10 groups) on {row['gpus']} GPU(s): " +
+                  ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.json/.md")
 

@@ -1,0 +1,201 @@
+"""Work spread over several devices (parallel.py), exercised here with several CPU "devices":
+the split logic, concurrency and error hand-back of the per-device threads, row-share solves
+that merge into the whole solve, and a whole compression + evaluation on three devices that
+equals the one-device run up to float rounding."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import vicuna_mi as vm
+from parallel import device_list, gather, parallel_map, replicate, row_shares, scatter, split_counts
+from sparsegpt_mi import merge_row_shares
+from test_cli import assert_usage_error, run_cli
+from test_solver import calibration, solver_for, weights
+
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- split logic
+@pytest.mark.parametrize("n,parts", [(8, 3), (128, 2), (5, 5), (3, 4), (0, 2)])
+def test_split_counts_partition_evenly(n, parts):
+    c = split_counts(n, parts)
+    assert len(c) == parts and sum(c) == n and max(c) - min(c) <= 1
+    assert c == sorted(c, reverse=True)  # the larger shares first
+
+
+def test_row_shares_cover_every_row_once():
+    rows = [7, 3, 12]
+    shares = row_shares(rows, 2)
+    assert len(shares) == 2
+    for i, r in enumerate(rows):
+        covered = [j for share in shares for j in range(r)[share[i]]]
+        assert covered == list(range(r))  # contiguous, in order, no gaps or overlaps
+    assert len(row_shares([7, 1], 4)) == 1  # never more shares than the smallest matrix has rows
+    assert row_shares([5], 1) == [[slice(0, 5)]]
+
+
+def test_device_list_forms():
+    assert device_list("cpu,cpu") == [CPU, CPU]
+    assert device_list(CPU) == [CPU]
+    assert device_list(["cpu", CPU]) == [CPU, CPU]
+
+
+def test_scatter_gather_round_trip():
+    x = torch.randn(7, 3, 2)
+    shares = scatter(x, [CPU] * 3)
+    assert [s.shape[0] for s in shares] == [3, 2, 2]
+    assert all(s.data_ptr() != x.data_ptr() for s in shares)  # own storage: x can be freed
+    assert torch.equal(gather(shares, CPU), x)
+    assert scatter(x, [CPU])[0] is x  # one device: nothing copied
+
+
+def test_replicas_are_independent_copies():
+    lin = torch.nn.Linear(4, 3)
+    team = replicate(lin, [CPU, CPU])
+    assert team[0] is lin and team[1] is not lin
+    assert torch.equal(team[1].weight, lin.weight)
+    team[1].weight.data.zero_()
+    assert lin.weight.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- threads
+def test_parallel_map_runs_devices_at_the_same_time():
+    barrier = threading.Barrier(3, timeout=20)  # breaks (raises) unless all three calls are running at once
+
+    def fn(dev, k):
+        barrier.wait()
+        return k * 10, torch.is_grad_enabled()
+
+    with torch.no_grad():
+        out = parallel_map(fn, [CPU] * 3, [0, 1, 2])
+    assert [o[0] for o in out] == [0, 10, 20]  # results in device order
+    assert not any(o[1] for o in out)  # the caller's grad mode holds in every thread
+
+
+def test_parallel_map_hands_back_an_exception():
+    ran = []
+
+    def fn(dev, k):
+        ran.append(k)
+        if k == 1:
+            raise FloatingPointError("layer 3 q_proj: NaN")
+        return k
+
+    with pytest.raises(FloatingPointError, match="layer 3"):
+        parallel_map(fn, [CPU] * 3, [0, 1, 2])
+    assert sorted(ran) == [0, 1, 2]  # the other devices' work was not abandoned half-way
+
+
+# ---------------------------------------------------------------- solver pieces
+def test_absorbed_hessians_equal_one_pass():
+    X = calibration(n=512)
+    whole = solver_for(X)
+    a, b = solver_for(X[:320]), solver_for(X[320:])
+    a.absorb(b)
+    assert a.nsamples == whole.nsamples
+    torch.testing.assert_close(a.hessian(), whole.hessian(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.mean(), whole.mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(sparsity=0.5),
+    dict(prunen=2, prunem=4),
+    dict(groupsize=16),
+])
+def test_row_share_solves_merge_into_the_whole_solve(kwargs):
+    X = calibration(n=768)
+    Ws = [weights(R=10, seed=1), weights(R=6, seed=2), weights(R=9, seed=3)]
+    groups = [torch.arange(0, 24), torch.arange(24, 40), torch.arange(40, 64)]
+    bits = [[4, 3, 2], [3, 3, 3], [8, 2, 4]]
+    whole = solver_for(X).solve(Ws, groups, bits, act_order=True, **kwargs)
+    base = solver_for(X)
+    base.hessian()
+    shares = row_shares([w.shape[0] for w in Ws], 3)
+    twins = [base] + [base.copy_to(CPU) for _ in shares[1:]]
+    parts = parallel_map(lambda _d, sv, rows: sv.solve([w[r] for w, r in zip(Ws, rows)], groups, bits,
+                                                       act_order=True, **kwargs), [CPU] * 3, twins, shares)
+    merged = merge_row_shares(parts)
+    for a, b, w in zip(whole, merged, Ws):
+        assert b.weight.shape == w.shape
+        torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=1e-4)
+        assert torch.equal(b.perm, a.perm) and b.runs == a.runs and b.avg_bits == a.avg_bits
+        assert b.sparsity == pytest.approx(a.sparsity)
+        assert b.loss == pytest.approx(a.loss, rel=1e-4)
+        torch.testing.assert_close(b.scale, a.scale, rtol=1e-4, atol=1e-6)
+        assert torch.equal(b.zero, a.zero)
+
+
+def test_merge_refuses_shares_that_disagree():
+    X = calibration(n=512)
+    Ws = [weights(R=8)]
+    groups = [torch.arange(0, 32), torch.arange(32, 64)]
+    a = solver_for(X).solve([Ws[0][:4]], groups, [[4, 3]], act_order=True)
+    b = solver_for(X).solve([Ws[0][4:]], list(reversed(groups)), [[3, 4]], act_order=True)
+    with pytest.raises(RuntimeError, match="column order"):
+        merge_row_shares([a, b])
+
+
+# ---------------------------------------------------------------- the pipeline on three devices
+CONFIGS = {
+    "mi_sparse50": dict(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4),
+    "mi_nm24": dict(prunen=2, prunem=4, wbits=4, target_avg_bits=3.0, n_groups=4),
+    "gptq_w4_g32": dict(use_mi_grouping=False, wbits=4, groupsize=32),
+    "sparse50_block_scope": dict(use_mi_grouping=False, sparsity=0.5, mask_scope="block"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_three_devices_equal_one(case, tiny_models, text_files, monkeypatch):
+    from datautils import get_eval_tokens, get_loaders
+    path = str(tiny_models["llama"])
+    tok = vm.load_tokenizer(path, False)
+    cfg = vm.CompressConfig(**CONFIGS[case])
+    windows = get_loaders(str(text_files["calib"]), tok, 8, 0, 64)
+    tokens = get_eval_tokens(str(text_files["eval"]), tok, 64)
+    seen = []
+    run_layer = vm.run_layer
+
+    def spy(layer, inps, outs, kwargs, batch):
+        seen.append((id(layer), inps.shape[0]))
+        run_layer(layer, inps, outs, kwargs, batch)
+
+    results = {}
+    for n in (1, 3):
+        seen.clear()
+        monkeypatch.setattr(vm, "run_layer", spy)
+        model = vm.load_model(path, torch.float32, False)
+        with torch.no_grad():
+            reports = vm.compress_model(model, vm.ARCHS["llama"], cfg, windows, [CPU] * n, torch.float32,
+                                        lambda m: None)
+            ppl = vm.perplexity(model, vm.ARCHS["llama"], tokens, 64, [CPU] * n, torch.float32, 6)
+        results[n] = model.state_dict(), reports, ppl
+        if n == 3:  # every forward pass ran on one replica's own share: 8 windows as 3 + 3 + 2 (eval: 6 as 2 + 2 + 2)
+            assert {s for _, s in seen} <= {3, 2} and len({i for i, _ in seen}) >= 3
+    (sd1, rep1, ppl1), (sd3, rep3, ppl3) = results[1], results[3]
+    assert ppl3 == pytest.approx(ppl1, rel=1e-4)
+    for k in sd1:
+        torch.testing.assert_close(sd3[k], sd1[k], rtol=0, atol=2e-4, msg=k)
+    for name, r in rep1.items():
+        assert rep3[name].avg_bits == r.avg_bits and rep3[name].sparsity == pytest.approx(r.sparsity)
+        assert [g["bits"] for g in rep3[name].groups] == [g["bits"] for g in r.groups]
+
+
+def test_cli_on_two_devices(tiny_models, text_files, tmp_path):
+    import json
+    proc = run_cli([str(tiny_models["llama"]), str(text_files["calib"]), "--device", "cpu,cpu", "--nsamples", "4",
+                    "--seqlen", "64", "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "3.5", "--n_groups",
+                    "4", "--eval", str(text_files["eval"]), "--eval_windows", "4", "--save", str(tmp_path / "out")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "compressing on cpu, cpu" in proc.stdout
+    report = json.loads((tmp_path / "out" / "compression_report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-3) and report["avg_bits"] <= 3.5 + 1e-9
+
+
+@pytest.mark.parametrize("device,keywords", [("cpu,meta", ["meta", "cuda and cpu"]), ("cpu,,bogus", ["bogus"])])
+def test_bad_device_lists_exit_2(device, keywords, tiny_models, text_files):
+    proc = run_cli([str(tiny_models["llama"]), str(text_files["calib"]), "--device", device, "--nsamples", "2",
+                    "--seqlen", "32", "--eval", "none"])
+    assert_usage_error(proc, keywords)
