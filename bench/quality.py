@@ -39,6 +39,7 @@ def _rows() -> dict[str, dict]:
         rows[f"gptq_w{b}_g128"] = dict(U, wbits=b, groupsize=128)
     rows["gptq_w3_g128_actorder"] = dict(U, wbits=3, groupsize=128, act_order=True)
     rows["sparsegpt_50"] = dict(U, sparsity=0.5)
+    rows["sparsegpt_50_blockmask"] = dict(U, sparsity=0.5, mask_scope="block")  # the reference's mask rule
     rows["sparsegpt_2:4"] = dict(U, prunen=2, prunem=4)
     rows["sparsegpt_50_w4"] = dict(U, sparsity=0.5, wbits=4)
     for t in (2.5, 3.0, 3.5, 4.0):
