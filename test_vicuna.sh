@@ -11,10 +11,10 @@
 # settings, so rerunning with the same ones and --resume picks up the checkpoints in $SAVE.work.
 set -euo pipefail
 
-# Which GPU to use. The tool compresses on one GPU (the first one listed here, which it sees
-# as cuda:0) and keeps the model itself in CPU memory, so listing more GPUs does not speed it
-# up. Pick a free one from `nvidia-smi`, e.g. CUDA_VISIBLE_DEVICES=2 bash test_vicuna.sh
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+# Which GPUs to use. The tool spreads every layer's work over all GPUs it sees (numbered from
+# cuda:0) and keeps the model itself in CPU memory. Unset, it uses every GPU of the machine
+# (or DEFAULT_GPUS at the top of vicuna_mi.py); pick free ones from `nvidia-smi`, e.g.
+# CUDA_VISIBLE_DEVICES=2,3 bash test_vicuna.sh
 
 MODEL=${MODEL:-lmsys/vicuna-13b-v1.5}   # hub id, local model folder, or .gguf file
 DATASET=${DATASET:-c4}                  # calibration: wikitext2, ptb, c4, or a local .txt/.jsonl
@@ -31,7 +31,7 @@ LOG_DIR=${LOG_DIR:-logs}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/$(basename "${MODEL%.gguf}")-$(date +%Y%m%d-%H%M%S).log"
-echo "GPU(s) $CUDA_VISIBLE_DEVICES; log: $LOG; model will be saved to $SAVE"
+echo "GPU(s) ${CUDA_VISIBLE_DEVICES:-all}; log: $LOG; model will be saved to $SAVE"
 
 python "$HERE/vicuna_mi.py" "$MODEL" "$DATASET" \
     --sparsity "$SPARSITY" \

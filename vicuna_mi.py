@@ -24,7 +24,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-DEFAULT_GPUS = "0"  # GPUs used when CUDA_VISIBLE_DEVICES is unset (the original used "2,3")
+DEFAULT_GPUS = None  # GPUs used when CUDA_VISIBLE_DEVICES is unset, e.g. "2,3" as the original; None: all
 
 SUPPORTED_HELP = "llama (LLaMA 1/2/3, Vicuna, Yi), mistral, qwen2, qwen3"
 
@@ -1010,7 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     validate(args)
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", DEFAULT_GPUS)
+    if DEFAULT_GPUS is not None:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", DEFAULT_GPUS)
     from datautils import check_dataset, get_eval_tokens, get_loaders
     cfg = config_from_args(args)
     evals = [] if [e.lower() for e in args.eval] == ["none"] else args.eval
