@@ -137,12 +137,14 @@ def order_groups(groups: list[torch.Tensor], diag: torch.Tensor) -> list[torch.T
 
 # ---------------------------------------------------------------- bit allocation
 def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor], candidates: list[int],
-                   sparsity: float = 0.0, sym: bool = False, row_splits: list[int] | None = None) -> torch.Tensor:
+                   sparsity: float = 0.0, sym: bool = False, row_splits: list[int] | None = None,
+                   on_device: bool = False) -> torch.Tensor:
     """err[g, b] = tr(E H_gg E^T), E the round-to-nearest error of W[:, g] (per-row grid) at
     width candidates[b]. With sparsity, the lowest w^2 H_jj of each row are pruned first, so
     only the kept weights count (the pruning error does not depend on the width).
     row_splits: W stacks several linears sharing H (rows per linear); then one err per
-    linear comes back, (n, G, B), from a single pass."""
+    linear comes back, (n, G, B), from a single pass. on_device: leave the result on W's device
+    (nothing waits for the device) instead of moving it to the CPU."""
     W = W.float()
     splits = row_splits or [W.shape[0]]
     if sparsity > 0:
@@ -163,7 +165,8 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
         per_row = ((E @ Hg) * E).sum(dim=2).double()  # (B, R)
         for li, part in enumerate(torch.split(per_row, splits, dim=1)):
             err[li, gi] = part.sum(1)
-    err = err.cpu()
+    if not on_device:
+        err = err.cpu()
     return err if row_splits else err[0]
 
 

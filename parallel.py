@@ -8,13 +8,16 @@ rows (rows are independent given H): each device solves its rows of every linear
 copy of H. Spectral clustering stays on the first device. With one device nothing here
 starts a thread or copies anything, so that path is exactly the single-device code.
 
-Work runs in one thread per device: PyTorch releases the GIL inside its kernels and CUDA
-launches are asynchronous, so the devices compute at the same time.
+One thread drives every device: CUDA launches are asynchronous, so stepping each device's
+work in turn (a batch of windows, a block of solver columns) keeps all of them busy as long
+as no step waits for its device. (One thread per device was measured slower than one device
+on a LLaMA-7B layer's forward passes, 0.18 s against 0.11 s on two H200s; stepping in turn
+took 0.057 s.)
 """
 from __future__ import annotations
 
 import copy
-import threading
+from contextlib import nullcontext
 
 import torch
 
@@ -71,41 +74,40 @@ def replicate(module: torch.nn.Module, devs: list[torch.device]) -> list[torch.n
     return [module] + [copy.deepcopy(module).to(d) for d in devs[1:]]
 
 
-def parallel_map(fn, devs: list[torch.device], *per_device):
-    """[fn(dev, *args_k) for each device k], the calls running at the same time, one thread
-    per device with that device current. The first exception raised in any call is
-    re-raised here once all calls have ended. One device: a plain call."""
-    if len(devs) == 1:
-        return [fn(devs[0], *(a[0] for a in per_device))]
-    results: list = [None] * len(devs)
-    errors: list = [None] * len(devs)
+def on_device(dev: torch.device):
+    """Context making dev the current CUDA device (kernels such as Triton's launch on the
+    current device); nothing for the CPU."""
+    return torch.cuda.device(dev) if dev.type == "cuda" else nullcontext()
 
-    def work(k: int):
-        try:
-            if devs[k].type == "cuda":
-                with torch.cuda.device(devs[k]):
-                    results[k] = fn(devs[k], *(a[k] for a in per_device))
-                    torch.cuda.synchronize(devs[k])
-            else:
-                results[k] = fn(devs[k], *(a[k] for a in per_device))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller below
-            errors[k] = e
 
-    grad = torch.is_grad_enabled()
-
-    def run(k: int):
-        with torch.set_grad_enabled(grad):  # grad mode is per thread
-            work(k)
-
-    threads = [threading.Thread(target=run, args=(k,), name=f"device-{devs[k]}") for k in range(len(devs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for e in errors:
-        if e is not None:
-            raise e
+def interleave(steps: list, devs: list[torch.device]) -> list:
+    """Run generators (one per device) to the end, advancing each in turn by one step with
+    its device current; returns their return values in order. A step should queue work on
+    its device without waiting for it, so that the devices run at the same time. If one
+    raises, the others are closed and the exception propagates."""
+    results: list = [None] * len(steps)
+    live = list(range(len(steps)))
+    try:
+        while live:
+            for k in list(live):
+                with on_device(devs[k]):
+                    try:
+                        next(steps[k])
+                    except StopIteration as done:
+                        results[k] = done.value
+                        live.remove(k)
+    finally:
+        for k in live:
+            steps[k].close()
     return results
+
+
+def launched(fn, *args, **kwargs):
+    """A one-step generator: calls fn (which should only queue device work and return device
+    tensors), yields, then returns the result moved to the CPU (where the wait happens)."""
+    out = fn(*args, **kwargs)
+    yield
+    return to_device(out, "cpu")
 
 
 def row_shares(rows: list[int], parts: int) -> list[list[slice]]:

@@ -147,7 +147,16 @@ class LinearSolver:
         twin.xsum = self.xsum.to(device, copy=True)
         return twin
 
-    def solve(
+    def solve(self, *args, **kwargs) -> list[SolveResult]:
+        """Prune and quantize: `solve_steps` run to the end (same arguments)."""
+        steps = self.solve_steps(*args, **kwargs)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def solve_steps(
         self,
         weights: list[torch.Tensor],
         groups: list[torch.Tensor],
@@ -162,7 +171,7 @@ class LinearSolver:
         act_order: bool = False,
         mask_scope: str = "row",
         use_kernel: bool = True,
-    ) -> list[SolveResult]:
+    ):
         """Prune and quantize `weights` (each (out_i, C)) jointly; they share H.
 
         groups: input-channel index tensors partitioning range(C) (one group = all channels
@@ -171,8 +180,12 @@ class LinearSolver:
         their own scale/zero (uniform GPTQ-style g128). mask_scope "row": unstructured masks
         exact per output row (default); "block": one threshold per block over all rows, as the
         reference SparseGPT. use_kernel: on CUDA, run each block's column loop as one fused
-        kernel (solver_kernel.py) instead of ~15 small launches per column. Returns one
-        SolveResult per weight.
+        kernel (solver_kernel.py) instead of ~15 small launches per column.
+
+        A generator: it yields after each block of columns (its kernels queued, nothing waited
+        for) and returns one SolveResult per weight, so that one thread can keep several
+        devices busy by stepping their solves in turn (parallel.interleave); `solve` runs it
+        to the end.
         """
         tick = time.perf_counter()
         C = self.columns
@@ -216,7 +229,7 @@ class LinearSolver:
             c += s
         bounds = sorted(starts) + [C]
 
-        Hinv = self._inverse_cholesky(H, percdamp)
+        Hinv = yield from self._inverse_cholesky(H, percdamp)
         del H
         # N:M must hold on consecutive *original* columns (what sparse kernels need). When the
         # columns are permuted, the mask is chosen once up front by the OBS saliency
@@ -240,7 +253,7 @@ class LinearSolver:
             g = col_group[s0]
             maxq = maxq_rg[:, g].contiguous()
             qon = bits_rg[:, g] < 16
-            quant = bool(qon.any())
+            quant = any(b[g] < 16 for b in bits)  # from the host's copy: no device sync
             if quant:
                 scale, zero = fit_minmax(W[:, s0:e0], maxq, sym)
                 scales[:, r_idx] = scale
@@ -266,6 +279,7 @@ class LinearSolver:
                 mask[:, i1:i2] = mask1
                 Losses += (Err1 ** 2).sum(1) / 2
                 W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update
+                yield
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -293,9 +307,10 @@ class LinearSolver:
         return results
 
     @staticmethod
-    def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    def _inverse_cholesky(H: torch.Tensor, percdamp: float):
         """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); on failure
-        the damping grows tenfold (with a warning). H is damped in place."""
+        the damping grows tenfold (with a warning). H is damped in place. A generator (see
+        solve_steps): it yields after queueing each factorization, before its result is checked."""
         mean_diag = torch.mean(torch.diag(H))
         damp, added = percdamp, 0.0
         # at least 6 tries, and enough for the damping to reach mean(diag H) itself
@@ -303,11 +318,13 @@ class LinearSolver:
             H.diagonal().add_(damp * mean_diag - added)
             added = damp * mean_diag
             L, info = torch.linalg.cholesky_ex(H)
+            yield
             if int(info) == 0:
                 Hinv = torch.cholesky_inverse(L)
                 del L
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
                 del Hinv
+                yield
                 if int(info) == 0 and torch.isfinite(U).all():
                     if damp != percdamp:
                         warnings.warn(f"Cholesky failed at percdamp {percdamp}; succeeded with damping {damp:g}"

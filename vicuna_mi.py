@@ -375,26 +375,36 @@ def capture_layer_inputs(model, spec: ArchSpec, windows, dev, dtype):
     return inps, state["kwargs"]
 
 
-def run_layer(layer, inps, outs, kwargs: dict, batch: int) -> None:
-    """outs[i] = layer(inps[i]) for every window, `batch` windows per call. outs may be inps
-    itself (each batch is read before its outputs are written), which halves the activation
-    memory. With outs None the outputs are dropped (a hook raising _StopForward may cut each
-    call short)."""
+def layer_steps(layer, inps, outs, kwargs: dict, batch: int):
+    """outs[i] = layer(inps[i]) for every window, `batch` windows per call, as a generator
+    that yields after each call (parallel.interleave). outs may be inps itself (each batch is
+    read before its outputs are written), which halves the activation memory. With outs None
+    the outputs are dropped (a hook raising _StopForward may cut each call short)."""
     for b0 in range(0, inps.shape[0], batch):
         try:
             out = layer(inps[b0:b0 + batch], **kwargs)
         except _StopForward:
-            continue
-        if outs is not None:
+            out = None
+        if outs is not None and out is not None:
             outs[b0:b0 + batch] = out[0] if isinstance(out, (tuple, list)) else out
+        yield
+
+
+def run_layer(layer, inps, outs, kwargs: dict, batch: int) -> None:
+    """layer_steps run to the end on one device."""
+    for _ in layer_steps(layer, inps, outs, kwargs, batch):
+        pass
 
 
 def run_layer_spread(layers: list, shares: list, kwargs: list, batch: int, devs: list, in_place: bool) -> None:
-    """run_layer on every device at once: replica k over its share of the windows (in place,
-    or outputs dropped)."""
-    from parallel import parallel_map
-    parallel_map(lambda _d, layer, x, kw: run_layer(layer, x, x if in_place else None, kw, batch),
-                 devs, layers, shares, kwargs)
+    """Replica k over device k's share of the windows (in place, or outputs dropped), the
+    devices' batches queued in turn so that they compute at the same time."""
+    if len(devs) == 1:
+        run_layer(layers[0], shares[0], shares[0] if in_place else None, kwargs[0], batch)
+        return
+    from parallel import interleave
+    interleave([layer_steps(layer, x, x if in_place else None, kw, batch)
+                for layer, x, kw in zip(layers, shares, kwargs)], devs)
 
 
 # ---------------------------------------------------------------- compression
@@ -461,7 +471,7 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
     import torch
     from channel_grouping import allocate_bits, cluster_errors, group_channels, order_groups
     from mutual_info import estimate_mi, mi_summary
-    from parallel import device_list, parallel_map, row_shares
+    from parallel import device_list, interleave, launched, row_shares
     devs = device_list(dev)
     dev = devs[0]
     tick = time.perf_counter()
@@ -493,11 +503,13 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, columns: 
         shares = row_shares([W.shape[0] for W in weights], len(devs))
         used = devs[:len(shares)]
 
-        def errors(d, share, Hd, gd):
+        def errors(d, share):
+            Hd = H if d == dev else H.to(d)
+            gd = groups if d == dev else [g.to(d) for g in groups]
             return cluster_errors(torch.cat([W[rows].to(d) for W, rows in zip(weights, share)], 0), Hd, gd,
-                                  candidates, sparsity, cfg.sym, row_splits=[r.stop - r.start for r in share])
-        parts = parallel_map(errors, used, shares, [H] + [H.to(d) for d in used[1:]],
-                             [groups] + [[g.to(d) for g in groups] for d in used[1:]])
+                                  candidates, sparsity, cfg.sym, row_splits=[r.stop - r.start for r in share],
+                                  on_device=True)
+        parts = interleave([launched(errors, d, share) for d, share in zip(used, shares)], used)
         errs = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
         bits = [allocate_bits(err, sizes, candidates, cfg.target_avg_bits) for err in errs]
     for d in devs:
@@ -515,7 +527,7 @@ def compress_layer(layers: list, index: int, spec: ArchSpec, cfg: CompressConfig
     replicas get every compressed weight as soon as it exists."""
     import torch
     from mutual_info import TokenSample
-    from parallel import parallel_map, row_shares
+    from parallel import interleave, row_shares
     from sparsegpt_mi import LinearSolver, group_overhead_bits, merge_row_shares, rtn_quantize
     layer, dev = layers[0], devs[0]
     nwin = sum(x.shape[0] for x in shares)
@@ -595,15 +607,16 @@ def compress_layer(layers: list, index: int, spec: ArchSpec, cfg: CompressConfig
             used = devs[:len(shares_rows)]
             twins = [solver] + [solver.copy_to(d) for d in used[1:]]  # before any solve consumes H
 
-            def solve(_d, sv, rows):
-                return sv.solve([W[r] for W, r in zip(weights, rows)], groups, bits, sparsity=cfg.sparsity,
-                                prunen=cfg.prunen, prunem=cfg.prunem,
-                                groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym,
-                                percdamp=cfg.percdamp, blocksize=cfg.blocksize,
-                                act_order=cfg.mixed or cfg.act_order, mask_scope=cfg.mask_scope,
-                                use_kernel=not cfg.no_kernel)
-            parts = parallel_map(solve, used, twins, shares_rows)
-            results = parts[0] if len(parts) == 1 else merge_row_shares(parts, dev)
+            options = dict(sparsity=cfg.sparsity, prunen=cfg.prunen, prunem=cfg.prunem,
+                           groupsize=cfg.groupsize if not cfg.mixed else -1, sym=cfg.sym, percdamp=cfg.percdamp,
+                           blocksize=cfg.blocksize, act_order=cfg.mixed or cfg.act_order,
+                           mask_scope=cfg.mask_scope, use_kernel=not cfg.no_kernel)
+            if len(used) == 1:
+                results = solver.solve(weights, groups, bits, **options)
+            else:  # the devices' column blocks queued in turn
+                parts = interleave([sv.solve_steps([W[r] for W, r in zip(weights, rows)], groups, bits, **options)
+                                    for sv, rows in zip(twins, shares_rows)], used)
+                results = merge_row_shares(parts, dev)
             for sv in twins:
                 sv.free()
         sizes = [int(g.numel()) for g in groups]
@@ -876,7 +889,7 @@ def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windo
     by layer so that a model larger than the GPU evaluates. dev: one device or a list; the
     windows are split over them as in compression."""
     import torch
-    from parallel import device_list, parallel_map, replicate, scatter, split_counts, to_device
+    from parallel import device_list, interleave, replicate, scatter, split_counts, to_device
     devs = device_list(dev)
     n = tokens.shape[1] // seqlen
     if max_windows:
@@ -901,14 +914,16 @@ def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windo
     for c in split_counts(n, len(devs))[:-1]:
         first.append(first[-1] + c)
 
-    def nlls(d, top_d, x, w0):
+    def nlls(d, top_d, x, w0):  # one window per step; the values stay on the device until the end
         out = []
         for i in range(x.shape[0]):
             logits = top_d[1](top_d[0](x[i:i + 1])).float()  # (1, T, V)
             target = windows[w0 + i].to(d)
-            out.append(float(torch.nn.functional.cross_entropy(logits[0, :-1], target[0, 1:])))
-        return out
-    per_device = parallel_map(nlls, devs, replicate(top, devs), shares, first)
+            out.append(torch.nn.functional.cross_entropy(logits[0, :-1], target[0, 1:]))
+            yield
+        return [float(v) for v in out]
+    per_device = interleave([nlls(d, t, x, w0) for d, t, x, w0 in zip(devs, replicate(top, devs), shares, first)],
+                            devs)
     top.to("cpu")
     values = [v for part in per_device for v in part]  # window order
     return math.exp(sum(values) / len(values))

@@ -4,13 +4,11 @@ that merge into the whole solve, and a whole compression + evaluation on three d
 equals the one-device run up to float rounding."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 import vicuna_mi as vm
-from parallel import device_list, gather, parallel_map, replicate, row_shares, scatter, split_counts
+from parallel import device_list, gather, interleave, launched, replicate, row_shares, scatter, split_counts
 from sparsegpt_mi import merge_row_shares
 from test_cli import assert_usage_error, run_cli
 from test_solver import calibration, solver_for, weights
@@ -61,32 +59,46 @@ def test_replicas_are_independent_copies():
     assert lin.weight.abs().sum() > 0
 
 
-# ---------------------------------------------------------------- threads
-def test_parallel_map_runs_devices_at_the_same_time():
-    barrier = threading.Barrier(3, timeout=20)  # breaks (raises) unless all three calls are running at once
+# ---------------------------------------------------------------- stepping the devices in turn
+def test_interleave_steps_devices_in_turn():
+    order = []
 
-    def fn(dev, k):
-        barrier.wait()
-        return k * 10, torch.is_grad_enabled()
+    def steps(k, n):
+        for i in range(n):
+            order.append((k, i))
+            yield
+        return k * 10
 
-    with torch.no_grad():
-        out = parallel_map(fn, [CPU] * 3, [0, 1, 2])
-    assert [o[0] for o in out] == [0, 10, 20]  # results in device order
-    assert not any(o[1] for o in out)  # the caller's grad mode holds in every thread
+    out = interleave([steps(0, 3), steps(1, 1), steps(2, 2)], [CPU] * 3)
+    assert out == [0, 10, 20]  # return values in device order
+    # round robin: every device gets its next step before any gets a second one
+    assert order == [(0, 0), (1, 0), (2, 0), (0, 1), (2, 1), (0, 2)]
 
 
-def test_parallel_map_hands_back_an_exception():
-    ran = []
+def test_interleave_hands_back_an_exception_and_closes_the_rest():
+    closed = []
 
-    def fn(dev, k):
-        ran.append(k)
-        if k == 1:
-            raise FloatingPointError("layer 3 q_proj: NaN")
-        return k
+    def steps(k):
+        try:
+            for i in range(5):
+                if k == 1 and i == 2:
+                    raise FloatingPointError("layer 3 q_proj: NaN")
+                yield
+        finally:
+            closed.append(k)
 
     with pytest.raises(FloatingPointError, match="layer 3"):
-        parallel_map(fn, [CPU] * 3, [0, 1, 2])
-    assert sorted(ran) == [0, 1, 2]  # the other devices' work was not abandoned half-way
+        interleave([steps(0), steps(1), steps(2)], [CPU] * 3)
+    assert sorted(closed) == [0, 1, 2]  # no generator left suspended
+
+
+def test_launched_returns_on_the_cpu_after_one_step():
+    gen = launched(lambda x: {"a": x * 2, "b": (x + 1,)}, torch.ones(2))
+    assert next(gen) is None
+    with pytest.raises(StopIteration) as done:
+        next(gen)
+    value = done.value.value  # pytest wraps the StopIteration, whose value is the return value
+    assert torch.equal(value["a"], torch.full((2,), 2.0)) and value["b"][0].device == CPU
 
 
 # ---------------------------------------------------------------- solver pieces
@@ -115,8 +127,8 @@ def test_row_share_solves_merge_into_the_whole_solve(kwargs):
     base.hessian()
     shares = row_shares([w.shape[0] for w in Ws], 3)
     twins = [base] + [base.copy_to(CPU) for _ in shares[1:]]
-    parts = parallel_map(lambda _d, sv, rows: sv.solve([w[r] for w, r in zip(Ws, rows)], groups, bits,
-                                                       act_order=True, **kwargs), [CPU] * 3, twins, shares)
+    parts = interleave([sv.solve_steps([w[r] for w, r in zip(Ws, rows)], groups, bits, act_order=True, **kwargs)
+                        for sv, rows in zip(twins, shares)], [CPU] * 3)
     merged = merge_row_shares(parts)
     for a, b, w in zip(whole, merged, Ws):
         assert b.weight.shape == w.shape
@@ -156,16 +168,16 @@ def test_three_devices_equal_one(case, tiny_models, text_files, monkeypatch):
     windows = get_loaders(str(text_files["calib"]), tok, 8, 0, 64)
     tokens = get_eval_tokens(str(text_files["eval"]), tok, 64)
     seen = []
-    run_layer = vm.run_layer
+    layer_steps = vm.layer_steps
 
     def spy(layer, inps, outs, kwargs, batch):
         seen.append((id(layer), inps.shape[0]))
-        run_layer(layer, inps, outs, kwargs, batch)
+        return layer_steps(layer, inps, outs, kwargs, batch)
 
     results = {}
     for n in (1, 3):
         seen.clear()
-        monkeypatch.setattr(vm, "run_layer", spy)
+        monkeypatch.setattr(vm, "layer_steps", spy)
         model = vm.load_model(path, torch.float32, False)
         with torch.no_grad():
             reports = vm.compress_model(model, vm.ARCHS["llama"], cfg, windows, [CPU] * n, torch.float32,
