@@ -978,13 +978,13 @@ def versions() -> dict:
     import torch
     import transformers
     v = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        v["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                     text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        v["commit"] = None
-    if not (v["commit"] and len(v["commit"]) == 40):  # a copy without git history names it so
-        v["commit"] = os.environ.get("GIT_COMMIT")
+    v["commit"] = os.environ.get("GIT_COMMIT")  # a copy whose git metadata is absent or stale names it so
+    if not v["commit"]:
+        try:
+            v["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                         capture_output=True, text=True, timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            v["commit"] = None
     return v
 
 
