@@ -4,9 +4,10 @@ bit widths follow clusters of mutually informative input channels.
     python vicuna_mi.py MODEL DATASET --sparsity 0.5 --wbits 4 --target_avg_bits 4.0 \\
         --use_mi_grouping 1 --n_groups 10 --nsamples 128 --save DIR
 
-The model stays on the CPU; one decoder layer at a time goes to the GPU with the
+The model stays on the CPU; one decoder layer at a time goes to the GPU(s) with the
 calibration activations, is compressed linear group by linear group in true-sequential
-order, and its outputs feed the next layer. Perplexity is evaluated the same way.
+order, and its outputs feed the next layer. Perplexity is evaluated the same way. With
+several GPUs each holds a replica of the layer and a share of the windows (parallel.py).
 """
 from __future__ import annotations
 
@@ -158,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_json", default=None, metavar="FILE",
                    help="write machine-readable progress, one JSON object per line (per linear, per layer, "
                         "per evaluated dataset), flushed as written")
-    p.add_argument("--device", default=None, help="torch device (default: the first visible CUDA GPU)")
+    p.add_argument("--device", default=None,
+                   help="torch device, or several comma-separated (cuda:0,cuda:1) to spread each layer over them "
+                        "(default: every visible CUDA GPU; CUDA_VISIBLE_DEVICES chooses them)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                    help="model dtype (auto: float16 on GPU, float32 on CPU)")
     p.add_argument("--fwd_batch", type=int, default=4, help="calibration windows per layer forward call")
