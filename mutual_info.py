@@ -82,6 +82,11 @@ class TokenSample:
         self.rows.append(X[pick].clone())
         self.count += take
 
+    def absorb(self, other: "TokenSample") -> None:
+        """Add the tokens another sample (another device's share of the windows) drew."""
+        self.rows += [r.to(self.rows[0].device if self.rows else r.device) for r in other.rows]
+        self.count += other.count
+
     def tensor(self) -> torch.Tensor:
         return torch.cat(self.rows, 0)
 

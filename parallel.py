@@ -6,7 +6,7 @@ on each and each replica runs forward passes over its own share (data parallel),
 its own Hessian, which are then summed on the first device. The solves are split by output
 rows (rows are independent given H): each device solves its rows of every linear with a
 copy of H. Spectral clustering stays on the first device. With one device nothing here
-starts a thread or copies anything, so that path is exactly the single-device code.
+copies anything, so that path is exactly the single-device code.
 
 One thread drives every device: CUDA launches are asynchronous, so stepping each device's
 work in turn (a batch of windows, a block of solver columns) keeps all of them busy as long

@@ -252,7 +252,8 @@ def pick_devices(requested: str | None) -> list:
                                      f"are visible (CUDA_VISIBLE_DEVICES={visible!r}, numbered from cuda:0)")
             elif d.type != "cpu":
                 raise UsageError(f"--device {requested}: only cuda and cpu devices are supported")
-        if len(set(devs)) < len(devs) and devs[0].type == "cuda":
+        gpus = [d for d in devs if d.type == "cuda"]
+        if len(set(gpus)) < len(gpus):
             raise UsageError(f"--device {requested}: a GPU is listed twice")
         return devs
     if torch.cuda.is_available():
@@ -590,12 +591,11 @@ def compress_layer(layers: list, index: int, spec: ArchSpec, cfg: CompressConfig
             for h in handles:
                 h.remove()
         solver, sample = solvers[0], samples[0]
-        for other in solvers[1:]:  # sum the devices' Hessians on the first
+        for other, other_sample in zip(solvers[1:], samples[1:]):  # gather the devices' statistics on the first
             solver.absorb(other)
             other.free()
-        if sample is not None and len(samples) > 1:
-            sample.rows = [r.to(dev) for sm in samples for r in sm.rows]
-            sample.count = sum(sm.count for sm in samples)
+            if sample is not None:
+                sample.absorb(other_sample)
 
         weights = [lin.weight.data for lin in linears]
         groups, bits, mi_stats, group_secs = choose_groups_and_bits(cfg, solver, weights, columns, sample, devs,
