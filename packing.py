@@ -194,29 +194,44 @@ def pack_linear(W: torch.Tensor, qparams: dict, nm: tuple[int, int] = (0, 0)
     return tensors, info
 
 
-def unpack_linear(tensors: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
-    """The fp32 weight (out, in) in the original column order, from `pack_linear`'s output."""
+def decode_parts(tensors: dict[str, torch.Tensor], info: dict) -> dict:
+    """The integer content of one packed linear, before dequantization:
+    codes (out, in) int32 in permuted column order (pruned positions hold their run's zero
+    point, which decodes to +0.0), keep (out, in) bool in permuted order or None (no sparsity
+    encoding), scale (out, n_runs) and zero (out, n_runs) as float32, perm (in,) int64 (column k
+    of the permuted order is original column perm[k]) and runs [(start, end, bits)] over
+    permuted columns. Dequantized, run j's columns are scale[:, j] * (codes - zero[:, j])."""
     R, C = info["shape"]
     scale, zero = tensors["scale"].float(), tensors["zero"].float()
     perm = tensors["perm"].long() if info.get("perm") else torch.arange(C)
-    slots = None
+    keep = None
     if info["mask"] == "bitmask":
-        slots = unpack_bits(tensors["mask"], 1, R * C).bool().reshape(R, C)
+        keep = unpack_bits(tensors["mask"], 1, R * C).bool().reshape(R, C)
     elif info["mask"] == "nm":
-        slots = _nm_decode(tensors["nm"], *info["nm"], R, C)[:, perm]
-    Wp = torch.empty(R, C, dtype=torch.float32)
+        keep = _nm_decode(tensors["nm"], *info["nm"], R, C)[:, perm]
+    runs = [tuple(int(x) for x in r) for r in info["runs"]]
+    codes = torch.empty(R, C, dtype=torch.int32)
     off = 0
-    for j, ((s, e, b), nbytes) in enumerate(zip(info["runs"], info["code_bytes"])):
+    for j, ((s, e, b), nbytes) in enumerate(zip(runs, info["code_bytes"])):
         data = tensors["codes"][off:off + nbytes]
         off += nbytes
-        z = zero[:, j:j + 1]
-        if slots is None:
-            qj = unpack_bits(data, b, R * (e - s)).reshape(R, e - s)
+        if keep is None:
+            codes[:, s:e] = unpack_bits(data, b, R * (e - s)).reshape(R, e - s)
         else:
-            sl = slots[:, s:e]
-            qj = z.expand(R, e - s).clone()  # q == zero decodes to +0.0, as a pruned weight
-            qj[sl] = unpack_bits(data, b, int(sl.sum())).float()
-        Wp[:, s:e] = _decode_run(qj, scale[:, j:j + 1], z)
+            sl = keep[:, s:e]
+            qj = zero[:, j:j + 1].to(torch.int32).expand(R, e - s).clone()
+            qj[sl] = unpack_bits(data, b, int(sl.sum()))
+            codes[:, s:e] = qj
+    return {"codes": codes, "keep": keep, "scale": scale, "zero": zero, "perm": perm, "runs": runs}
+
+
+def unpack_linear(tensors: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
+    """The fp32 weight (out, in) in the original column order, from `pack_linear`'s output."""
+    parts = decode_parts(tensors, info)
+    codes, scale, zero, perm = parts["codes"], parts["scale"], parts["zero"], parts["perm"]
+    Wp = torch.empty(codes.shape, dtype=torch.float32)
+    for j, (s, e, _) in enumerate(parts["runs"]):
+        Wp[:, s:e] = _decode_run(codes[:, s:e], scale[:, j:j + 1], zero[:, j:j + 1])
     W = torch.empty_like(Wp)
     W[:, perm] = Wp
     return W
@@ -305,9 +320,11 @@ def describe_disk(disk: dict) -> str:
     return line
 
 
-def load_packed(folder, dtype=torch.float16, device="cpu"):
+def load_packed(folder, dtype=torch.float16, device="cpu", keep_packed: bool = False):
     """Rebuild the transformers model of a packed save: weights decoded in fp32, cast to the
-    saved dtype (as the dense save holds them), then to `dtype` (None: the saved dtype)."""
+    saved dtype (as the dense save holds them), then to `dtype` (None: the saved dtype).
+    keep_packed: the packed linears become `mixed_linear.MixedBitLinear` modules that keep the
+    codes on `device` and never build the dense weight (run at the compressed size)."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     folder = Path(folder)
@@ -318,12 +335,15 @@ def load_packed(folder, dtype=torch.float16, device="cpu"):
         raise ValueError(f"{folder / PACKED_FILE} is not a packed checkpoint this code can read")
     saved = getattr(torch, header["dtype"])
     dtype = dtype or saved
-    state = {}
+    state, packed = {}, {}
     for name, info in header["linears"].items():
         prefix = f"{name}."
         parts = {k[len(prefix):]: raw.pop(k) for k in list(raw) if k.startswith(prefix) and
                  k[len(prefix):] in ("codes", "scale", "zero", "perm", "mask", "nm")}
-        state[f"{name}.weight"] = unpack_linear(parts, info).to(saved).to(dtype)
+        if keep_packed:
+            packed[name] = decode_parts(parts, info)
+        else:
+            state[f"{name}.weight"] = unpack_linear(parts, info).to(saved).to(dtype)
     for k, v in raw.items():
         state[k] = v.to(dtype) if v.is_floating_point() else v
     for alias, kept in header["tied"].items():
@@ -331,10 +351,20 @@ def load_packed(folder, dtype=torch.float16, device="cpu"):
     cfg = AutoConfig.from_pretrained(folder)
     cls = AutoModelForCausalLM._model_mapping[type(cfg)]
     model, info = cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype, output_loading_info=True)
-    missing = [k for k in info["missing_keys"] if k not in header["tied"]]
+    expected = set(header["tied"]) | {f"{name}.weight" for name in packed}
+    missing = [k for k in info["missing_keys"] if k not in expected]
     if missing or info["unexpected_keys"]:
         raise ValueError(f"packed checkpoint does not match its config: missing {missing[:5]}, "
                          f"unexpected {list(info['unexpected_keys'])[:5]}")
+    if packed:
+        from mixed_linear import MixedBitLinear
+        for name, parts in packed.items():
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            dense = getattr(owner, child)
+            bias = None if dense.bias is None else dense.bias.data
+            setattr(owner, child, MixedBitLinear.from_parts(parts, bias=bias, dtype=dtype, device=device))
+            del dense
     return model.to(device).eval()
 
 
