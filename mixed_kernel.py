@@ -1,0 +1,254 @@
+"""Fused Triton kernel for `mixed_linear.MixedBitLinear` on CUDA: y = x Wᵀ (+ bias) straight from
+bit-packed codes of mixed widths (2..8 bits per input-channel run), never building W.
+
+    python -m pytest -q tests_gpu/test_mixed_kernel.py        # on a CUDA machine
+    TRITON_INTERPRET=1 python -m pytest -q tests/test_mixed_linear.py -k interpret   # on the CPU
+
+Layout (built by `mixed_linear.MixedBitLinear.from_parts`; this file only reads it):
+  kernel order  the solver's permuted columns sorted (stably) by their run's width, so every run
+                stays contiguous and equal widths sit together; kcols[k] is the original input
+                column of kernel column k. Columns are cut into tiles of 32; a tile's width is the
+                largest width among its columns (only the tiles where two widths meet store a few
+                codes wider than needed, which is exact: a b-bit code fits in any wider slot).
+  width block   a maximal range of tiles of one width b; it starts at word row W0 of `qweight`
+                and holds b*nt word rows for its nt tiles. Codes are split into planes of 4, 2
+                and 1 bits so that no code straddles a 32-bit word:
+                  b=2: [2]  3: [2,1]  4: [4]  5: [4,1]  6: [4,2]  7: [4,2,1]  8: [4,4]
+                plane (bits pb, holding code bits [sh, sh+pb)) occupies word rows
+                W0 + off*nt ... W0 + (off+pb)*nt, off the number of code bits below it (0, 2, 4, 6);
+                column c of the block (0-based) is in word row c // (32/pb), at bit
+                (c % (32/pb)) * pb. Each word row is (out_features,) int32: rows of W are
+                contiguous, so a warp's loads are coalesced along the output dimension.
+  units         the work list: a range [a, e) of kernel columns inside one run and one width
+                block, at most `unit_k` long, with its width, run, W0, nt and block start.
+  scale, zero   (n_runs, out) per (run, row): the fp32 (or fp16) scale stored as raw int bits,
+                so that casting the model (`.half()`) cannot round it; the zero point as uint8.
+
+One program computes, for one unit, BLOCK_N output rows and BLOCK_M tokens:
+    y[m, r] += s[r] * (sum_k q[r, k] x[m, k] - z[r] * sum_k x[m, k])        (k in the unit)
+with fp32 accumulation (tensor cores for BLOCK_M >= 16: integer codes are exact in fp16/bf16),
+adds it atomically into an fp32 workspace, and the last program of each output tile (a counter
+per tile) adds the bias, writes the output in the input's dtype and zeroes the workspace and the
+counter for the next call. So one launch per linear, and the grid (units x row tiles) is large
+enough to keep an H200 busy at one token.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+UNIT_FIELDS = 8  # int32 per unit: a, e, bits, run, W0, nt, block start, (pad)
+_MAGIC = 0x4B000000  # float32 2**23: (q | MAGIC) read as float32 is 2**23 + q for 0 <= q < 2**23
+
+
+@triton.jit
+def _plane(qw_ptr, N, rows, rmask, kk, kmask, base, PB: tl.constexpr, SHIFT: tl.constexpr):
+    """Codes of one plane for block columns kk (BLOCK_K,) and rows (BLOCK_N,), shifted into place."""
+    PER: tl.constexpr = 32 // PB
+    wrow = base + kk // PER  # (BLOCK_K,) word row of each column
+    words = tl.load(qw_ptr + wrow[:, None].to(tl.int64) * N + rows[None, :],
+                    mask=kmask[:, None] & rmask[None, :], other=0)  # (BLOCK_K, BLOCK_N) int32
+    code = (words >> ((kk % PER) * PB)[:, None]) & ((1 << PB) - 1)
+    if SHIFT > 0:
+        code = code << SHIFT
+    return code
+
+
+@triton.jit
+def _codes(qw_ptr, N, rows, rmask, kk, kmask, W0, nt, BITS: tl.constexpr):
+    """(BLOCK_K, BLOCK_N) int32 codes of a width-BITS block (plane layout in the module docstring)."""
+    if BITS == 2:
+        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 2, 0)
+    elif BITS == 3:
+        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 2, 0) | \
+            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 2 * nt, 1, 2)
+    elif BITS == 4:
+        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0)
+    elif BITS == 5:
+        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0) | \
+            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 4 * nt, 1, 4)
+    elif BITS == 6:
+        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0) | \
+            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 4 * nt, 2, 4)
+    elif BITS == 7:
+        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0) | \
+            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 4 * nt, 2, 4) | \
+            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 6 * nt, 1, 6)
+    else:
+        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0) | \
+            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 4 * nt, 4, 4)
+    return q
+
+
+@triton.jit
+def _as_float(q):
+    """Exact int -> fp32 for 0 <= q < 2**23 without the slow conversion unit: OR in the exponent
+    of 2**23 and subtract it (one logic op and one add)."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+          BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          USE_DOT: tl.constexpr, GATHER: tl.constexpr):
+    """sum_k q x (BLOCK_M, BLOCK_N) and sum_k x (BLOCK_M,) over the unit's columns [a, e)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k0 = a - a % 32  # units start anywhere; loads start on the tile boundary below
+    if BLOCK_M == 1 and not USE_DOT:
+        acc2 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)  # reduced over k once, after the loop
+        xs2 = tl.zeros((BLOCK_K,), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        xs = tl.zeros((BLOCK_M,), tl.float32)
+    for kb in range(k0, e, BLOCK_K):
+        kb = tl.multiple_of(kb, 32)
+        k = kb + offs_k
+        kmask = (k >= a) & (k < e)
+        if GATHER:  # x in the caller's column order: gather through kcols
+            col = tl.load(kcol_ptr + k, mask=kmask, other=0).to(tl.int64)
+        else:  # x already gathered into kernel order
+            col = k.to(tl.int64)
+        q = _codes(qw_ptr, N, rows, rmask, k - start, kmask, W0, nt, BITS)  # (BLOCK_K, BLOCK_N)
+        if BLOCK_M == 1 and not USE_DOT:
+            xv = tl.load(x_ptr + ms * stride_xm + col, mask=kmask & mmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
+            acc2 += _as_float(q) * xv[:, None]
+            xs2 += xv
+        else:
+            xm = tl.load(x_ptr + ms[:, None] * stride_xm + col[None, :], mask=mmask[:, None] & kmask[None, :],
+                         other=0.0)  # (BLOCK_M, BLOCK_K)
+            if USE_DOT:  # codes <= 255 are exact in fp16 and bf16; products accumulate in fp32
+                acc = tl.dot(xm, _as_float(q).to(xm.dtype), acc)
+            else:
+                acc += tl.sum(xm.to(tl.float32)[:, :, None] * _as_float(q)[None, :, :], axis=1)
+            xs += tl.sum(xm.to(tl.float32), axis=1)
+    if BLOCK_M == 1 and not USE_DOT:
+        acc = tl.sum(acc2, axis=0)[None, :]
+        xs = tl.sum(xs2, axis=0)[None]
+    return acc, xs
+
+
+@triton.jit
+def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                        M, N, stride_xm, has_bias,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        USE_DOT: tl.constexpr, GATHER: tl.constexpr, SCALE_F16: tl.constexpr):
+    """Grid (units, row tiles, token tiles). out (M, N) = x (M, K) @ W.T (+ bias)."""
+    u = tl.program_id(0)
+    pn = tl.program_id(1)
+    pm = tl.program_id(2)
+    n_units = tl.num_programs(0)
+    meta = unit_ptr + u * 8
+    a = tl.load(meta)
+    e = tl.load(meta + 1)
+    bits = tl.load(meta + 2)
+    run = tl.load(meta + 3)
+    W0 = tl.load(meta + 4)
+    nt = tl.load(meta + 5)
+    start = tl.load(meta + 6)
+    rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    ms = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    if BLOCK_M == 1 and not USE_DOT:  # scalar token index: 1-D loads of x
+        ms = pm
+        mmask = pm < M
+    # one specialised copy of the loop per width: shifts and masks are constants inside it
+    if bits == 2:
+        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                        2, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
+    elif bits == 3:
+        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                        3, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
+    elif bits == 4:
+        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                        4, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
+    elif bits == 5:
+        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                        5, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
+    elif bits == 6:
+        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                        6, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
+    elif bits == 7:
+        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                        7, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
+    else:
+        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                        8, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
+
+    # per (run, row) grid: y = s * (sum q x - z * sum x)
+    sp = scale_ptr + run.to(tl.int64) * N + rows
+    if SCALE_F16:
+        s = tl.load(sp, mask=rmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        s = tl.load(sp, mask=rmask, other=0).to(tl.float32, bitcast=True)
+    z = tl.load(zero_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.float32)
+    y = s[None, :] * (acc - z[None, :] * xs[:, None])  # (BLOCK_M, BLOCK_N)
+
+    # split-K over units: fp32 atomics into the workspace; the last program of the tile finishes
+    rows2 = tl.arange(0, BLOCK_M)[:, None] * 0 + rows[None, :]
+    if BLOCK_M == 1 and not USE_DOT:
+        ms2 = rows2 * 0 + pm
+    else:
+        ms2 = ms[:, None] + rows[None, :] * 0
+    omask = (ms2 < M) & (rows2 < N)
+    offs = ms2.to(tl.int64) * N + rows2
+    tl.atomic_add(ws_ptr + offs, y, mask=omask, sem="relaxed")
+    tl.debug_barrier()  # every thread's partial is issued before the counter moves
+    tile = pm * tl.num_programs(1) + pn
+    done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+    if done == n_units - 1:
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        total = tl.atomic_add(ws_ptr + offs, zeros, mask=omask, sem="relaxed")  # read at L2, past any stale L1
+        total = tl.where(omask, total, 0.0)
+        tl.store(ws_ptr + offs, zeros, mask=omask)  # zeroed for the next call
+        if has_bias:
+            total += tl.load(bias_ptr + rows2, mask=omask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # ready for the next call
+
+
+# ---------------------------------------------------------------- launch
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device, n_out: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared fp32 accumulator (>= n_out floats) and tile counters (>= n_tiles) of a device.
+    The kernel leaves both zeroed, so they are allocated (zeroed) once and only grow. Linears on
+    one device must run one after another (one stream), as a model's forward does."""
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < n_out or cnt.numel() < n_tiles:
+        n_out = max(n_out, 0 if ws is None else ws.numel())
+        n_tiles = max(n_tiles, 0 if cnt is None else cnt.numel())
+        ws = torch.zeros(n_out, dtype=torch.float32, device=device)
+        cnt = torch.zeros(n_tiles, dtype=torch.int32, device=device)
+        _WORKSPACE[device] = ws, cnt
+    return ws, cnt
+
+
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """Block sizes for a call: (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER, unit_k, num_warps)."""
+    if M == 1 or dtype == torch.float32:  # CUDA-core dot products; fp32 inputs never go through fp16
+        return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=32, USE_DOT=False, GATHER=True, unit_k=256, num_warps=4)
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=512, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
+
+
+def launch(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: torch.Tensor,
+           scale_bits: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, N: int, cfg: dict,
+           xg: torch.Tensor | None = None) -> torch.Tensor:
+    """out (M, N) in x's dtype from x (M, K) contiguous. units: (n_units, 8) int32 for cfg's unit_k.
+    xg: x already gathered into kernel order (M, K_pad), used when cfg["GATHER"] is False."""
+    M = x.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    grid = (units.shape[0], triton.cdiv(N, BN), triton.cdiv(M, BM))
+    ws, cnt = workspace(x.device, M * N, grid[1] * grid[2])
+    src = x if cfg["GATHER"] else xg
+    mixed_linear_kernel[grid](
+        src, kcols, qweight, units, scale_bits, zero, bias if bias is not None else out, out, ws, cnt,
+        M, N, src.stride(0), int(bias is not None),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], USE_DOT=cfg["USE_DOT"], GATHER=cfg["GATHER"],
+        SCALE_F16=scale_bits.dtype == torch.int16, num_warps=cfg["num_warps"])
+    return out

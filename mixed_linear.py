@@ -1,0 +1,203 @@
+"""MixedBitLinear: a linear layer that runs from the packed codes of a `--save_format packed`
+checkpoint, each run of input channels at its own width (2..8 bits), without a dense weight.
+
+    import packing
+    model = packing.load_packed("DIR", dtype=torch.float16, device="cuda:0", keep_packed=True)
+    model.generate(...)                                  # every compressed linear is a MixedBitLinear
+
+On CUDA the forward is one fused Triton kernel (`mixed_kernel.py`, which documents the device
+layout). On the CPU, and as the reference, it decodes the weight exactly as `packing.load_packed`'s
+dense path does (fp32 `scale * (q - zero)`, cast to the saved dtype, then to `dtype`) and calls
+`torch.nn.functional.linear`, so its output equals the dense model's bit for bit.
+
+Sparsity: pruned weights are stored as their run's zero code (dense codes), which decode to 0.
+At 50% sparsity that costs the full width per weight; the file's bitmask costs 1 + width/2.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TILE = 32  # columns per tile: a tile of any width 2..8 fills whole 32-bit words
+# planes of a width: (plane bits, code bits below it): no code straddles a 32-bit word
+PLANES = {2: ((2, 0),), 3: ((2, 0), (1, 2)), 4: ((4, 0),), 5: ((4, 0), (1, 4)), 6: ((4, 0), (2, 4)),
+          7: ((4, 0), (2, 4), (1, 6)), 8: ((4, 0), (4, 4))}
+
+
+def _pack_plane(codes: torch.Tensor, pb: int) -> torch.Tensor:
+    """(R, n) codes < 2**pb, n a multiple of 32 -> (n * pb / 32, R) int32 words; column c sits in
+    word c // (32/pb) at bit (c % (32/pb)) * pb."""
+    R, n = codes.shape
+    per = 32 // pb
+    c = codes.to(torch.int64).reshape(R, n // per, per)
+    words = (c << (torch.arange(per, dtype=torch.int64) * pb)).sum(2)  # (R, n/per) < 2**32
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # as int32 bit patterns
+    return words.to(torch.int32).t().contiguous()
+
+
+def _unpack_plane(words: torch.Tensor, pb: int) -> torch.Tensor:
+    """Inverse of `_pack_plane`: (n * pb / 32, R) int32 -> (R, n) int32 codes."""
+    per = 32 // pb
+    shifts = torch.arange(per, dtype=torch.int32, device=words.device) * pb
+    c = (words.t()[:, :, None] >> shifts) & ((1 << pb) - 1)  # (R, n/per, per)
+    return c.reshape(words.shape[1], -1)
+
+
+class MixedBitLinear(torch.nn.Module):
+    """y = x Wᵀ (+ bias) with W held as bit-packed mixed-width codes (see mixed_kernel.py)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, saved_dtype: torch.dtype,
+                 blocks: list[tuple[int, int, int, int]], runs: list[tuple[int, int, int, int]]):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.saved_dtype = dtype, saved_dtype
+        # host-side layout description (small): width blocks (tile0, tile1, bits, W0) and runs in
+        # kernel order (start, end, bits, index into scale/zero); units are built from these
+        self.blocks, self.kruns = blocks, runs
+        self._units: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.tune: dict | None = None  # kernel config override (mixed_kernel.pick_config's keys)
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_parts(cls, parts: dict, bias: torch.Tensor | None, dtype: torch.dtype, device,
+                   saved_dtype: torch.dtype | None = None) -> "MixedBitLinear":
+        """Repack `packing.decode_parts`' output into the device layout. saved_dtype: the dtype the
+        checkpoint's dense weights had (the decode rounds through it); None means `dtype`."""
+        codes, scale, zero, perm = parts["codes"], parts["scale"], parts["zero"], parts["perm"]
+        runs = [tuple(int(v) for v in r) for r in parts["runs"]]
+        R, C = codes.shape
+        if [r[0] for r in runs] != [0] + [r[1] for r in runs[:-1]] or runs[-1][1] != C:
+            raise ValueError(f"runs {runs[:3]}... do not cover the {C} columns in order")
+        if not all(2 <= b <= 8 for _, _, b in runs):
+            raise ValueError(f"widths {sorted({b for _, _, b in runs})} outside 2..8")
+        # kernel order: permuted columns sorted stably by width (runs stay contiguous)
+        order = sorted(range(len(runs)), key=lambda j: (runs[j][2], j))
+        idx = torch.cat([torch.arange(runs[j][0], runs[j][1]) for j in order])  # kernel col -> permuted col
+        kruns, k = [], 0
+        for j in order:
+            s, e, b = runs[j]
+            kruns.append((k, k + e - s, b, j))
+            k += e - s
+        n_tiles = -(-C // TILE)
+        Cp = n_tiles * TILE
+        width = torch.zeros(Cp, dtype=torch.int64)
+        for s, e, b, _ in kruns:
+            width[s:e] = b
+        width[C:] = width[C - 1]  # the last tile's padding takes the last width
+        tile_bits = width.reshape(n_tiles, TILE).max(1).values.tolist()  # non-decreasing
+        qk = torch.zeros(R, Cp, dtype=torch.int32)
+        qk[:, :C] = codes[:, idx]
+        blocks, words, W0, t0 = [], [], 0, 0
+        for t in range(1, n_tiles + 1):
+            if t == n_tiles or tile_bits[t] != tile_bits[t0]:
+                b, nt = tile_bits[t0], t - t0
+                blk = qk[:, t0 * TILE:t * TILE]
+                for pb, sh in PLANES[b]:  # plane with code bits [sh, sh + pb): word rows W0 + sh*nt ...
+                    words.append(_pack_plane((blk >> sh) & ((1 << pb) - 1), pb))
+                blocks.append((t0, t, b, W0))
+                W0 += b * nt
+                t0 = t
+        kcols = torch.zeros(Cp, dtype=torch.int64)
+        kcols[:C] = perm.long()[idx]
+        m = cls(C, R, dtype, saved_dtype or dtype, blocks, kruns)
+        kdt = torch.int16 if C <= 32767 else torch.int32
+        m.register_buffer("qweight", torch.cat(words).to(device))  # (total word rows, R) int32
+        m.register_buffer("kcols", kcols.to(kdt).to(device))  # (Cp,) original column of kernel column k
+        # fp32 scales held as raw bits so that model.half() cannot round them; fp16 where exact
+        sc = scale.float().t().contiguous()  # (n_runs, R)
+        if torch.equal(sc.half().float(), sc):
+            m.register_buffer("scale_bits", sc.half().view(torch.int16).to(device))
+        else:
+            m.register_buffer("scale_bits", sc.view(torch.int32).to(device))
+        if not (torch.equal(zero, zero.round()) and 0 <= float(zero.min()) and float(zero.max()) <= 255):
+            raise ValueError("zero points are not integers in 0..255")
+        m.register_buffer("zero", zero.t().contiguous().to(torch.uint8).to(device))  # (n_runs, R)
+        m.register_buffer("bias", None if bias is None else bias.detach().to(dtype).to(device))
+        return m
+
+    def units(self, unit_k: int, device: torch.device) -> torch.Tensor:
+        """(n_units, 8) int32 work list on `device`: [a, e) inside one run and one width block, cut
+        at multiples of unit_k; fields a, e, bits, run, W0, nt, block start, 0."""
+        key = (unit_k, device)
+        if key not in self._units:
+            rows = []
+            for s, e, _, j in self.kruns:
+                for t0, t1, b, W0 in self.blocks:
+                    lo, hi = max(s, t0 * TILE), min(e, t1 * TILE)
+                    c = lo
+                    while c < hi:
+                        nxt = min(hi, (c // unit_k + 1) * unit_k)
+                        rows.append([c, nxt, b, j, W0, t1 - t0, t0 * TILE, 0])
+                        c = nxt
+            self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
+        return self._units[key]
+
+    # ------------------------------------------------------------ decoding (reference)
+    def codes_kernel_order(self) -> torch.Tensor:
+        """(out, Cp) int32 codes in kernel column order, decoded from the packed words."""
+        qw = self.qweight
+        q = torch.zeros(self.out_features, self.blocks[-1][1] * TILE, dtype=torch.int32, device=qw.device)
+        for t0, t1, b, W0 in self.blocks:
+            nt = t1 - t0
+            for pb, sh in PLANES[b]:
+                q[:, t0 * TILE:t1 * TILE] |= _unpack_plane(qw[W0 + sh * nt:W0 + (sh + pb) * nt], pb) << sh
+        return q
+
+    def scale(self) -> torch.Tensor:
+        """(n_runs, out) float32 scales."""
+        sb = self.scale_bits
+        return sb.view(torch.float16).float() if sb.dtype == torch.int16 else sb.view(torch.float32)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight (out, in) in the original column order, exactly what load_packed's dense
+        path builds: fp32 scale * (q - zero), cast to the saved dtype, then to `dtype` (default: the
+        module's dtype)."""
+        C = self.in_features
+        q = self.codes_kernel_order()[:, :C]
+        col_run = torch.empty(C, dtype=torch.int64)
+        for s, e, _, j in self.kruns:
+            col_run[s:e] = j
+        col_run = col_run.to(q.device)
+        sc = self.scale()[col_run].t()  # (out, C) fp32
+        z = self.zero[col_run].t().float()
+        Wk = sc * (q.float() - z)  # the solver's decode, in fp32
+        W = torch.empty(Wk.shape, dtype=torch.float32, device=Wk.device)  # row-major, as the dense weight
+        W[:, self.kcols[:C].long()] = Wk
+        return W.to(self.saved_dtype).to(dtype or self.dtype)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return F.linear(x, self.dequantize(x.dtype if x.dtype != self.dtype else None),
+                            None if self.bias is None else self.bias.to(x.dtype))
+        import mixed_kernel
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        cfg = self.tune or mixed_kernel.pick_config(M, self.out_features, self.in_features, x.dtype)
+        xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols)
+        bias = None if self.bias is None else self.bias
+        out = mixed_kernel.launch(x2, self.kcols, self.qweight, self.units(cfg["unit_k"], x.device),
+                                  self.scale_bits, self.zero, bias, self.out_features, cfg, xg)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    # ------------------------------------------------------------ reporting
+    def packed_bytes(self) -> int:
+        """Bytes this module holds on its device (codes, scales, zeros, column order, bias, work lists)."""
+        n = sum(b.numel() * b.element_size() for b in self.buffers())
+        return n + sum(u.numel() * u.element_size() for u in self._units.values())
+
+    def widths(self) -> dict[int, int]:
+        """{width: input channels}."""
+        out: dict[int, int] = {}
+        for s, e, b, _ in self.kruns:
+            out[b] = out.get(b, 0) + e - s
+        return dict(sorted(out.items()))
+
+    def extra_repr(self) -> str:
+        avg = sum(b * n for b, n in self.widths().items()) / self.in_features
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"runs={len(self.kruns)}, widths={self.widths()}, avg_bits={avg:.3f}, "
+                f"bytes={self.packed_bytes()}")

@@ -1,0 +1,260 @@
+"""MixedBitLinear on the CPU: its decode equals packing's dense decode bit for bit (mixed widths
+2..8, unstructured and 2:4 sparsity, GQA shapes, biases, odd run lengths), its forward equals the
+dense layer's, and `packing.load_packed(keep_packed=True)` gives the dense model's logits.
+
+    python -m pytest -q tests/test_mixed_linear.py
+
+The Triton kernel itself runs here only under Triton's interpreter, when triton is installed
+(a subprocess with TRITON_INTERPRET=1); tests_gpu/test_mixed_kernel.py checks it on CUDA.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import packing
+from mixed_linear import MixedBitLinear
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bit patterns (-0.0 and +0.0 differ)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+def random_runs(C: int, widths: list[int], gen: torch.Generator) -> list[tuple[int, int, int]]:
+    """Runs of random (odd, uneven) lengths covering C columns, one per width."""
+    cuts = sorted((torch.randperm(C - 1, generator=gen)[:len(widths) - 1] + 1).tolist())
+    bounds = [0] + cuts + [C]
+    return [(bounds[i], bounds[i + 1], widths[i]) for i in range(len(widths))]
+
+
+def quantize(W: torch.Tensor, widths: list[int], gen: torch.Generator, prune: str | None = None
+             ) -> tuple[torch.Tensor, dict]:
+    """Min-max round-to-nearest of W (out, in) over random runs of a random column permutation,
+    one grid per (row, run), with optional pruning ('50%' unstructured, '2:4' on original columns).
+    Returns the quantized weight (W's dtype, pruned weights exactly 0) and packing's qparams."""
+    R, C = W.shape
+    perm = torch.randperm(C, generator=gen)
+    runs = random_runs(C, widths, gen)
+    keep = torch.ones(R, C, dtype=torch.bool)
+    if prune == "50%":
+        keep = torch.rand(R, C, generator=gen) >= 0.5
+    elif prune == "2:4":
+        score = torch.rand(R, C // 4, 4, generator=gen)
+        top = score.topk(2, dim=2).indices
+        keep = torch.zeros(R, C // 4, 4, dtype=torch.bool).scatter_(2, top, True).reshape(R, C)
+    Wp, keep_p = W.float()[:, perm], keep[:, perm]
+    scale = torch.empty(R, len(runs))
+    zero = torch.empty(R, len(runs))
+    Q = torch.empty(R, C)
+    for j, (s, e, b) in enumerate(runs):
+        w = Wp[:, s:e]
+        lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+        sc = ((hi - lo) / (2 ** b - 1)).clamp(min=1e-8)
+        z = torch.round(-lo / sc).clamp(0, 2 ** b - 1)
+        q = (torch.round(w / sc[:, None]) + z[:, None]).clamp(0, 2 ** b - 1)
+        q = torch.where(keep_p[:, s:e], q, z[:, None])  # a pruned weight is its zero point: exactly 0
+        scale[:, j], zero[:, j] = sc, z
+        Q[:, s:e] = sc[:, None] * (q - z[:, None])
+    out = torch.empty(R, C)
+    out[:, perm] = Q
+    return out.to(W.dtype), {"perm": perm, "runs": runs, "scale": scale, "zero": zero}
+
+
+def packed_linear(R: int, C: int, widths: list[int], prune: str | None, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    W, qp = quantize(torch.randn(R, C, generator=gen).to(dtype), widths, gen, prune)
+    packed = packing.pack_linear(W, qp, (2, 4) if prune == "2:4" else (0, 0))
+    assert packed is not None
+    return W, packed
+
+
+# (out, in, widths, pruning): GQA-like q/k shapes, every width 2..8 (3/5/6/7 straddle a 32-bit
+# word in a plain bit stream), runs shorter than a 32-column tile, an in_features not a multiple of 32
+CASES = [
+    (64, 96, [3, 5, 2, 7, 4, 8, 6, 3], None),
+    (32, 96, [5, 3, 7], "50%"),
+    (64, 96, [2, 4, 6, 3], "2:4"),
+    (24, 80, [7, 2, 5, 5, 3, 8, 4], "50%"),
+    (40, 200, [3, 3, 4, 2, 6, 7, 5, 3, 4, 2], "2:4"),
+    (16, 37, [6, 2], None),
+]
+
+
+@pytest.mark.parametrize("R,C,widths,prune", CASES)
+@pytest.mark.parametrize("saved,dtype", [(torch.float16, torch.float16), (torch.float32, torch.float32),
+                                         (torch.float32, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                         (torch.float16, torch.float32)])
+def test_decode_equals_dense_decode(R, C, widths, prune, saved, dtype):
+    W, (tensors, info) = packed_linear(R, C, widths, prune, saved, seed=R * C + len(widths))
+    mask = {None: "dense", "50%": "bitmask", "2:4": "nm"}[prune]
+    assert info["mask"] == mask
+    parts = packing.decode_parts(tensors, info)
+    m = MixedBitLinear.from_parts(parts, bias=None, dtype=dtype, device="cpu", saved_dtype=saved)
+    dense = packing.unpack_linear(tensors, info).to(saved).to(dtype)  # load_packed's dense path
+    assert bits_equal(m.dequantize(), dense)
+    assert bits_equal(dense, W.to(dtype))  # and that is the quantized weight itself
+    assert m.in_features == C and m.out_features == R and not hasattr(m, "weight")
+    expected: dict[int, int] = {}
+    for s, e, b in info["runs"]:
+        expected[b] = expected.get(b, 0) + e - s
+    assert m.widths() == dict(sorted(expected.items()))
+
+
+@pytest.mark.parametrize("R,C,widths,prune", CASES[:4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_equals_dense_linear(R, C, widths, prune, dtype):
+    """The CPU path is F.linear with the dense weight: outputs equal bit for bit, bias included."""
+    W, (tensors, info) = packed_linear(R, C, widths, prune, dtype, seed=7 + R)
+    bias = torch.randn(R, generator=torch.Generator().manual_seed(1)).to(dtype)
+    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=bias, dtype=dtype, device="cpu")
+    x = torch.randn(3, 5, C, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y = m(x)
+    assert y.shape == (3, 5, R) and y.dtype == dtype
+    assert bits_equal(y, F.linear(x, W, bias))
+    m_nb = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=dtype, device="cpu")
+    assert bits_equal(m_nb(x), F.linear(x, W))
+
+
+def test_layout_is_compact_and_survives_casts():
+    """Codes take their width (up to the tiles where two widths meet); a model-wide .half() or
+    .to(bfloat16) cannot round the fp32 scales (held as raw bits)."""
+    widths = [3, 5, 2, 7, 4, 6]
+    W, (tensors, info) = packed_linear(128, 2048, widths, None, torch.float32, seed=3)
+    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
+    exact_bits = sum((e - s) * b for s, e, b in info["runs"]) * 128
+    stored_bits = m.qweight.numel() * 32
+    assert exact_bits <= stored_bits <= exact_bits + len(widths) * 32 * 8 * 128  # one shared tile per width change
+    assert stored_bits / exact_bits < 1.02
+    assert m.scale_bits.dtype == torch.int32 and m.zero.dtype == torch.uint8
+    before = m.dequantize()
+    m.half()
+    assert bits_equal(m.dequantize(torch.float32), before)
+    assert "avg_bits=" in repr(m) and "widths={2:" in repr(m)
+
+
+def test_fp16_exact_scales_are_stored_in_fp16():
+    W, (tensors, info) = packed_linear(32, 96, [4, 3], None, torch.float16, seed=5)
+    tensors = dict(tensors, scale=tensors["scale"].half().float())  # a grid that fp16 holds exactly
+    W = packing.unpack_linear(tensors, info).half()
+    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), None, torch.float16, "cpu")
+    assert m.scale_bits.dtype == torch.int16
+    assert bits_equal(m.dequantize(), W)
+
+
+def test_bad_parts_are_refused():
+    _, (tensors, info) = packed_linear(16, 64, [4, 3], None, torch.float32, seed=0)
+    parts = packing.decode_parts(tensors, info)
+    with pytest.raises(ValueError, match="do not cover"):
+        MixedBitLinear.from_parts(dict(parts, runs=parts["runs"][:1]), None, torch.float32, "cpu")
+    s, e, _ = parts["runs"][0]
+    with pytest.raises(ValueError, match="outside 2..8"):
+        MixedBitLinear.from_parts(dict(parts, runs=[(s, e, 9)] + parts["runs"][1:]), None, torch.float32, "cpu")
+
+
+# ---------------------------------------------------------------- a whole model through load_packed
+def compress_tiny(model_type: str, dtype: torch.dtype, prune: str | None, seed: int):
+    """A tiny random model (the shapes of tests/conftest.py: GQA with 4 query / 2 KV heads) whose
+    decoder linears are rounded to mixed widths over random runs; returns it and packing's
+    reports ({name: object with .qparams and .shape})."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(seed)
+    extra = {"use_sliding_window": False} if model_type == "qwen2" else {}
+    cfg = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                               tie_word_embeddings=False, **extra)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    gen = torch.Generator().manual_seed(seed)
+    reports = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            if mod.bias is not None:
+                mod.bias.data.normal_()  # a visible bias (the random init leaves it at 0)
+            widths = torch.randint(2, 9, (int(torch.randint(2, 6, (1,), generator=gen)),), generator=gen).tolist()
+            Q, qp = quantize(mod.weight.data, widths, gen, prune)
+            mod.weight.data = Q
+            reports[name] = types.SimpleNamespace(qparams=qp, shape=tuple(Q.shape))
+    return model, reports
+
+
+@pytest.mark.parametrize("model_type,saved,prune,loads", [
+    ("llama", torch.float32, "50%", (torch.float32, torch.float16)),
+    ("qwen2", torch.float16, "2:4", (torch.float16,)),  # q/k/v biases
+    ("llama", torch.bfloat16, None, (torch.bfloat16,)),
+])
+def test_load_packed_keep_packed_equals_dense(tmp_path, model_type, saved, prune, loads):
+    model, reports = compress_tiny(model_type, saved, prune, seed=4)
+    packing.save_packed(model, tmp_path, reports=reports, nm=(2, 4) if prune == "2:4" else (0, 0),
+                        pruned=prune is not None)
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    for dtype in loads:
+        dense = packing.load_packed(tmp_path, dtype=dtype)
+        fast = packing.load_packed(tmp_path, dtype=dtype, keep_packed=True)
+        mixed = {n: m for n, m in fast.named_modules() if isinstance(m, MixedBitLinear)}
+        assert set(mixed) == set(reports)
+        for name, m in mixed.items():
+            assert bits_equal(m.dequantize(), dense.get_submodule(name).weight.data), name
+            assert (m.bias is None) == (dense.get_submodule(name).bias is None)
+        assert not any(k.endswith("proj.weight") and ".layers." in k for k in fast.state_dict())
+        with torch.no_grad():
+            assert bits_equal(fast(ids).logits, dense(ids).logits)
+            if dtype == loads[0]:  # generate() goes through the module too (with a KV cache)
+                a = dense.generate(ids[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
+                b = fast.generate(ids[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
+                assert torch.equal(a, b)
+        packed_bytes = sum(m.packed_bytes() for m in mixed.values())
+        dense_bytes = sum(dense.get_submodule(n).weight.numel() * 2 for n in mixed)
+        assert packed_bytes < dense_bytes  # tiny layers: the per-row grid dominates, but it is smaller
+
+
+# ---------------------------------------------------------------- the Triton kernel, interpreted on the CPU
+INTERPRET_SCRIPT = r"""
+import torch, packing, mixed_kernel
+from mixed_linear import MixedBitLinear
+import tests.test_mixed_linear as t
+for R, C, widths, prune in (t.CASES[0], t.CASES[3]):  # all widths; in_features 96 and 80 (a padded tile)
+    W, (tensors, info) = t.packed_linear(R, C, widths, prune, torch.float32, seed=11)
+    parts = packing.decode_parts(tensors, info)
+    bias = torch.randn(R)
+    m = MixedBitLinear.from_parts(parts, bias=bias, dtype=torch.float32, device="cpu")
+    for M, dtype, cfg in [(1, torch.float32, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, USE_DOT=False, unit_k=32)),
+                          (2, torch.float32, dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=32, USE_DOT=False, unit_k=64)),
+                          (5, torch.float16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, USE_DOT=True, unit_k=64))]:
+        for gather in (True, False)[:1 if M > 1 else 2]:
+            cfg = dict(cfg, GATHER=gather, num_warps=4)
+            x = torch.randn(M, C).to(dtype)
+            xg = x.index_select(1, m.kcols.int())
+            out = mixed_kernel.launch(x, m.kcols, m.qweight, m.units(cfg["unit_k"], x.device), m.scale_bits,
+                                      m.zero, bias, R, cfg, xg)
+            ref = torch.nn.functional.linear(x.double(), W.double(), bias.double())
+            err = float((out.double() - ref).abs().max() / ref.abs().max())
+            tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp32 sums; fp16 output rounding
+            assert out.dtype == dtype and err < tol, (R, C, M, cfg, err)
+            ws, cnt = mixed_kernel._WORKSPACE[x.device]
+            assert not ws.any() and not cnt.any()  # left clean for the next call
+print("ok")
+"""
+
+
+def test_kernel_under_triton_interpreter():
+    pytest.importorskip("triton")
+    import numpy as np
+    if tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 4):
+        pytest.skip("Triton 3.6's interpreter needs numpy < 2.4 (int() of a 1-element array)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", INTERPRET_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
