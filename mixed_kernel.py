@@ -43,45 +43,6 @@ _MAGIC = 0x4B000000  # float32 2**23: (q | MAGIC) read as float32 is 2**23 + q f
 
 
 @triton.jit
-def _plane(qw_ptr, N, rows, rmask, kk, kmask, base, PB: tl.constexpr, SHIFT: tl.constexpr):
-    """Codes of one plane for block columns kk (BLOCK_K,) and rows (BLOCK_N,), shifted into place."""
-    PER: tl.constexpr = 32 // PB
-    wrow = base + kk // PER  # (BLOCK_K,) word row of each column
-    words = tl.load(qw_ptr + wrow[:, None].to(tl.int64) * N + rows[None, :],
-                    mask=kmask[:, None] & rmask[None, :], other=0)  # (BLOCK_K, BLOCK_N) int32
-    code = (words >> ((kk % PER) * PB)[:, None]) & ((1 << PB) - 1)
-    if SHIFT > 0:
-        code = code << SHIFT
-    return code
-
-
-@triton.jit
-def _codes(qw_ptr, N, rows, rmask, kk, kmask, W0, nt, BITS: tl.constexpr):
-    """(BLOCK_K, BLOCK_N) int32 codes of a width-BITS block (plane layout in the module docstring)."""
-    if BITS == 2:
-        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 2, 0)
-    elif BITS == 3:
-        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 2, 0) | \
-            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 2 * nt, 1, 2)
-    elif BITS == 4:
-        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0)
-    elif BITS == 5:
-        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0) | \
-            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 4 * nt, 1, 4)
-    elif BITS == 6:
-        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0) | \
-            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 4 * nt, 2, 4)
-    elif BITS == 7:
-        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0) | \
-            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 4 * nt, 2, 4) | \
-            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 6 * nt, 1, 6)
-    else:
-        q = _plane(qw_ptr, N, rows, rmask, kk, kmask, W0, 4, 0) | \
-            _plane(qw_ptr, N, rows, rmask, kk, kmask, W0 + 4 * nt, 4, 4)
-    return q
-
-
-@triton.jit
 def _as_float(q):
     """Exact int -> fp32 for 0 <= q < 2**23 without the slow conversion unit: OR in the exponent
     of 2**23 and subtract it (one logic op and one add)."""
@@ -89,46 +50,105 @@ def _as_float(q):
 
 
 @triton.jit
-def _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
-          BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          USE_DOT: tl.constexpr, GATHER: tl.constexpr):
-    """sum_k q x (BLOCK_M, BLOCK_N) and sum_k x (BLOCK_M,) over the unit's columns [a, e)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    k0 = a - a % 32  # units start anywhere; loads start on the tile boundary below
-    if BLOCK_M == 1 and not USE_DOT:
-        acc2 = tl.zeros((BLOCK_K, BLOCK_N), tl.float32)  # reduced over k once, after the loop
-        xs2 = tl.zeros((BLOCK_K,), tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        xs = tl.zeros((BLOCK_M,), tl.float32)
-    for kb in range(k0, e, BLOCK_K):
-        kb = tl.multiple_of(kb, 32)
-        k = kb + offs_k
-        kmask = (k >= a) & (k < e)
-        if GATHER:  # x in the caller's column order: gather through kcols
-            col = tl.load(kcol_ptr + k, mask=kmask, other=0).to(tl.int64)
-        else:  # x already gathered into kernel order
-            col = k.to(tl.int64)
-        q = _codes(qw_ptr, N, rows, rmask, k - start, kmask, W0, nt, BITS)  # (BLOCK_K, BLOCK_N)
-        if BLOCK_M == 1 and not USE_DOT:
-            xv = tl.load(x_ptr + ms * stride_xm + col, mask=kmask & mmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
-            acc2 += _as_float(q) * xv[:, None]
-            xs2 += xv
+def _tile_dot(x_ptr, kcol_ptr, qw_ptr, N, xrow, rows, rmask, t, a, e, start, W0, nt, acc, xsum,
+              BITS: tl.constexpr, GATHER: tl.constexpr):
+    """One token, one tile t (block-relative index) of a width-BITS block: acc (P0, BLOCK_N) +=
+    code * x, xsum (P0,) += x. Plane 0 has P0 words per tile; each word is loaded once and its
+    slots are taken apart in registers; the bits of the narrower planes are ORed into the same
+    code (their words loaded in plane 0's shape), so one multiply-add per weight."""
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: tl.constexpr = 4 if BITS >= 5 else 2
+    P2: tl.constexpr = 1 if BITS == 7 else 0
+    PER: tl.constexpr = 32 // P0
+    w = tl.arange(0, P0)
+    wmask = rmask[None, :] & (w < P0)[:, None]
+    w0 = tl.load(qw_ptr + (W0 + t * P0 + w)[:, None].to(tl.int64) * N + rows[None, :], mask=wmask, other=0)
+    if P1 > 0:  # the word of plane 1 that holds column s*P0 + w is word w % P1, at slot s*P0/P1 + w//P1
+        w1 = tl.load(qw_ptr + (W0 + S1 * nt + t * P1 + w % P1)[:, None].to(tl.int64) * N + rows[None, :],
+                     mask=wmask, other=0)
+    if P2 > 0:  # one 1-bit word per tile: column c at bit c
+        w2 = tl.load(qw_ptr + (W0 + 6 * nt + t + w * 0)[:, None].to(tl.int64) * N + rows[None, :],
+                     mask=wmask, other=0)
+    c0 = tl.multiple_of(start + t * 32, 32)
+    for s in tl.static_range(PER):
+        c = c0 + s * P0 + w  # (P0,) kernel columns of slot s: contiguous
+        if GATHER:
+            xv = tl.load(x_ptr + xrow + tl.load(kcol_ptr + c).to(tl.int64))
         else:
-            xm = tl.load(x_ptr + ms[:, None] * stride_xm + col[None, :], mask=mmask[:, None] & kmask[None, :],
-                         other=0.0)  # (BLOCK_M, BLOCK_K)
-            if USE_DOT:  # codes <= 255 are exact in fp16 and bf16; products accumulate in fp32
-                acc = tl.dot(xm, _as_float(q).to(xm.dtype), acc)
-            else:
-                acc += tl.sum(xm.to(tl.float32)[:, :, None] * _as_float(q)[None, :, :], axis=1)
-            xs += tl.sum(xm.to(tl.float32), axis=1)
-    if BLOCK_M == 1 and not USE_DOT:
-        acc = tl.sum(acc2, axis=0)[None, :]
-        xs = tl.sum(xs2, axis=0)[None]
-    return acc, xs
+            xv = tl.load(x_ptr + xrow + c)
+        xv = tl.where((c >= a) & (c < e), xv.to(tl.float32), 0.0)  # unmasked loads (vectorised), then the unit
+        code = (w0 >> (s * P0)) & ((1 << P0) - 1)
+        if P1 > 0:
+            code |= ((w1 >> ((s * (P0 // P1) + w // P1) * P1)[:, None]) & ((1 << P1) - 1)) << S1
+        if P2 > 0:
+            code |= ((w2 >> (s * P0 + w)[:, None]) & 1) << 6
+        acc += _as_float(code) * xv[:, None]
+        xsum += xv
+    return acc, xsum
 
 
 @triton.jit
+def _plane_codes(qw_ptr, N, rows, rmask, kb, e, start, base, PB: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_K, BLOCK_N) codes of one plane in column order, for the tensor-core path: row k
+    reads the word holding column kb + k (several rows read one word)."""
+    PER: tl.constexpr = 32 // PB
+    k = tl.arange(0, BLOCK_K)
+    l = k % 32
+    word = base + kb // PER + (k // 32) * PB + l % PB
+    words = tl.load(qw_ptr + word[:, None].to(tl.int64) * N + rows[None, :],
+                    mask=(start + kb + k < e)[:, None] & rmask[None, :], other=0)
+    return (words >> ((l // PB) * PB)[:, None]) & ((1 << PB) - 1)
+
+
+@triton.jit
+def _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+          BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          USE_DOT: tl.constexpr, GATHER: tl.constexpr):
+    """sum_k q x (BLOCK_M, BLOCK_N) and sum_k x (BLOCK_M,) over the unit's columns [a, e).
+    Planes (module docstring): width BITS = (P0 bits at 0) [+ (P1 bits at S1)] [+ (1 bit at 6)]."""
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: tl.constexpr = 4 if BITS >= 5 else 2
+    P2: tl.constexpr = 1 if BITS == 7 else 0
+    k0 = (a - start) - (a - start) % 32  # block-relative; units start anywhere, loads on the tile below
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        xs = tl.zeros((BLOCK_M,), tl.float32)
+    else:  # (words of a tile, rows): reduced over the words once, after the loop
+        acc2 = tl.zeros((P0, BLOCK_N), tl.float32)
+        xs2 = tl.zeros((P0,), tl.float32)
+    for kb in range(k0, e - start, BLOCK_K):
+        kb = tl.multiple_of(kb, 32)
+        if USE_DOT:
+            k = start + kb + tl.arange(0, BLOCK_K)
+            kmask = (k >= a) & (k < e)
+            if GATHER:
+                col = tl.load(kcol_ptr + k, mask=kmask, other=0).to(tl.int64)
+            else:
+                col = k.to(tl.int64)
+            xm = tl.load(x_ptr + ms[:, None] * stride_xm + col[None, :], mask=mmask[:, None] & kmask[None, :],
+                         other=0.0)  # (BLOCK_M, BLOCK_K)
+            q = _plane_codes(qw_ptr, N, rows, rmask, kb, e, start, W0, P0, BLOCK_K)
+            if P1 > 0:
+                q |= _plane_codes(qw_ptr, N, rows, rmask, kb, e, start, W0 + S1 * nt, P1, BLOCK_K) << S1
+            if P2 > 0:
+                q |= _plane_codes(qw_ptr, N, rows, rmask, kb, e, start, W0 + 6 * nt, P2, BLOCK_K) << 6
+            # codes <= 255 are exact in fp16 and bf16; products accumulate in fp32
+            acc = tl.dot(xm, _as_float(q).to(xm.dtype), acc)
+            xs += tl.sum(xm.to(tl.float32), axis=1)
+        else:  # one token (ms is a scalar): CUDA-core dot products, tile by tile
+            xrow = ms.to(tl.int64) * stride_xm
+            for i in tl.static_range(BLOCK_K // 32):  # several tiles per step: more loads in flight
+                acc2, xs2 = _tile_dot(x_ptr, kcol_ptr, qw_ptr, N, xrow, rows, rmask, kb // 32 + i, a, e, start,
+                                      W0, nt, acc2, xs2, BITS, GATHER)
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=0)[None, :]
+        xs = tl.zeros((1,), tl.float32) + tl.sum(xs2, axis=0)
+    return acc, xs
+
+
+@triton.jit(do_not_specialize=["M", "has_bias"])  # one binary for every token count
 def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                         M, N, stride_xm, has_bias,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -150,7 +170,7 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
     rmask = rows < N
     ms = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = ms < M
-    if BLOCK_M == 1 and not USE_DOT:  # scalar token index: 1-D loads of x
+    if not USE_DOT:  # one token per program (BLOCK_M is 1)
         ms = pm
         mmask = pm < M
     # one specialised copy of the loop per width: shifts and masks are constants inside it
@@ -187,7 +207,7 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
 
     # split-K over units: fp32 atomics into the workspace; the last program of the tile finishes
     rows2 = tl.arange(0, BLOCK_M)[:, None] * 0 + rows[None, :]
-    if BLOCK_M == 1 and not USE_DOT:
+    if not USE_DOT:
         ms2 = rows2 * 0 + pm
     else:
         ms2 = ms[:, None] + rows[None, :] * 0
@@ -226,11 +246,20 @@ def workspace(device: torch.device, n_out: int, n_tiles: int) -> tuple[torch.Ten
     return ws, cnt
 
 
+# (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
+TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
+
+
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
-    """Block sizes for a call: (BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER, unit_k, num_warps)."""
-    if M == 1 or dtype == torch.float32:  # CUDA-core dot products; fp32 inputs never go through fp16
-        return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=32, USE_DOT=False, GATHER=True, unit_k=256, num_warps=4)
-    if M <= 16:
+    """Block sizes for a call: BLOCK_M (tokens per program; 1 = CUDA-core path, one token per
+    program), BLOCK_N (rows), BLOCK_K (columns per step), USE_DOT (tensor cores), GATHER (x read
+    through kcols inside the kernel, else gathered first), unit_k (columns per unit), num_warps."""
+    hit = TUNED.get((N, K, M, dtype))
+    if hit is not None:
+        return hit
+    if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
+        return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)
+    if M <= 32:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=512, num_warps=4)
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
 
@@ -252,3 +281,27 @@ def launch(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: t
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], USE_DOT=cfg["USE_DOT"], GATHER=cfg["GATHER"],
         SCALE_F16=scale_bits.dtype == torch.int16, num_warps=cfg["num_warps"])
     return out
+
+
+# ---------------------------------------------------------------- compile ahead
+def _warm_one(item: tuple[dict, str]) -> None:
+    """Compile one configuration for one input dtype with a tiny launch (fills Triton's disk cache)."""
+    cfg, dtype_name = item
+    dev = torch.device("cuda")
+    N = K = 1024  # multiples of 16, like every real shape: the same specialisation, the same binary
+    x = torch.randn(max(1, cfg["BLOCK_M"]), K, device=dev).to(getattr(torch, dtype_name))
+    units = torch.tensor([[0, 32, 4, 0, 0, K // 32, 0, 0]], dtype=torch.int32, device=dev)
+    launch(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
+           units, torch.zeros(1, N, dtype=torch.int32, device=dev), torch.zeros(1, N, dtype=torch.uint8, device=dev),
+           None, N, cfg, xg=x)
+    torch.cuda.synchronize()
+
+
+def warm_up(items: list[tuple[dict, torch.dtype]], processes: int = 8) -> None:
+    """Compile kernel configurations in parallel processes, so that the first calls of a run load
+    binaries instead of compiling one configuration after another (~5-10 s each)."""
+    import multiprocessing
+    todo = {(tuple(sorted((k, v) for k, v in c.items() if k != "unit_k")), str(d).replace("torch.", ""))
+            for c, d in items}
+    with multiprocessing.get_context("spawn").Pool(min(processes, len(todo))) as pool:
+        pool.map(_warm_one, [(dict(c), d) for c, d in todo])

@@ -25,12 +25,13 @@ PLANES = {2: ((2, 0),), 3: ((2, 0), (1, 2)), 4: ((4, 0),), 5: ((4, 0), (1, 4)), 
 
 
 def _pack_plane(codes: torch.Tensor, pb: int) -> torch.Tensor:
-    """(R, n) codes < 2**pb, n a multiple of 32 -> (n * pb / 32, R) int32 words; column c sits in
-    word c // (32/pb) at bit (c % (32/pb)) * pb."""
+    """(R, n) codes < 2**pb, n a multiple of 32 -> (n * pb / 32, R) int32 words. Tiles of 32
+    columns are slot-major: in tile t, word t*pb + w holds at bit s*pb the code of column
+    32t + s*pb + w (so the columns of one slot are pb apart in each tile)."""
     R, n = codes.shape
     per = 32 // pb
-    c = codes.to(torch.int64).reshape(R, n // per, per)
-    words = (c << (torch.arange(per, dtype=torch.int64) * pb)).sum(2)  # (R, n/per) < 2**32
+    c = codes.to(torch.int64).reshape(R, n // 32, per, pb).transpose(2, 3)  # (R, tile, word, slot)
+    words = (c << (torch.arange(per, dtype=torch.int64, device=c.device) * pb)).sum(3).reshape(R, -1)  # < 2**32
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # as int32 bit patterns
     return words.to(torch.int32).t().contiguous()
 
@@ -39,8 +40,9 @@ def _unpack_plane(words: torch.Tensor, pb: int) -> torch.Tensor:
     """Inverse of `_pack_plane`: (n * pb / 32, R) int32 -> (R, n) int32 codes."""
     per = 32 // pb
     shifts = torch.arange(per, dtype=torch.int32, device=words.device) * pb
-    c = (words.t()[:, :, None] >> shifts) & ((1 << pb) - 1)  # (R, n/per, per)
-    return c.reshape(words.shape[1], -1)
+    c = (words.t()[:, :, None] >> shifts) & ((1 << pb) - 1)  # (R, tile*word, slot)
+    R = words.shape[1]
+    return c.reshape(R, -1, pb, per).transpose(2, 3).reshape(R, -1)
 
 
 class MixedBitLinear(torch.nn.Module):
@@ -70,6 +72,8 @@ class MixedBitLinear(torch.nn.Module):
             raise ValueError(f"runs {runs[:3]}... do not cover the {C} columns in order")
         if not all(2 <= b <= 8 for _, _, b in runs):
             raise ValueError(f"widths {sorted({b for _, _, b in runs})} outside 2..8")
+        if not (torch.equal(zero, zero.round()) and 0 <= float(zero.min()) and float(zero.max()) <= 255):
+            raise ValueError("zero points are not integers in 0..255")
         # kernel order: permuted columns sorted stably by width (runs stay contiguous)
         order = sorted(range(len(runs)), key=lambda j: (runs[j][2], j))
         idx = torch.cat([torch.arange(runs[j][0], runs[j][1]) for j in order])  # kernel col -> permuted col
@@ -85,8 +89,9 @@ class MixedBitLinear(torch.nn.Module):
             width[s:e] = b
         width[C:] = width[C - 1]  # the last tile's padding takes the last width
         tile_bits = width.reshape(n_tiles, TILE).max(1).values.tolist()  # non-decreasing
-        qk = torch.zeros(R, Cp, dtype=torch.int32)
-        qk[:, :C] = codes[:, idx]
+        # the repacking runs on the target device (fast on a GPU for 70B-sized layers)
+        qk = torch.zeros(R, Cp, dtype=torch.int32, device=device)
+        qk[:, :C] = codes.to(device)[:, idx.to(device)]
         blocks, words, W0, t0 = [], [], 0, 0
         for t in range(1, n_tiles + 1):
             if t == n_tiles or tile_bits[t] != tile_bits[t0]:
@@ -97,11 +102,12 @@ class MixedBitLinear(torch.nn.Module):
                 blocks.append((t0, t, b, W0))
                 W0 += b * nt
                 t0 = t
+        del qk
         kcols = torch.zeros(Cp, dtype=torch.int64)
-        kcols[:C] = perm.long()[idx]
+        kcols[:C] = perm.long().cpu()[idx]
         m = cls(C, R, dtype, saved_dtype or dtype, blocks, kruns)
         kdt = torch.int16 if C <= 32767 else torch.int32
-        m.register_buffer("qweight", torch.cat(words).to(device))  # (total word rows, R) int32
+        m.register_buffer("qweight", torch.cat(words))  # (total word rows, R) int32
         m.register_buffer("kcols", kcols.to(kdt).to(device))  # (Cp,) original column of kernel column k
         # fp32 scales held as raw bits so that model.half() cannot round them; fp16 where exact
         sc = scale.float().t().contiguous()  # (n_runs, R)
@@ -109,8 +115,6 @@ class MixedBitLinear(torch.nn.Module):
             m.register_buffer("scale_bits", sc.half().view(torch.int16).to(device))
         else:
             m.register_buffer("scale_bits", sc.view(torch.int32).to(device))
-        if not (torch.equal(zero, zero.round()) and 0 <= float(zero.min()) and float(zero.max()) <= 255):
-            raise ValueError("zero points are not integers in 0..255")
         m.register_buffer("zero", zero.t().contiguous().to(torch.uint8).to(device))  # (n_runs, R)
         m.register_buffer("bias", None if bias is None else bias.detach().to(dtype).to(device))
         return m
@@ -187,7 +191,8 @@ class MixedBitLinear(torch.nn.Module):
     def packed_bytes(self) -> int:
         """Bytes this module holds on its device (codes, scales, zeros, column order, bias, work lists)."""
         n = sum(b.numel() * b.element_size() for b in self.buffers())
-        return n + sum(u.numel() * u.element_size() for u in self._units.values())
+        dev = self.qweight.device
+        return n + sum(u.numel() * u.element_size() for (_, d), u in self._units.items() if d == dev)
 
     def widths(self) -> dict[int, int]:
         """{width: input channels}."""

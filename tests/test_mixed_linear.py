@@ -231,7 +231,7 @@ for R, C, widths, prune in (t.CASES[0], t.CASES[3]):  # all widths; in_features 
     bias = torch.randn(R)
     m = MixedBitLinear.from_parts(parts, bias=bias, dtype=torch.float32, device="cpu")
     for M, dtype, cfg in [(1, torch.float32, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, USE_DOT=False, unit_k=32)),
-                          (2, torch.float32, dict(BLOCK_M=2, BLOCK_N=16, BLOCK_K=32, USE_DOT=False, unit_k=64)),
+                          (2, torch.float32, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, USE_DOT=False, unit_k=64)),
                           (5, torch.float16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, USE_DOT=True, unit_k=64))]:
         for gather in (True, False)[:1 if M > 1 else 2]:
             cfg = dict(cfg, GATHER=gather, num_warps=4)

@@ -1,0 +1,467 @@
+"""Inference from packed checkpoints (mixed_linear.MixedBitLinear and its Triton kernel) against fp16.
+
+    python -m bench.inference --parts warm kernels                             # (1) on a CUDA GPU
+    python -m bench.inference --parts model --packed DIR --eval wiki.txt       # (2) and (3)
+    python -m bench.inference --parts warm kernels model --packed DIR --eval wiki.txt
+
+(1) Kernels: per-linear and per-layer (the 7 linears) time of MixedBitLinear against fp16
+    F.linear (cuBLAS) on LLaMA-2-7B (4096/11008) and 70B (8192/28672, k/v 1024 rows) shapes at
+    1, 4, 16 and 128 tokens, at 3.0, 3.5 and 4.0 stored bits and at 4.0 bits + 50% sparsity.
+    Synthetic linears: 10 channel clusters of random sizes (0.5-1.5x the mean) in a random
+    permutation; widths per target as an allocation spreads them (3.0: 2,2,2,3,3,3,3,4,4,4;
+    3.5: 2,2,3,3,3,4,4,4,5,5; 4.0: 2,3,3,4,4,4,4,5,5,6), assigned to clusters so that the
+    average is closest to the target; random codes, scales and zero points. Each kernel
+    configuration is picked per shape and token count by timing a few candidates (the table
+    says which). Timing: CUDA graphs of one pass over enough copies of the weights that they
+    do not fit in L2 (>= 256 MB per pass), CUDA events, warm-up, median of 15 replays.
+(2) Memory: GPU bytes of a packed model loaded with keep_packed=True against fp16, and of its
+    compressed linears against their stored bytes in packed.safetensors.
+(3) Quality: perplexity (vicuna_mi.perplexity, windows of --seqlen tokens of --eval) and greedy
+    generation (64 tokens, three prompts) of the packed runtime against the dense decode
+    (`packing.load_packed(DIR)`, bit for bit the fake save).
+
+Writes bench/results/inference-<device>-<date>.json and .md (or --out); the commit is the env
+var GIT_COMMIT if set (a copy's git metadata can be stale), else `git rev-parse HEAD`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import mixed_kernel  # noqa: E402
+import packing  # noqa: E402
+from mixed_linear import MixedBitLinear  # noqa: E402
+# the project's loaders and perplexity (the only imports from the CLI modules; keep them here)
+from vicuna_mi import ARCHS, load_tokenizer, perplexity  # noqa: E402
+from datautils import get_eval_tokens  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {  # model -> linear -> (out, in)
+    "llama2-7b": {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+                  "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)},
+    "llama2-70b": {"q_proj": (8192, 8192), "k_proj": (1024, 8192), "v_proj": (1024, 8192), "o_proj": (8192, 8192),
+                   "gate_proj": (28672, 8192), "up_proj": (28672, 8192), "down_proj": (8192, 28672)},
+}
+WIDTHS = {3.0: [2, 2, 2, 3, 3, 3, 3, 4, 4, 4], 3.5: [2, 2, 3, 3, 3, 4, 4, 4, 5, 5], 4.0: [2, 3, 3, 4, 4, 4, 4, 5, 5, 6]}
+SETTINGS = {"3.0": (3.0, 0.0), "3.5": (3.5, 0.0), "4.0": (4.0, 0.0), "4.0+50%": (4.0, 0.5)}
+TOKENS = (1, 4, 16, 128)
+PASS_BYTES = 256 << 20  # weights touched per timed pass: several times the 50 MB L2
+PROMPTS = ("The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+           "Explain in simple words why the sky is blue.")
+
+
+# ---------------------------------------------------------------- synthetic packed linears
+def synthetic_parts(R: int, C: int, target: float, sparsity: float, seed: int, device) -> dict:
+    """decode_parts-style content of a random linear: 10 clusters, widths spread around target."""
+    g = torch.Generator().manual_seed(seed)
+    widths = WIDTHS[target]
+    sizes = torch.rand(len(widths), generator=g) + 0.5
+    sizes = (sizes / sizes.sum() * C).floor().long()
+    sizes[-1] += C - int(sizes.sum())
+    best, best_avg = None, None
+    for _ in range(300):  # the assignment of widths to clusters whose average is closest to the target
+        w = torch.tensor(widths)[torch.randperm(len(widths), generator=g)]
+        avg = float((w * sizes).sum()) / C
+        if best is None or abs(avg - target) < abs(best_avg - target):
+            best, best_avg = w, avg
+    runs, s = [], 0
+    for n, b in zip(sizes.tolist(), best.tolist()):
+        runs.append((s, s + n, b))
+        s += n
+    gd = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.empty(R, C, dtype=torch.int32, device=device)
+    zero = torch.empty(R, len(runs), device=device)
+    for j, (s, e, b) in enumerate(runs):
+        codes[:, s:e] = torch.randint(0, 2 ** b, (R, e - s), generator=gd, device=device, dtype=torch.int32)
+        zero[:, j] = torch.randint(0, 2 ** b, (R,), generator=gd, device=device).float()
+    keep = None
+    if sparsity:
+        keep = torch.rand(R, C, generator=gd, device=device) >= sparsity
+        zc = torch.cat([zero[:, j:j + 1].expand(R, e - s) for j, (s, e, _) in enumerate(runs)], 1).int()
+        codes = torch.where(keep, codes, zc)  # dense codes: a pruned weight is its zero point
+    scale = torch.rand(R, len(runs), generator=gd, device=device) * 2e-3 + 1e-4
+    return {"codes": codes, "keep": keep, "scale": scale, "zero": zero,
+            "perm": torch.randperm(C, generator=g), "runs": runs, "avg_bits": best_avg}
+
+
+# ---------------------------------------------------------------- timing
+def graph_time(calls: list, reps: int = 15, warm: int = 3) -> float:
+    """Median seconds of one pass over `calls` (zero-argument callables), captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in calls:  # compile, build work lists, grow the workspace: outside the capture
+            f()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            for f in calls:
+                f()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(warm):
+        g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del g
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(64, math.ceil(PASS_BYTES / nbytes)))
+
+
+def candidates(M: int) -> list[dict]:
+    """Kernel configurations tried per (shape, tokens); unit_k is a run-time choice (no recompile)."""
+    fma = dict(BLOCK_M=1, BLOCK_K=64, USE_DOT=False, GATHER=True, num_warps=1)
+    if M == 1:
+        return [dict(fma, BLOCK_N=128, unit_k=256), dict(fma, BLOCK_N=128, unit_k=512),
+                dict(fma, BLOCK_N=128, unit_k=128), dict(fma, BLOCK_N=128, unit_k=256, GATHER=False),
+                dict(fma, BLOCK_N=64, unit_k=256), dict(fma, BLOCK_N=64, unit_k=128)]
+    dot16 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, num_warps=4)
+    if M <= 16:
+        out = [dict(dot16, unit_k=512), dict(dot16, unit_k=256), dict(dot16, unit_k=1024),
+               dict(dot16, BLOCK_N=128, unit_k=512)]
+        return out + ([dict(fma, BLOCK_N=128, unit_k=256)] if M <= 4 else [])
+    dot64 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, num_warps=4)
+    return [dict(dot64, unit_k=1024), dict(dot64, unit_k=512), dict(dot64, unit_k=2048),
+            dict(dot64, BLOCK_N=128, num_warps=8, unit_k=1024)]
+
+
+def cfg_name(c: dict) -> str:
+    kind = f"dot{c['BLOCK_M']}" if c["USE_DOT"] else "fma"
+    return f"{kind} n{c['BLOCK_N']} k{c['BLOCK_K']} w{c['num_warps']} u{c['unit_k']}{'' if c['GATHER'] else ' pregather'}"
+
+
+def bench_kernels(dev, log) -> dict:
+    out: dict = {"settings": {}, "tuned": {}}
+    dt = torch.float16
+    for model, shapes in SHAPES.items():
+        # fp16 baseline: random dense weights, copies so that a pass streams from HBM
+        dense_layer_bytes = sum(2 * r * c for r, c in shapes.values())
+        n_layers = copies_for(dense_layer_bytes)
+        dense = [{n: torch.randn(r, c, device=dev, dtype=dt) * 0.02 for n, (r, c) in shapes.items()}
+                 for _ in range(n_layers)]
+        base: dict = {}
+        for M in TOKENS:
+            xs = {n: torch.randn(M, c, device=dev, dtype=dt) for n, (r, c) in shapes.items()}
+            row = {}
+            for n in LINEARS:
+                ws = [layer[n] for layer in dense[:copies_for(dense[0][n].numel() * 2)]]
+                while len(ws) < copies_for(dense[0][n].numel() * 2):
+                    ws.append(ws[len(ws) % len(dense)].clone())
+                row[n] = graph_time([lambda w=w, x=xs[n]: F.linear(x, w) for w in ws]) / len(ws)
+            row["layer_seq"] = graph_time([lambda layer=layer, n=n, x=xs[n]: F.linear(x, layer[n])
+                                           for layer in dense for n in LINEARS]) / len(dense)
+            base[M] = row
+            log(f"{model} fp16 M={M}: layer {row['layer_seq'] * 1e6:.1f} us")
+        del dense
+        out.setdefault("fp16", {})[model] = base
+        for setting, (target, sparsity) in SETTINGS.items():
+            mods = {}
+            for i, (n, (r, c)) in enumerate(shapes.items()):
+                parts = synthetic_parts(r, c, target, sparsity, seed=i, device=dev)
+                m = MixedBitLinear.from_parts(parts, bias=None, dtype=dt, device=dev)
+                mods[n] = (m, parts["avg_bits"])
+                del parts
+            layer_bytes = sum(m.packed_bytes() for m, _ in mods.values())
+            res: dict = {"avg_bits": {n: a for n, (_, a) in mods.items()},
+                         "bytes": {n: m.packed_bytes() for n, (m, _) in mods.items()},
+                         "fp16_bytes": {n: 2 * r * c for n, (r, c) in shapes.items()}, "tokens": {}}
+            copies = {n: [m] + [copy.deepcopy(m) for _ in range(copies_for(m.packed_bytes()) - 1)]
+                      for n, (m, _) in mods.items()}
+            n_layers = copies_for(layer_bytes)
+            for M in TOKENS:
+                xs = {n: torch.randn(M, c, device=dev, dtype=dt) for n, (r, c) in shapes.items()}
+                row = {}
+                for n in LINEARS:
+                    r, c = shapes[n]
+                    key = (r, c, M, dt)
+                    if key not in mixed_kernel.TUNED:  # tune once per shape and token count (first setting)
+                        trials = []
+                        for cand in candidates(M):
+                            for m in copies[n]:
+                                m.tune = cand
+                            trials.append((graph_time([lambda m=m, x=xs[n]: m(x) for m in copies[n]], reps=7)
+                                           / len(copies[n]), cand))
+                        best = min(trials, key=lambda t: t[0])[1]
+                        mixed_kernel.TUNED[key] = best
+                        out["tuned"][f"{r}x{c} M={M}"] = {"config": cfg_name(best), "trials_us": {
+                            cfg_name(cand): round(t * 1e6, 2) for t, cand in trials}}
+                    for m in copies[n]:
+                        m.tune = None  # pick_config reads TUNED
+                    t = graph_time([lambda m=m, x=xs[n]: m(x) for m in copies[n]]) / len(copies[n])
+                    y = mods[n][0](xs[n])  # a correctness spot check against the dequantized weight
+                    ref = F.linear(xs[n].float(), mods[n][0].dequantize(torch.float32))
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    row[n] = {"us": t * 1e6, "fp16_us": base[M][n] * 1e6, "speedup": base[M][n] / t,
+                              "GBps": res["bytes"][n] / t / 1e9, "rel_err": err}
+                layer_copies = [{n: copies[n][i % len(copies[n])] for n in LINEARS} for i in range(n_layers)]
+                tseq = graph_time([lambda layer=layer, n=n, x=xs[n]: layer[n](x)
+                                   for layer in layer_copies for n in LINEARS]) / n_layers
+                tsum = sum(row[n]["us"] for n in LINEARS)
+                fsum = sum(base[M][n] for n in LINEARS) * 1e6
+                row["layer"] = {"sum_us": tsum, "fp16_sum_us": fsum, "speedup_sum": fsum / tsum,
+                                "seq_us": tseq * 1e6, "fp16_seq_us": base[M]["layer_seq"] * 1e6,
+                                "speedup_seq": base[M]["layer_seq"] / tseq,
+                                "GBps_seq": layer_bytes / tseq / 1e9}
+                res["tokens"][M] = row
+                log(f"{model} {setting} M={M}: layer {tseq * 1e6:.1f} us vs fp16 {base[M]['layer_seq'] * 1e6:.1f} "
+                    f"({row['layer']['speedup_seq']:.2f}x; sum of linears {row['layer']['speedup_sum']:.2f}x), "
+                    f"max rel err {max(row[n]['rel_err'] for n in LINEARS):.1e}")
+            out["settings"].setdefault(model, {})[setting] = res
+            del mods, copies
+            torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------- model: memory and quality
+def file_bytes(folder: Path) -> dict[str, int]:
+    """Stored bytes per packed linear in packed.safetensors (codes, scales, zeros, perm, mask)."""
+    from safetensors import safe_open
+    out: dict[str, int] = {}
+    with safe_open(str(folder / packing.PACKED_FILE), framework="pt") as f:
+        names = json.loads(f.metadata()["packing"])["linears"]
+        for k in f.keys():
+            name, _, part = k.rpartition(".")
+            if name in names and part in ("codes", "scale", "zero", "perm", "mask", "nm"):
+                t = f.get_slice(k)
+                n = math.prod(t.get_shape())
+                out[name] = out.get(name, 0) + n * {"U8": 1, "I16": 2, "I32": 4, "F32": 4, "F16": 2}[t.get_dtype()]
+    return out
+
+
+def gpu_model_bytes(load) -> tuple[object, int]:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    model = load()
+    torch.cuda.synchronize()
+    return model, torch.cuda.memory_allocated() - before
+
+
+def generate_both(dense, fast, tok, dev, n_new: int) -> list[dict]:
+    rows = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(dev)
+        with torch.no_grad():
+            a = dense.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
+            b = fast.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.eos_token_id)
+        row = {"prompt": prompt, "equal": bool(torch.equal(a, b)), "text_dense": tok.decode(a[0, ids.shape[1]:]),
+               "text_packed": tok.decode(b[0, ids.shape[1]:])}
+        if not row["equal"]:  # the first token where they part, and how close the dense model's call was
+            n = min(a.shape[1], b.shape[1])
+            i = int((a[0, :n] != b[0, :n]).nonzero()[0])
+            with torch.no_grad():
+                la = dense(a[:, :i]).logits[0, -1].float()
+                lb = fast(a[:, :i]).logits[0, -1].float()
+            ta, tb = int(a[0, i]), int(b[0, i])
+            row.update(first_diff=i - ids.shape[1], dense_gap=float(la[ta] - la[tb]), packed_gap=float(lb[tb] - lb[ta]))
+        rows.append(row)
+    return rows
+
+
+def bench_model(args, dev, log) -> dict:
+    folder = Path(args.packed)
+    dt = torch.float16
+    out: dict = {"packed": str(folder)}
+    report = folder / "compression_report.json"
+    if report.exists():
+        rep = json.loads(report.read_text())
+        out["compression"] = {k: rep.get(k) for k in ("avg_bits", "effective_bits", "sparsity", "bits_histogram")}
+        out["compression"]["disk"] = rep.get("disk", {}).get("quantized_linears")
+    # (2) memory
+    fast, fast_bytes = gpu_model_bytes(lambda: packing.load_packed(folder, dtype=dt, device=dev, keep_packed=True))
+    mixed = {n: m for n, m in fast.named_modules() if isinstance(m, MixedBitLinear)}
+    stored = file_bytes(folder)
+    lin_gpu = sum(m.packed_bytes() for m in mixed.values())
+    lin_file = sum(stored[n] for n in mixed)
+    lin_fp16 = sum(2 * m.in_features * m.out_features for m in mixed.values())
+    n_w = lin_fp16 // 2
+    dense, dense_bytes = gpu_model_bytes(lambda: packing.load_packed(folder, dtype=dt, device=dev))
+    out["memory"] = {"model_gpu_bytes_packed": fast_bytes, "model_gpu_bytes_fp16": dense_bytes,
+                     "model_ratio": fast_bytes / dense_bytes, "linears": len(mixed),
+                     "linears_gpu_bytes": lin_gpu, "linears_file_bytes": lin_file, "linears_fp16_bytes": lin_fp16,
+                     "linears_gpu_vs_file": lin_gpu / lin_file, "linears_gpu_vs_fp16": lin_gpu / lin_fp16,
+                     "linears_gpu_bits_per_weight": 8 * lin_gpu / n_w, "linears_file_bits_per_weight": 8 * lin_file / n_w,
+                     "codes_bits_per_weight": 8 * sum(m.qweight.numel() * 4 for m in mixed.values()) / n_w,
+                     "workspace_bytes": sum(w.numel() * w.element_size() + c.numel() * c.element_size()
+                                            for w, c in mixed_kernel._WORKSPACE.values())}
+    log(f"memory: packed model {fast_bytes / 2**20:.1f} MiB vs fp16 {dense_bytes / 2**20:.1f} MiB; linears "
+        f"{lin_gpu / 2**20:.2f} MiB on GPU vs {lin_file / 2**20:.2f} MiB stored vs {lin_fp16 / 2**20:.2f} MiB fp16")
+    # (3) generation on the GPU, whole models resident
+    tok = load_tokenizer(str(folder), False)
+    out["generation"] = generate_both(dense, fast, tok, dev, args.new_tokens)
+    for g in out["generation"]:
+        log(f"generation equal={g['equal']}: {g['prompt'][:30]!r} -> {g['text_packed'][:60]!r}")
+    # decode speed of the whole model (Python overhead included; 135M is too small to be bandwidth-bound)
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids.to(dev)
+    for name, m in (("fp16", dense), ("packed", fast)):
+        with torch.no_grad():
+            m.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            m.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            torch.cuda.synchronize()
+        out.setdefault("generate_tokens_per_s", {})[name] = args.new_tokens / (time.perf_counter() - t0)
+    del dense, fast
+    torch.cuda.empty_cache()
+    # (3) perplexity: the project's layer-streaming evaluation, same windows for both
+    tokens = get_eval_tokens(args.eval, tok, args.seqlen)
+    ppl = {}
+    for name, keep in (("dense", False), ("packed", True)):
+        model = packing.load_packed(folder, dtype=dt, device="cpu", keep_packed=keep)
+        t0 = time.perf_counter()
+        ppl[name] = perplexity(model, ARCHS[model.config.model_type], tokens, args.seqlen, dev, dt, args.windows)
+        ppl[name + "_s"] = time.perf_counter() - t0
+        del model
+    ppl["rel_diff"] = ppl["packed"] / ppl["dense"] - 1
+    out["perplexity"] = dict(ppl, windows=args.windows, seqlen=args.seqlen, eval=str(args.eval))
+    log(f"perplexity dense {ppl['dense']:.4f} packed {ppl['packed']:.4f} ({100 * ppl['rel_diff']:+.4f}%)")
+    return out
+
+
+# ---------------------------------------------------------------- report
+def commit() -> str | None:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def markdown(res: dict) -> str:
+    L = [f"# Packed inference: {res['machine']['gpu']}, {res['date']}", "",
+         f"`{res['command']}`  ", f"commit {res['commit']}; torch {res['machine']['torch']}, triton "
+         f"{res['machine']['triton']}, transformers {res['machine']['transformers']}", ""]
+    k = res.get("kernels")
+    if k:
+        L += ["## Per layer (the 7 linears back to back, CUDA graph): fp16 cuBLAS time / packed time", "",
+              "| model | stored bits | " + " | ".join(f"{m} tok" for m in TOKENS) + " |",
+              "|---|---|" + "---|" * len(TOKENS)]
+        for model, settings in k["settings"].items():
+            for setting, r in settings.items():
+                bits = sum(r["avg_bits"][n] * r["fp16_bytes"][n] for n in LINEARS) / sum(r["fp16_bytes"].values())
+                gpu_bits = 16 * sum(r["bytes"].values()) / sum(r["fp16_bytes"].values())
+                cells = [f"{r['tokens'][m]['layer']['speedup_seq']:.2f}x ({r['tokens'][m]['layer']['seq_us']:.0f} vs "
+                         f"{r['tokens'][m]['layer']['fp16_seq_us']:.0f} us)" for m in TOKENS]
+                L.append(f"| {model} | {setting} ({bits:.2f} weight bits, {gpu_bits:.2f} on GPU) | " + " | ".join(cells) + " |")
+        L += ["", "Sum of the 7 per-linear medians, fp16 / packed:", "",
+              "| model | setting | " + " | ".join(f"{m} tok" for m in TOKENS) + " |", "|---|---|" + "---|" * len(TOKENS)]
+        for model, settings in k["settings"].items():
+            for setting, r in settings.items():
+                L.append(f"| {model} | {setting} | " + " | ".join(
+                    f"{r['tokens'][m]['layer']['speedup_sum']:.2f}x" for m in TOKENS) + " |")
+        for model, settings in k["settings"].items():
+            r = settings["3.5"]
+            L += ["", f"### {model}, 3.5 bits: per linear, us (packed / fp16, speed-up, packed GB/s)", "",
+                  "| linear | shape | " + " | ".join(f"{m} tok" for m in TOKENS) + " |", "|---|---|" + "---|" * len(TOKENS)]
+            for n in LINEARS:
+                shp = "x".join(map(str, SHAPES[model][n]))
+                L.append(f"| {n} | {shp} | " + " | ".join(
+                    f"{r['tokens'][m][n]['us']:.1f} / {r['tokens'][m][n]['fp16_us']:.1f}, "
+                    f"{r['tokens'][m][n]['speedup']:.2f}x, {r['tokens'][m][n]['GBps']:.0f}" for m in TOKENS) + " |")
+        L += ["", "Kernel configuration chosen per shape and token count (candidates timed):", ""]
+        L += [f"- {key}: {v['config']}" for key, v in k["tuned"].items()]
+    m = res.get("model")
+    if m:
+        mem = m["memory"]
+        L += ["", "## Packed SmolLM2 on the GPU", "",
+              f"- whole model: {mem['model_gpu_bytes_packed'] / 2**20:.1f} MiB packed vs "
+              f"{mem['model_gpu_bytes_fp16'] / 2**20:.1f} MiB fp16 ({mem['model_ratio']:.3f}x)",
+              f"- the {mem['linears']} compressed linears: {mem['linears_gpu_bytes'] / 2**20:.2f} MiB on the GPU, "
+              f"{mem['linears_file_bytes'] / 2**20:.2f} MiB stored in the file, {mem['linears_fp16_bytes'] / 2**20:.2f} "
+              f"MiB in fp16: {mem['linears_gpu_vs_file']:.3f}x the stored bytes, {mem['linears_gpu_vs_fp16']:.3f}x fp16 "
+              f"({mem['linears_gpu_bits_per_weight']:.2f} bits per weight on the GPU, "
+              f"{mem['linears_file_bits_per_weight']:.2f} stored; codes alone {mem['codes_bits_per_weight']:.2f})",
+              f"- shared kernel workspace: {mem['workspace_bytes'] / 2**10:.0f} KiB", ""]
+        p = m["perplexity"]
+        L += [f"Perplexity ({p['windows']} windows of {p['seqlen']} tokens of `{Path(p['eval']).name}`): dense decode "
+              f"{p['dense']:.4f}, packed runtime {p['packed']:.4f} ({100 * p['rel_diff']:+.4f}%)", "",
+              "| prompt | greedy 64 tokens equal | first difference |", "|---|---|---|"]
+        for g in m["generation"]:
+            diff = "" if g["equal"] else (f"token {g['first_diff']}: dense logit gap {g['dense_gap']:.3f}, "
+                                          f"packed {g['packed_gap']:.3f}")
+            L.append(f"| {g['prompt'][:40]!r} | {g['equal']} | {diff} |")
+        t = m.get("generate_tokens_per_s", {})
+        if t:
+            L += ["", f"`generate` speed (Python overhead included): fp16 {t['fp16']:.1f} tok/s, packed "
+                      f"{t['packed']:.1f} tok/s"]
+    return "\n".join(L) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", nargs="+", default=["warm", "kernels"], choices=["warm", "kernels", "model"],
+                    help="warm: compile the kernel configurations in parallel first (Triton's disk cache)")
+    ap.add_argument("--packed", help="folder of a --save_format packed save (for --parts model)")
+    ap.add_argument("--eval", help="evaluation text for perplexity (for --parts model)")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--merge", help="a JSON of an earlier run whose parts are kept")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--compile_processes", type=int, default=12)
+    args = ap.parse_args()
+    dev = torch.device("cuda:0")
+    torch.manual_seed(0)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    res = json.loads(Path(args.merge).read_text()) if args.merge else {}
+    import transformers
+    import triton
+    command = "python -m bench.inference " + " ".join(sys.argv[1:])
+    if res.get("command"):
+        command = res["command"] + " ; " + command
+    res.update(date=datetime.date.today().isoformat(), command=command,
+               commit=commit(), machine={"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+                                         "triton": triton.__version__, "transformers": transformers.__version__,
+                                         "python": platform.python_version()})
+    if "warm" in args.parts:  # compile every configuration used below and by tests_gpu, in parallel
+        t0 = time.perf_counter()
+        configs = [(c, torch.float16) for M in TOKENS for c in candidates(M)]
+        configs += [(mixed_kernel.pick_config(M, 1024, 1024, d), d) for M in TOKENS
+                    for d in (torch.float16, torch.bfloat16, torch.float32)]
+        mixed_kernel.warm_up(configs, processes=args.compile_processes)
+        log(f"compiled the kernel configurations in {time.perf_counter() - t0:.1f} s")
+        if args.parts == ["warm"]:
+            return
+    if "kernels" in args.parts:
+        res["kernels"] = bench_kernels(dev, log)
+    if "model" in args.parts:
+        res["model"] = bench_model(args, dev, log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"inference-{res['machine']['gpu'].replace(' ', '-')}-{res['date']}{args.tag}"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{stem}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The fused mixed-width kernel (mixed_kernel.py) against the PyTorch path of MixedBitLinear and
+an exact float64 reference, on CUDA: mixed widths 2..8, unstructured and 2:4 sparsity, GQA shapes,
+biases, 1/4/16/128 tokens, fp16 and bf16 (and fp32) inputs.
+
+    python -m pytest -q tests_gpu/test_mixed_kernel.py
+
+Tolerances: the kernel multiplies the exactly decoded fp32 weights (scale * (q - zero), never
+rounded to fp16) with fp32 accumulation and rounds the output once, so its error against float64
+is the output rounding: half an ulp of the output dtype, ~2.8e-4 (fp16) / ~2.3e-3 (bf16) relative
+rms. The PyTorch path rounds every weight to the model dtype first and then cuBLAS rounds the
+output, so it is never closer; the kernel must stay within 2x the PyTorch path's error (summation
+order differs from cuBLAS and atomics add the units in any order, which moves the last bit).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import packing  # noqa: E402
+from mixed_linear import MixedBitLinear  # noqa: E402
+from test_mixed_linear import compress_tiny, packed_linear  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TOL = {torch.float16: 6e-4, torch.bfloat16: 5e-3, torch.float32: 1e-6}
+SHAPES = [  # (out, in, widths, pruning)
+    (1024, 4096, [3, 5, 2, 7, 4, 4, 6, 3, 8, 5], None),  # GQA k/v of a 4096-wide model
+    (4096, 1024, [2, 3, 4, 5, 6], "50%"),
+    (768, 1000, [4, 2, 3, 7, 5, 3, 2, 6], "2:4"),  # in_features not a multiple of 32
+    (64, 96, [3, 5, 2, 7, 4, 8, 6, 3], None),
+]
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module")
+def layers():
+    """case index -> (module on CUDA, exact fp32 weight on CUDA, bias)."""
+    out = {}
+    for i, (R, C, widths, prune) in enumerate(SHAPES):
+        W, (tensors, info) = packed_linear(R, C, widths, prune, torch.float32, seed=100 + i)
+        bias = torch.randn(R, generator=torch.Generator().manual_seed(i))
+        parts = packing.decode_parts(tensors, info)
+        out[i] = parts, W.cuda(), bias
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+@pytest.mark.parametrize("M", [1, 4, 16, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_matches_reference(layers, case, M, dtype):
+    parts, W, bias = layers[case]
+    R, C = W.shape
+    m = MixedBitLinear.from_parts(parts, bias=bias.to(dtype), dtype=dtype, device="cuda")
+    x = torch.randn(M, C, device="cuda").to(dtype)
+    exact = F.linear(x.double(), W.double(), bias.to(dtype).double())  # W: the fp32 decode, exact
+    torch_path = F.linear(x, m.dequantize(), m.bias)  # the CPU path's arithmetic, on the GPU
+    y = m(x)
+    assert y.dtype == dtype and y.shape == (M, R) and bool(torch.isfinite(y).all())
+    err, err_torch = rel(y, exact), rel(torch_path, exact)
+    assert err < TOL[dtype], (err, err_torch)
+    assert err <= 2 * err_torch + 1e-7, (err, err_torch)
+    import mixed_kernel
+    ws, cnt = mixed_kernel._WORKSPACE[y.device]
+    assert not ws.any() and not cnt.any()  # the kernel leaves its workspace clean for the next call
+
+
+def test_fp32_inputs_no_bias_and_3d_noncontiguous(layers):
+    parts, W, _ = layers[0]
+    m = MixedBitLinear.from_parts(parts, bias=None, dtype=torch.float32, device="cuda", saved_dtype=torch.float32)
+    x = torch.randn(5, 3, W.shape[1], device="cuda").transpose(0, 1)  # (3, 5, C), not contiguous
+    y = m(x)
+    assert y.shape == (3, 5, W.shape[0]) and y.dtype == torch.float32
+    assert rel(y, F.linear(x.double(), W.double())) < TOL[torch.float32]
+
+
+def test_repeat_and_cuda_graph(layers):
+    """Calls in a row and replays of a captured graph agree to the last bit or so (atomics add the
+    units in any order)."""
+    parts, W, bias = layers[1]
+    m = MixedBitLinear.from_parts(parts, bias=bias.half(), dtype=torch.float16, device="cuda")
+    x = torch.randn(4, W.shape[1], device="cuda").half()
+    first = m(x)
+    for _ in range(3):
+        assert (m(x).float() - first.float()).abs().max() <= 2e-3 * first.float().abs().max()
+    static_x = x.clone()
+    g = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        m(static_x)  # warm-up outside the capture (compilation, work lists)
+        with torch.cuda.graph(g):
+            out = m(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        ref = F.linear(static_x.double(), W.double(), bias.half().double())
+        assert rel(out, ref) < TOL[torch.float16]
+
+
+def test_load_packed_on_cuda_runs_the_kernel(tmp_path):
+    """A whole tiny model: packed runtime on CUDA against the dense decode on CUDA."""
+    model, reports = compress_tiny("qwen2", torch.float16, "50%", seed=3)
+    packing.save_packed(model, tmp_path, reports=reports, pruned=True)
+    dense = packing.load_packed(tmp_path, dtype=torch.float16, device="cuda")
+    fast = packing.load_packed(tmp_path, dtype=torch.float16, device="cuda", keep_packed=True)
+    assert all(m.qweight.is_cuda for m in fast.modules() if isinstance(m, MixedBitLinear))
+    ids = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        a, b = dense(ids).logits.float(), fast(ids).logits.float()
+    assert rel(b, a.double()) < 2e-3
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) > 0.95
