@@ -62,7 +62,8 @@ def _tile_dot(x_ptr, kcol_ptr, qw_ptr, N, xrow, rows, rmask, t, a, e, start, W0,
     P2: tl.constexpr = 1 if BITS == 7 else 0
     PER: tl.constexpr = 32 // P0
     w = tl.arange(0, P0)
-    wmask = rmask[None, :] & (w < P0)[:, None]
+    live = start + t * 32 < e  # the step's last tile can lie past the unit (and past the block)
+    wmask = rmask[None, :] & live
     w0 = tl.load(qw_ptr + (W0 + t * P0 + w)[:, None].to(tl.int64) * N + rows[None, :], mask=wmask, other=0)
     if P1 > 0:  # the word of plane 1 that holds column s*P0 + w is word w % P1, at slot s*P0/P1 + w//P1
         w1 = tl.load(qw_ptr + (W0 + S1 * nt + t * P1 + w % P1)[:, None].to(tl.int64) * N + rows[None, :],
@@ -74,10 +75,11 @@ def _tile_dot(x_ptr, kcol_ptr, qw_ptr, N, xrow, rows, rmask, t, a, e, start, W0,
     for s in tl.static_range(PER):
         c = c0 + s * P0 + w  # (P0,) kernel columns of slot s: contiguous
         if GATHER:
-            xv = tl.load(x_ptr + xrow + tl.load(kcol_ptr + c).to(tl.int64))
+            xv = tl.load(x_ptr + xrow + tl.load(kcol_ptr + c, mask=live, other=0).to(tl.int64), mask=live, other=0.0)
         else:
-            xv = tl.load(x_ptr + xrow + c)
-        xv = tl.where((c >= a) & (c < e), xv.to(tl.float32), 0.0)  # unmasked loads (vectorised), then the unit
+            xv = tl.load(x_ptr + xrow + c, mask=live, other=0.0)
+        # masked per tile only (vector loads), then cut to the unit's columns
+        xv = tl.where((c >= a) & (c < e), xv.to(tl.float32), 0.0)
         code = (w0 >> (s * P0)) & ((1 << P0) - 1)
         if P1 > 0:
             code |= ((w1 >> ((s * (P0 // P1) + w // P1) * P1)[:, None]) & ((1 << P1) - 1)) << S1

@@ -136,6 +136,13 @@ class MixedBitLinear(torch.nn.Module):
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
         return self._units[key]
 
+    def kcols32(self, device: torch.device) -> torch.Tensor:
+        """kcols as int32 (index_select takes no int16), for configurations that gather x first."""
+        key = (-1, device)
+        if key not in self._units:
+            self._units[key] = self.kcols.to(device=device, dtype=torch.int32)
+        return self._units[key]
+
     # ------------------------------------------------------------ decoding (reference)
     def codes_kernel_order(self) -> torch.Tensor:
         """(out, Cp) int32 codes in kernel column order, decoded from the packed words."""
@@ -181,7 +188,7 @@ class MixedBitLinear(torch.nn.Module):
             x2 = x2.contiguous()
         M = x2.shape[0]
         cfg = self.tune or mixed_kernel.pick_config(M, self.out_features, self.in_features, x.dtype)
-        xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols)
+        xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols32(x.device))
         bias = None if self.bias is None else self.bias
         out = mixed_kernel.launch(x2, self.kcols, self.qweight, self.units(cfg["unit_k"], x.device),
                                   self.scale_bits, self.zero, bias, self.out_features, cfg, xg)

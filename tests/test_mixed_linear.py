@@ -222,29 +222,62 @@ def test_load_packed_keep_packed_equals_dense(tmp_path, model_type, saved, prune
 
 # ---------------------------------------------------------------- the Triton kernel, interpreted on the CPU
 INTERPRET_SCRIPT = r"""
-import torch, packing, mixed_kernel
+import numpy as np, torch, packing, mixed_kernel
+from triton.runtime import interpreter
 from mixed_linear import MixedBitLinear
 import tests.test_mixed_linear as t
-for R, C, widths, prune in (t.CASES[0], t.CASES[3]):  # all widths; in_features 96 and 80 (a padded tile)
+
+# every unmasked address a program touches must lie inside one of the launch's buffers
+BUFFERS = []
+def checked(fn, ptr_arg, mask_arg):
+    def wrapper(self, *args):
+        ptrs, mask = args[ptr_arg], args[mask_arg]
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        addr = ptrs.data[np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)].astype(np.uint64)
+        inside = np.zeros(addr.shape, dtype=bool)
+        for lo, hi in BUFFERS:
+            inside |= (addr >= np.uint64(lo)) & (addr + np.uint64(size) <= np.uint64(hi))
+        assert inside.all(), f"out of bounds: {fn.__name__}"
+        return fn(self, *args)
+    return wrapper
+B = interpreter.InterpreterBuilder
+B.create_masked_load = checked(B.create_masked_load, 0, 1)
+B.create_masked_store = checked(B.create_masked_store, 0, 2)
+B.create_atomic_rmw = checked(B.create_atomic_rmw, 1, 3)
+
+FMA = dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, USE_DOT=False)  # one token per program, 2 tiles a step
+DOT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, USE_DOT=True)
+RUNS = {0: [(1, torch.float32, dict(FMA, unit_k=32), True), (5, torch.float16, dict(DOT, unit_k=64), True)],
+        3: [(1, torch.float32, dict(FMA, unit_k=64), False), (2, torch.float32, dict(FMA, unit_k=32), True),
+            (5, torch.float16, dict(DOT, unit_k=32), False)]}
+for case, runs in RUNS.items():  # all widths; in_features 96 and 80 (a padded tile)
+    R, C, widths, prune = t.CASES[case]
     W, (tensors, info) = t.packed_linear(R, C, widths, prune, torch.float32, seed=11)
     parts = packing.decode_parts(tensors, info)
     bias = torch.randn(R)
     m = MixedBitLinear.from_parts(parts, bias=bias, dtype=torch.float32, device="cpu")
-    for M, dtype, cfg in [(1, torch.float32, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=32, USE_DOT=False, unit_k=32)),
-                          (2, torch.float32, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, USE_DOT=False, unit_k=64)),
-                          (5, torch.float16, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, USE_DOT=True, unit_k=64))]:
-        for gather in (True, False)[:1 if M > 1 else 2]:
-            cfg = dict(cfg, GATHER=gather, num_warps=4)
-            x = torch.randn(M, C).to(dtype)
-            xg = x.index_select(1, m.kcols.int())
-            out = mixed_kernel.launch(x, m.kcols, m.qweight, m.units(cfg["unit_k"], x.device), m.scale_bits,
-                                      m.zero, bias, R, cfg, xg)
-            ref = torch.nn.functional.linear(x.double(), W.double(), bias.double())
-            err = float((out.double() - ref).abs().max() / ref.abs().max())
-            tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp32 sums; fp16 output rounding
-            assert out.dtype == dtype and err < tol, (R, C, M, cfg, err)
-            ws, cnt = mixed_kernel._WORKSPACE[x.device]
-            assert not ws.any() and not cnt.any()  # left clean for the next call
+    for M, dtype, cfg, gather in runs:
+        cfg = dict(cfg, GATHER=gather, num_warps=4)
+        x = torch.randn(M, C).to(dtype)
+        xg = x.index_select(1, m.kcols.int())
+        units = m.units(cfg["unit_k"], x.device)
+        mixed_kernel.workspace(x.device, M * R, 64)
+        ws, cnt = mixed_kernel._WORKSPACE[x.device]
+        BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
+                      for b in (x, xg, m.kcols, m.qweight, units, m.scale_bits, m.zero, bias, ws, cnt)]
+        orig_empty = torch.empty
+        def empty(*a, **k):  # launch allocates its output: that block is allowed too
+            o = orig_empty(*a, **k)
+            BUFFERS.append((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()))
+            return o
+        torch.empty = empty
+        out = mixed_kernel.launch(x, m.kcols, m.qweight, units, m.scale_bits, m.zero, bias, R, cfg, xg)
+        torch.empty = orig_empty
+        ref = torch.nn.functional.linear(x.double(), W.double(), bias.double())
+        err = float((out.double() - ref).abs().max() / ref.abs().max())
+        tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp32 sums; fp16 output rounding
+        assert out.dtype == dtype and err < tol, (R, C, M, cfg, err)
+        assert not ws.any() and not cnt.any()  # left clean for the next call
 print("ok")
 """
 
