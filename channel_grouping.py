@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparsegpt_mi import fit_minmax, quantize
+from quant import fit_minmax, quantize
 
 GROUPING_METHODS = ("mi", "mi_hessian", "random", "contiguous", "hessian")
 

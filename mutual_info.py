@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsegpt_mi import mm_fp32
+from quant import mm_fp32
 
 MI_METHODS = ("gaussian", "binned")
 
