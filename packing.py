@@ -299,7 +299,11 @@ def save_packed(model, folder, tokenizer=None, reports: dict | None = None, nm: 
             "quantized_linears": {"count": len(header["linears"]), "params": qparams_count, "bytes": qbytes,
                                   "fp16_bytes": 2 * qparams_count,
                                   "bits_per_weight": 8 * qbytes / qparams_count if qparams_count else None},
-            "other_params": params - qparams_count, "dense_fallback": header["dense_fallback"]}
+            "other_params": params - qparams_count,
+            # what is stored as it was: embeddings, lm_head, norms, biases, linears left dense (tied
+            # weights once)
+            "other_bytes": sum(v.numel() * v.element_size() for v in state.values()),
+            "tied": sorted(tied), "dense_fallback": header["dense_fallback"]}
     disk["gptq"] = save_gptq(model, folder / "gptq", reports or {}, tokenizer) if not pruned and reports \
         else {"written": False, "reason": "pruned weights (the GPTQ layout cannot exploit sparsity)"
               if pruned else "nothing quantized"}
@@ -314,6 +318,9 @@ def describe_disk(disk: dict) -> str:
     if q["params"]:
         line += (f"; quantized linears {q['bytes'] / 2**20:.2f} MiB vs {q['fp16_bytes'] / 2**20:.2f} MiB, "
                  f"{q['bits_per_weight']:.2f} bits/weight")
+    if "other_bytes" in disk:
+        line += (f"; {disk['other_bytes'] / 2**20:.2f} MiB ({100 * disk['other_bytes'] / disk['bytes']:.0f}%) is "
+                 "not compressed linears (embeddings, lm_head, norms, biases)")
     g = disk.get("gptq", {})
     line += f"; GPTQ copy in gptq/ ({g['checkpoint_format']})" if g.get("written") else \
         f"; no GPTQ copy: {g.get('reason')}"
