@@ -1,8 +1,8 @@
 """Quality matrix: perplexity against bits for the baselines, the MI method and its ablations,
 all on one loaded model (weights restored between rows), through the real pipeline code.
 
-    python bench/quality.py MODEL CALIB.txt EVAL.txt [--rows NAME ...] [--out bench/results]
-    python bench/quality.py ... --device cuda:0,cuda:1       # the same rows spread over two GPUs
+    python -m bench.quality MODEL CALIB.txt EVAL.txt [--rows NAME ...] [--out bench/results]
+    python -m bench.quality ... --device cuda:0,cuda:1       # the same rows spread over two GPUs
 
 Protocol of the anchors: calibration = 128 windows of 2048 tokens from CALIB tokenized as one
 string (offsets from torch.Generator().manual_seed(0)); evaluation = the first 128
@@ -18,13 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import vicuna_mi as vm  # noqa: E402
-from parallel import device_list  # noqa: E402
-from datautils import get_eval_tokens, get_loaders  # noqa: E402
+from compress import compress_model
+from config import CompressConfig
+from events import summarize, versions
+from layerwise import perplexity
+from model_io import ARCHS, load_model, load_tokenizer
+from datautils import get_eval_tokens, get_loaders
+from parallel import device_list
 
 U = dict(use_mi_grouping=False)
 
@@ -66,14 +68,14 @@ ROWS = _rows()
 
 def write_results(args, device_name: str, results: list[dict]) -> Path:
     """Results so far as JSON and a markdown table (rewritten after every row)."""
-    commit = vm.versions().get("commit")
+    commit = versions().get("commit")
     date = datetime.date.today().isoformat()
     slug = device_name.replace(" ", "-").replace("/", "-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"quality-{slug}-{date}{args.tag}"
     meta = {"machine": device_name, "date": date, "commit": commit, "command": " ".join(sys.argv),
-            "versions": vm.versions(), "devices": args.device, "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen,
+            "versions": versions(), "devices": args.device, "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen,
                                                       "eval_windows": args.eval_windows}}
     (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results}, indent=1))
     lines = [f"Machine {device_name}, {date}, commit {commit}, devices {args.device}", f"`{meta['command']}`", "",
@@ -107,9 +109,9 @@ def main() -> None:
     dev = devs[0]
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = False
-    tok = vm.load_tokenizer(args.model, False)
-    model = vm.load_model(args.model, dtype, False)
-    spec = vm.ARCHS[model.config.model_type]
+    tok = load_tokenizer(args.model, False)
+    model = load_model(args.model, dtype, False)
+    spec = ARCHS[model.config.model_type]
     tokens = get_eval_tokens(args.eval, tok, args.seqlen)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
@@ -118,16 +120,16 @@ def main() -> None:
         if not results or results[-1]["seed"] != seed:
             windows = get_loaders(args.calib, tok, args.nsamples, seed, args.seqlen)
         model.load_state_dict(original)
-        cfg = vm.CompressConfig(**ROWS[name])
+        cfg = CompressConfig(**ROWS[name])
         torch.manual_seed(0)
         tick = time.perf_counter()
         if name == "fp16":
             summary = {"avg_bits": 16.0, "effective_bits": 16.0, "sparsity": 0.0, "bits_histogram": {"16": 1.0}}
         else:
-            reports = vm.compress_model(model, spec, cfg, windows, devs, dtype, lambda m: None)
-            summary = vm.summarize(reports)
+            reports = compress_model(model, spec, cfg, windows, devs, dtype).reports
+            summary = summarize(reports)
         secs = time.perf_counter() - tick
-        ppl = vm.perplexity(model, spec, tokens, args.seqlen, devs, dtype, args.eval_windows)
+        ppl = perplexity(model, spec, tokens, args.seqlen, devs, dtype, args.eval_windows)
         row = {"row": name, "seed": seed, "config": ROWS[name], "wiki_ppl": ppl, "seconds": secs, **summary}
         results.append(row)
         print(f"{name:28s} seed {seed} ppl {ppl:9.3f}  bits {summary['avg_bits']:.3f}  eff {summary['effective_bits']:.3f}  "
