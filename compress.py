@@ -132,13 +132,27 @@ def gather_statistics(team: Team, names: tuple[str, ...], cfg: CompressConfig, t
 
 
 # ---------------------------------------------------------------- phase 2: groups and widths
+AUTO_GROUPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # what --n_groups auto tries (up to --n_groups_max)
+
+
+def candidate_ks(cfg: CompressConfig, columns: int) -> list[int]:
+    """The numbers of clusters to try: --n_groups, or for auto every AUTO_GROUPS value up to
+    --n_groups_max (and the number of channels)."""
+    if not cfg.auto_groups:
+        return [min(cfg.n_groups, columns)]
+    return sorted({min(k, columns) for k in AUTO_GROUPS if k <= cfg.n_groups_max})
+
+
 def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample, dev,
                            timer: StageTimer = NO_TIMER, keep_mi: bool = False) -> Plan:
-    """Channel groups and per-linear widths for one shared-input set of linears. dev: a
-    device, or a list of them: the clustering runs on the first, the allocation errors are
-    split by rows over all. keep_mi: return a CPU copy of the MI matrix (for --plot)."""
-    from channel_grouping import allocate_bits, cluster_errors, group_channels, order_groups
-    from mutual_info import estimate_mi, mi_summary
+    """Channel groups and per-linear widths for one shared-input set of linears: for each
+    candidate number of clusters, the widths of least Hessian-weighted error within the
+    budget; the number with the least summed error wins. dev: a device, or a list of them:
+    the clustering runs on the first, the allocation errors are split by rows over all.
+    keep_mi: return a CPU copy of the MI matrix (for --plot)."""
+    from channel_grouping import (AFFINITY_METHODS, group_channels, groups_for_ks, order_groups,
+                                  pruned_per_group)
+    from mutual_info import abs_correlation, estimate_mi, mi_summary
     devs = device_list(dev)
     dev = devs[0]
     columns = solver.columns
@@ -148,40 +162,80 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
         return Plan([torch.arange(columns, device=dev)], [[bits] for _ in weights], None, None, 0.0)
     H = solver.hessian()
     diag = torch.diag(H)
-    k = min(cfg.n_groups, columns)
-    stats = kept = None
+    ks = candidate_ks(cfg, columns)
+    stats = kept = dependence = None
     if cfg.grouping in ("mi", "mi_hessian"):
         with timer("mi"):
-            mi = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
-            stats = mi_summary(mi)
+            dependence = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
+            stats = mi_summary(dependence)
             if keep_mi:
-                kept = mi.to("cpu", copy=True)  # before the in-place clustering
-        with timer("clustering"):
-            groups = group_channels(cfg.grouping, k, mi=mi, diag=diag, seed=cfg.seed, inplace=True)
-            del mi
-    else:
-        with timer("clustering"):
-            groups = group_channels(cfg.grouping, k, diag=diag, seed=cfg.seed, columns=columns)
-    groups = order_groups(groups, diag)
+                kept = dependence.to("cpu", copy=True)  # before the in-place clustering
+    elif cfg.grouping in ("corr", "corr_hessian"):
+        with timer("mi"):
+            dependence = abs_correlation(H, solver.mean())
+    with timer("clustering"):
+        if cfg.auto_groups:
+            by_k = groups_for_ks(cfg.grouping, ks, mi=dependence, diag=diag, seed=cfg.seed, columns=columns,
+                                 inplace=True)
+        elif cfg.grouping in AFFINITY_METHODS:
+            by_k = {ks[0]: group_channels(cfg.grouping, ks[0], mi=dependence, diag=diag, seed=cfg.seed,
+                                          inplace=True)}
+        else:
+            by_k = {ks[0]: group_channels(cfg.grouping, ks[0], diag=diag, seed=cfg.seed, columns=columns)}
+        del dependence
     candidates = list(range(cfg.min_bits, cfg.max_bits + 1))
-    sizes = [int(g.numel()) for g in groups]
-    with timer("allocation"):  # one pass over the stacked linears that share H; rows split over devices
-        shares = row_shares([W.shape[0] for W in weights], len(devs))
-        used = devs[:len(shares)]
-
-        def errors(d, share):
-            Hd = H if d == dev else H.to(d)
-            gd = groups if d == dev else [g.to(d) for g in groups]
-            return cluster_errors(torch.cat([W[rows].to(d) for W, rows in zip(weights, share)], 0), Hd, gd,
-                                  candidates, cfg.target_sparsity, cfg.sym,
-                                  row_splits=[r.stop - r.start for r in share], on_device=True)
-        parts = interleave([launched(errors, d, share) for d, share in zip(used, shares)], used)
-        errs = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-        bits = [allocate_bits(err, sizes, candidates, cfg.target_avg_bits) for err in errs]
+    best = None
+    with timer("allocation"):
+        for k, groups in by_k.items():
+            groups = order_groups(groups, diag)
+            sizes = [int(g.numel()) for g in groups]
+            errs = _cluster_errors(cfg, H, weights, groups, candidates, devs)
+            pruned = pruned_per_group(sizes, cfg.sparsity) if cfg.sparsity and cfg.mask_scope == "row" else None
+            choice = _allocate(cfg, errs, sizes, candidates, [W.shape[0] for W in weights], pruned)
+            if choice is not None and (best is None or choice[1] < best[2]):
+                best = (groups, choice[0], choice[1])
+        if best is None:  # no number of clusters fits a stored budget: the cheapest widths, with a warning
+            groups = order_groups(by_k[min(by_k)], diag)
+            best = (groups, [[cfg.min_bits] * len(groups) for _ in weights], float("inf"))
     for d in devs:
         if d.type == "cuda":
             torch.cuda.synchronize(d)
-    return Plan(groups, bits, stats, kept, time.perf_counter() - tick)
+    return Plan(best[0], best[1], stats, kept, time.perf_counter() - tick)
+
+
+def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candidates: list[int], devs: list):
+    """err[linear, group, width] (see channel_grouping.cluster_errors): one pass over the
+    stacked linears that share H, their rows split over the devices."""
+    from channel_grouping import cluster_errors
+    dev = devs[0]
+    shares = row_shares([W.shape[0] for W in weights], len(devs))
+    used = devs[:len(shares)]
+
+    def errors(d, share):
+        Hd = H if d == dev else H.to(d)
+        gd = groups if d == dev else [g.to(d) for g in groups]
+        return cluster_errors(torch.cat([W[rows].to(d) for W, rows in zip(weights, share)], 0), Hd, gd,
+                              candidates, cfg.target_sparsity, cfg.sym,
+                              row_splits=[r.stop - r.start for r in share], on_device=True, mse=cfg.clip == "mse")
+    parts = interleave([launched(errors, d, share) for d, share in zip(used, shares)], used)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
+def _allocate(cfg: CompressConfig, errs, sizes: list[int], candidates: list[int], rows: list[int], pruned):
+    """(widths per linear, summed error) within the budget, or None where a stored budget
+    cannot be met with these groups."""
+    from channel_grouping import allocate_bits, allocate_stored
+    if cfg.bits_budget == "weight":
+        bits = [allocate_bits(err, sizes, candidates, cfg.target_avg_bits) for err in errs]
+        return bits, sum(float(err[g, candidates.index(b)]) for err, bb in zip(errs, bits) for g, b in enumerate(bb))
+    out, total = [], 0.0
+    for err, r in zip(errs, rows):
+        choice = allocate_stored(err, sizes, candidates, cfg.target_avg_bits, r, pruned, (cfg.prunen, cfg.prunem))
+        if choice is None:
+            return None
+        out.append(choice[0])
+        total += choice[1]
+    return out, total
 
 
 # ---------------------------------------------------------------- phase 3: solve
@@ -227,18 +281,32 @@ def write_back(team: Team, index: int, names: tuple[str, ...], results: list, pl
         eff = res.avg_bits + group_overhead_bits(b, sizes, cfg.solver_groupsize) if res.avg_bits < 16 else 16.0
         if cfg.mixed:
             eff += math.ceil(math.log2(max(columns, 2))) / lin.out_features  # the stored permutation
+        qparams = None if res.avg_bits >= 16 else {"perm": res.perm, "runs": res.runs, "scale": res.scale,
+                                                   "zero": res.zero}
         rep = LinearReport(shape=[lin.out_features, columns], sparsity=res.sparsity, avg_bits=res.avg_bits,
                            effective_bits=eff, loss=res.loss, seconds=res.seconds + plan.seconds / len(names),
                            groups=[{"bits": int(bb), "channels": g.tolist()} for bb, g in zip(b, plan.groups)],
-                           qparams=None if res.avg_bits >= 16 else
-                           {"perm": res.perm, "runs": res.runs, "scale": res.scale, "zero": res.zero})
+                           stored_bits=stored_bits(res.weight, qparams, cfg), qparams=qparams)
         reports[name] = rep
-        if cfg.mixed and res.avg_bits < cfg.target_avg_bits - 0.01 - 1e-9:
-            emit({"event": "under_target", "layer": index, "linear": name, "bits": res.avg_bits,
+        budgeted = rep.stored_bits if cfg.bits_budget == "stored" else res.avg_bits
+        if cfg.mixed and budgeted < cfg.target_avg_bits - 0.01 - 1e-9:
+            emit({"event": "under_target", "layer": index, "linear": name, "bits": budgeted,
                   "target": cfg.target_avg_bits})
+        if cfg.mixed and budgeted > cfg.target_avg_bits + 1e-9:
+            emit({"event": "warning", "text": f"layer {index} {name}: {budgeted:.3f} {cfg.bits_budget} bits, over the "
+                                              f"target {cfg.target_avg_bits} (no grouping fits it; raise the target)"})
         emit({"event": "linear", "layer": index, "linear": name, "loss": res.loss, "sparsity": res.sparsity,
-              "bits": res.avg_bits, "seconds": rep.seconds})
+              "bits": res.avg_bits, "stored_bits": rep.stored_bits, "groups": len(plan.groups),
+              "seconds": rep.seconds})
     return reports
+
+
+def stored_bits(W: torch.Tensor, qparams: dict | None, cfg: CompressConfig) -> float:
+    """Bits per weight the packed file will hold for this linear (16: stored dense)."""
+    import packing
+    if qparams is None:
+        return 16.0
+    return 8 * packing.stored_bytes(W, qparams, (cfg.prunen, cfg.prunem))["total"] / W.numel()
 
 
 def round_to_nearest(team: Team, index: int, names: tuple[str, ...], cfg: CompressConfig,
@@ -255,7 +323,7 @@ def round_to_nearest(team: Team, index: int, names: tuple[str, ...], cfg: Compre
         qparams = None
         Q = W
         if cfg.wbits < 16:
-            Q, scale, zero = rtn_quantize(W, cfg.wbits, cfg.groupsize, cfg.sym)
+            Q, scale, zero = rtn_quantize(W, cfg.wbits, cfg.groupsize, cfg.sym, cfg.clip == "mse")
             g = columns if cfg.groupsize <= 0 else cfg.groupsize
             qparams = {"perm": torch.arange(columns), "scale": scale.cpu(), "zero": zero.cpu(),
                        "runs": [(c0, min(c0 + g, columns), cfg.wbits) for c0 in range(0, columns, g)]}
@@ -264,10 +332,11 @@ def round_to_nearest(team: Team, index: int, names: tuple[str, ...], cfg: Compre
         rep = LinearReport(shape=list(W.shape), sparsity=float((W == 0).float().mean()), avg_bits=float(cfg.wbits),
                            effective_bits=cfg.wbits + group_overhead_bits([cfg.wbits], [columns], cfg.groupsize),
                            loss=float("nan"), seconds=time.perf_counter() - tick,
-                           groups=[{"bits": cfg.wbits, "channels": list(range(columns))}], qparams=qparams)
+                           groups=[{"bits": cfg.wbits, "channels": list(range(columns))}],
+                           stored_bits=stored_bits(Q, qparams, cfg), qparams=qparams)
         reports[name] = rep
         emit({"event": "linear", "layer": index, "linear": name, "loss": None, "sparsity": rep.sparsity,
-              "bits": rep.avg_bits, "seconds": rep.seconds})
+              "bits": rep.avg_bits, "stored_bits": rep.stored_bits, "groups": 1, "seconds": rep.seconds})
     return reports
 
 

@@ -32,11 +32,19 @@ class CompressConfig:
     mask_scope: str = "row"
     no_kernel: bool = False
     seed: int = 0
+    bits_budget: str = "weight"   # what --target_avg_bits bounds: "weight" bits, or everything "stored"
+    n_groups_max: int = 32        # the most clusters --n_groups auto (n_groups 0) considers
+    clip: str = "minmax"          # grid range: "minmax", or "mse" (clipping search)
 
     @property
     def mixed(self) -> bool:
         """MI mode: per-cluster widths around the target (quantization on, MI grouping on)."""
         return self.use_mi_grouping and self.wbits < 16 and not self.rtn
+
+    @property
+    def auto_groups(self) -> bool:
+        """--n_groups auto: the number of clusters is chosen per linear set (n_groups 0)."""
+        return self.n_groups <= 0
 
     @property
     def prunes(self) -> bool:
@@ -66,7 +74,8 @@ class CompressConfig:
         """Keyword arguments of LinearSolver.solve_steps."""
         return dict(sparsity=self.sparsity, prunen=self.prunen, prunem=self.prunem, groupsize=self.solver_groupsize,
                     sym=self.sym, percdamp=self.percdamp, blocksize=self.blocksize,
-                    act_order=self.mixed or self.act_order, mask_scope=self.mask_scope, use_kernel=not self.no_kernel)
+                    act_order=self.mixed or self.act_order, mask_scope=self.mask_scope, use_kernel=not self.no_kernel,
+                    mse=self.clip == "mse")
 
 
 @dataclass
@@ -80,6 +89,9 @@ class LinearReport:
     loss: float
     seconds: float
     groups: list[dict] = field(default_factory=list)
+    # bits per weight of everything the packed file holds for this linear (codes, scales, zeros,
+    # permutation, sparsity encoding; 16 where it is stored dense)
+    stored_bits: float = 16.0
     # grid of the quantized weights, for packed saves: perm (in,), runs [(start, end, bits)]
     # over permuted columns, scale/zero (out, n_runs); None where nothing was quantized
     qparams: dict | None = field(default=None, repr=False)

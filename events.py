@@ -99,6 +99,7 @@ def summarize(reports: dict) -> dict:
     return {
         "avg_bits": sum(r.avg_bits * r.shape[0] * r.shape[1] for r in reports.values()) / total,
         "effective_bits": sum(r.effective_bits * r.shape[0] * r.shape[1] for r in reports.values()) / total,
+        "stored_bits": sum(r.stored_bits * r.shape[0] * r.shape[1] for r in reports.values()) / total,
         "sparsity": sum(r.sparsity * r.shape[0] * r.shape[1] for r in reports.values()) / total,
         "bits_histogram": {str(b): n / total for b, n in sorted(hist.items())},
     }

@@ -11,23 +11,53 @@ import torch
 
 
 # ---------------------------------------------------------------- grids
-def fit_minmax(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric (or symmetric) min-max grid per row of W (R, C); maxq (R,) = 2^bits - 1,
-    or (B, 1) for B candidate widths at once, giving (B, R) grids.
+SCALE_DTYPE = torch.float16  # grid steps are stored (and therefore fitted) in fp16
+_TINY_SCALE = 2.0 ** -24      # the smallest positive fp16: a step never rounds to 0
+MSE_SHRINK = torch.linspace(1.0, 0.5, 26).tolist()  # range fractions the MSE clipping search tries
+MSE_NORM = 2.4                # as GPTQ's and llm-compressor's MSE observers
 
-    The range always contains 0, so zero is exactly on the grid (pruned weights stay 0).
-    Returns scale and integer zero point (float), shaped like maxq broadcast against (R,).
+
+def fit_minmax(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, shrink: float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (or symmetric) min-max grid per row of W (R, C), its range scaled by
+    `shrink`; maxq (R,) = 2^bits - 1, or (B, 1) for B candidate widths at once, giving (B, R)
+    grids.
+
+    The range always contains 0, so zero is exactly on the grid (pruned weights stay 0). The
+    scale is rounded to fp16, as it is stored, so the solver's error compensation sees the
+    grid the file holds. Returns scale and integer zero point (float), shaped like maxq
+    broadcast against (R,).
     """
-    xmin = W.min(dim=1).values.clamp(max=0)
-    xmax = W.max(dim=1).values.clamp(min=0)
+    xmin = W.min(dim=1).values.clamp(max=0) * shrink
+    xmax = W.max(dim=1).values.clamp(min=0) * shrink
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
     flat = (xmin == 0) & (xmax == 0)
     xmin = torch.where(flat, torch.full_like(xmin, -1), xmin)
     xmax = torch.where(flat, torch.full_like(xmax, 1), xmax)
-    scale = (xmax - xmin) / maxq
-    zero = torch.full_like(scale, 0) + ((maxq + 1) / 2 if sym else torch.round(-xmin / scale))
+    scale = ((xmax - xmin) / maxq).to(SCALE_DTYPE).float().clamp(min=_TINY_SCALE)
+    zero = torch.full_like(scale, 0) + ((maxq + 1) / 2 if sym else torch.minimum(torch.round(-xmin / scale), maxq))
+    return scale, zero
+
+
+def fit_grid(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of each row of W (R, C) (see fit_minmax for maxq and the shapes). mse: search the
+    range fraction in MSE_SHRINK that minimises sum |w - q|^2.4 over the row (clipping the
+    extremes trades their error for a finer step everywhere else), per row and width."""
+    scale, zero = fit_minmax(W, maxq, sym)
+    if not mse:
+        return scale, zero
+
+    def error(s, z):
+        return (quantize(W, s[..., None], z[..., None], maxq[..., None]) - W).abs_().pow_(MSE_NORM).sum(-1)
+    best = error(scale, zero)
+    for shrink in MSE_SHRINK[1:]:
+        s, z = fit_minmax(W, maxq, sym, shrink)
+        err = error(s, z)
+        better = err < best
+        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.where(better, err, best)
     return scale, zero
 
 
@@ -37,10 +67,10 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: tor
     return scale * (q - zero)
 
 
-def rtn_quantize(W: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = False
+def rtn_quantize(W: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = False, mse: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest baseline: per row, or per `groupsize` consecutive columns.
-    Returns the quantized weights (R, C) and scale, zero (R, n_runs)."""
+    """Round-to-nearest baseline: per row, or per `groupsize` consecutive columns (mse: with
+    the clipping search). Returns the quantized weights (R, C) and scale, zero (R, n_runs)."""
     R, C = W.shape
     W = W.float()
     g = C if groupsize <= 0 else groupsize
@@ -49,7 +79,7 @@ def rtn_quantize(W: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = Fa
     scales, zeros = [], []
     for c0 in range(0, C, g):
         blk = W[:, c0:c0 + g]
-        scale, zero = fit_minmax(blk, maxq, sym)
+        scale, zero = fit_grid(blk, maxq, sym, mse)
         out[:, c0:c0 + g] = quantize(blk, scale[:, None], zero[:, None], maxq[:, None])
         scales.append(scale)
         zeros.append(zero)

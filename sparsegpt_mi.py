@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant import accumulate_xtx, fit_minmax, quantize
+from quant import accumulate_xtx, fit_grid, quantize
 
 
 @dataclass
@@ -110,6 +110,7 @@ class LinearSolver:
         act_order: bool = False,
         mask_scope: str = "row",
         use_kernel: bool = True,
+        mse: bool = False,
     ):
         """Prune and quantize `weights` (each (out_i, C)) jointly; they share H.
 
@@ -119,7 +120,8 @@ class LinearSolver:
         their own scale/zero (uniform GPTQ-style g128). mask_scope "row": unstructured masks
         exact per output row (default); "block": one threshold per block over all rows, as the
         reference SparseGPT. use_kernel: on CUDA, run each block's column loop as one fused
-        kernel (solver_kernel.py) instead of ~15 small launches per column.
+        kernel (solver_kernel.py) instead of ~15 small launches per column. mse: each grid's
+        range is searched for the least |w - q|^2.4 (quant.fit_grid) instead of min-max.
 
         A generator: it yields after each block of columns (its kernels queued, nothing waited
         for) and returns one SolveResult per weight, so that one thread can keep several
@@ -194,7 +196,7 @@ class LinearSolver:
             qon = bits_rg[:, g] < 16
             quant = any(b[g] < 16 for b in bits)  # from the host's copy: no device sync
             if quant:
-                scale, zero = fit_minmax(W[:, s0:e0], maxq, sym)
+                scale, zero = fit_grid(W[:, s0:e0], maxq, sym, mse)
                 scales[:, r_idx] = scale
                 zeros[:, r_idx] = zero
             else:

@@ -49,11 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform mode: scale/zero per this many input columns (-1 = per output row)")
     p.add_argument("--sym", action="store_true", help="symmetric quantization grid (default asymmetric)")
     p.add_argument("--target_avg_bits", type=float, default=4.0,
-                   help="MI mode: average bits per weight each linear must meet (never exceeded by > 0.01)")
+                   help="MI mode: bits per weight no linear may exceed: weight bits, or everything the packed file "
+                        "stores (see --bits_budget)")
+    p.add_argument("--bits_budget", default="weight", choices=["weight", "stored"],
+                   help="MI mode: what --target_avg_bits bounds: the weights' widths (weight), or every bit the "
+                        "packed file holds for a linear: codes, fp16 scales, zero points, permutation and sparsity "
+                        "encoding (stored)")
     p.add_argument("--use_mi_grouping", type=int, default=1, choices=[0, 1],
                    help="1: cluster input channels by mutual information, one bit width per cluster; "
                         "0: uniform SparseGPT/GPTQ baseline")
-    p.add_argument("--n_groups", type=int, default=10, help="MI mode: clusters of input channels per linear")
+    p.add_argument("--n_groups", type=_n_groups, default=None,
+                   help="MI mode: clusters of input channels per linear, or 'auto': the number with the least "
+                        "error within the budget, up to --n_groups_max (default: 10 with --bits_budget weight, "
+                        "auto with stored)")
+    p.add_argument("--n_groups_max", type=int, default=32, help="MI mode: the most clusters --n_groups auto tries")
     p.add_argument("--min_bits", type=int, default=2, help="MI mode: smallest width a cluster may get")
     p.add_argument("--max_bits", type=int, default=8, help="MI mode: largest width a cluster may get")
     p.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
@@ -64,10 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uniform mode: process columns by descending Hessian diagonal (always on in MI mode)")
     p.add_argument("--mi_method", default="gaussian", choices=["gaussian", "binned"],
                    help="MI estimator: Gaussian from the covariance, or equal-frequency binning on a token sample")
-    p.add_argument("--grouping", default="mi_hessian", choices=["mi", "mi_hessian", "random", "contiguous", "hessian"],
+    p.add_argument("--grouping", default="mi_hessian",
+                   choices=["mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim", "random", "contiguous",
+                            "hessian"],
                    help="how channels are grouped in MI mode: spectral clustering of the MI affinity (mi), of the "
-                        "MI affinity weighted by similar Hessian diagonal (mi_hessian); random/contiguous/hessian "
-                        "(equal groups by diag(H) rank) are ablations")
+                        "MI affinity weighted by similar Hessian diagonal (mi_hessian); ablations: |correlation| in "
+                        "place of MI (corr, corr_hessian), the Hessian-diagonal similarity alone (hessian_sim), "
+                        "random, contiguous, and equal groups by diag(H) rank (hessian)")
+    p.add_argument("--clip", default="minmax", choices=["minmax", "mse"],
+                   help="range of each quantization grid: min-max, or the range fraction (1.0 down to 0.5) with the "
+                        "least |w - q|^2.4 over its weights (mse)")
     p.add_argument("--no_kernel", action="store_true",
                    help="run the solver's plain PyTorch column loop instead of the fused Triton kernel on CUDA")
     p.add_argument("--mi_tokens", type=int, default=8192, help="tokens sampled for the binned MI estimator")
@@ -132,8 +147,10 @@ def validate(args) -> None:
     if not args.min_bits <= args.target_avg_bits <= args.max_bits:
         raise UsageError(f"--target_avg_bits {args.target_avg_bits} is outside [--min_bits {args.min_bits}, "
                          f"--max_bits {args.max_bits}]")
-    if args.n_groups < 1:
-        raise UsageError(f"--n_groups must be at least 1, got {args.n_groups}")
+    if isinstance(args.n_groups, int) and args.n_groups < 1:
+        raise UsageError(f"--n_groups must be 'auto' or at least 1, got {args.n_groups}")
+    if args.n_groups_max < 1:
+        raise UsageError(f"--n_groups_max must be at least 1, got {args.n_groups_max}")
     if args.nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {args.nsamples}")
     if args.seqlen < 2:
@@ -158,10 +175,24 @@ def validate(args) -> None:
         check_save_target(args.save, args.overwrite)
 
 
+def _n_groups(text: str) -> int | str:
+    """--n_groups: a count, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def config_from_args(args) -> CompressConfig:
     names = CompressConfig.__dataclass_fields__
     vals = {k: getattr(args, k) for k in names}
     vals["use_mi_grouping"] = bool(args.use_mi_grouping)
+    if args.n_groups is None:  # auto where the budget counts the groups' metadata
+        vals["n_groups"] = 0 if args.bits_budget == "stored" else 10
+    elif args.n_groups == "auto":
+        vals["n_groups"] = 0
     return CompressConfig(**vals)
 
 
@@ -280,7 +311,7 @@ def run(args, console: Console) -> int:
     if limit and args.seqlen > limit:
         raise UsageError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings {limit}")
     width = min(model_cfg.hidden_size, getattr(model_cfg, "intermediate_size", model_cfg.hidden_size))
-    if cfg.mixed and args.n_groups > width:
+    if cfg.mixed and cfg.n_groups > width:
         print(f"warning: --n_groups {args.n_groups} exceeds the {width} input channels of the smallest "
               f"linear; capped per linear", file=sys.stderr)
 
@@ -366,13 +397,13 @@ def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, che
     seconds = time.perf_counter() - t0
     summary = summarize(result.reports)
     print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
-          f"effective bits {summary['effective_bits']:.3f}", flush=True)
+          f"effective bits {summary['effective_bits']:.3f}  stored bits {summary['stored_bits']:.3f}", flush=True)
     print("bit distribution (fraction of weights): " +
           "  ".join(f"{b}b {f:.3f}" for b, f in summary["bits_histogram"].items()), flush=True)
     if console.under:
-        print(f"warning: {console.under} of {len(result.reports)} linears ended more than 0.01 bits under "
-              f"--target_avg_bits {cfg.target_avg_bits} (their least-error widths average less; each linear's "
-              "bits are in the report and --log_json)", flush=True)
+        print(f"warning: {console.under} of {len(result.reports)} linears ended more than 0.01 {cfg.bits_budget} "
+              f"bits under --target_avg_bits {cfg.target_avg_bits} (their least-error widths average less; each "
+              "linear's bits are in the report and --log_json)", flush=True)
     console.jlog.event("compressed", seconds=seconds, under_target=console.under, **summary)
     if args.plot:
         import plots

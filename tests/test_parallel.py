@@ -178,6 +178,11 @@ def test_three_devices_equal_one(case, tiny_models, text_files, monkeypatch):
         seen.append((id(layer), inps.shape[0]))
         return layer_steps(layer, inps, outs, kwargs, batch)
 
+    # fp32 grid steps here: with the stored fp16 ones, a Hessian summed in another order can move a
+    # scale across an fp16 rounding boundary and flip codes near a tie, which hides what this test
+    # checks (that the split computes the same thing) behind that rounding
+    import quant
+    monkeypatch.setattr(quant, "SCALE_DTYPE", torch.float32)
     results = {}
     for n in (1, 3):
         seen.clear()
