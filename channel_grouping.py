@@ -15,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparsegpt_mi import fit_minmax, quantize
+from quant import fit_grid, quantize
 
-GROUPING_METHODS = ("mi", "mi_hessian", "random", "contiguous", "hessian")
+GROUPING_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim", "random", "contiguous", "hessian")
+AFFINITY_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim")  # spectral clustering of an affinity
 
 
 # ---------------------------------------------------------------- spectral clustering
@@ -75,34 +76,81 @@ def kmeans(X: torch.Tensor, k: int, n_init: int = 4, iters: int = 40, seed: int 
     return labels[int(inertia.argmin())]
 
 
+def spectral_embedding(A: torch.Tensor, k: int, seed: int = 0, inplace: bool = False) -> torch.Tensor:
+    """The k leading eigenvectors (C, k), largest eigenvalue last, of D^-1/2 A D^-1/2 for a
+    symmetric non-negative affinity A (C, C). inplace: A (fp32) may be overwritten, which saves
+    a C x C buffer. The leading k' < k columns' tail V[:, -k':] serves a clustering into k'."""
+    M = A if (inplace and A.dtype == torch.float32) else A.float().clone()  # -> D^-1/2 A D^-1/2
+    M.fill_diagonal_(0)
+    M.add_(1e-6 * M.mean().clamp(min=1e-12))  # connects isolated (dead) channels
+    dinv = M.sum(1).rsqrt()
+    M.mul_(dinv[:, None]).mul_(dinv[None, :])
+    return top_eigenvectors(M, k, seed=seed)  # (C, k)
+
+
+def cluster_embedding(V: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Labels (C,) in [0, k): k-means of the rows of the k leading eigenvectors, normalized."""
+    V = V[:, -k:]
+    V = V / V.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return kmeans(V, k, seed=seed)
+
+
 def spectral_clustering(A: torch.Tensor, k: int, seed: int = 0, inplace: bool = False) -> torch.Tensor:
     """Cluster labels (C,) in [0, k) from a symmetric non-negative affinity A (C, C).
     inplace: A (fp32) may be overwritten, which saves a C x C buffer."""
     C = A.shape[0]
     if k >= C:
         return torch.arange(C, device=A.device)
-    M = A if (inplace and A.dtype == torch.float32) else A.float().clone()  # -> D^-1/2 A D^-1/2
-    M.fill_diagonal_(0)
-    M.add_(1e-6 * M.mean().clamp(min=1e-12))  # connects isolated (dead) channels
-    dinv = M.sum(1).rsqrt()
-    M.mul_(dinv[:, None]).mul_(dinv[None, :])
-    V = top_eigenvectors(M, k, seed=seed)  # (C, k)
-    del M
-    V = V / V.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return kmeans(V, k, seed=seed)
+    return cluster_embedding(spectral_embedding(A, k, seed, inplace), k, seed)
+
+
+def affinity(method: str, mi: torch.Tensor | None, diag: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """The affinity a spectral grouping clusters: the dependence matrix (MI, or |correlation|
+    for the corr methods) as it is, weighted by similar Hessian diagonal (*_hessian), or the
+    Hessian-diagonal similarity alone (hessian_sim)."""
+    if method == "hessian_sim":
+        C = diag.shape[0]
+        return sensitivity_weighted(torch.ones(C, C, device=diag.device), diag, inplace=True)
+    if method.endswith("_hessian"):
+        return sensitivity_weighted(mi, diag, inplace)
+    return mi
+
+
+def groups_for_ks(method: str, ks: list[int], mi: torch.Tensor | None = None, diag: torch.Tensor | None = None,
+                  seed: int = 0, columns: int | None = None, inplace: bool = False) -> dict[int, list[torch.Tensor]]:
+    """group_channels for several numbers of groups at once: an affinity's eigenvectors are
+    computed once, for the largest k, and each k clusters the leading k of them."""
+    C = columns if columns is not None else (mi.shape[0] if mi is not None else diag.shape[0])
+    ks = sorted({max(1, min(k, C)) for k in ks})
+    if method not in AFFINITY_METHODS:
+        return {k: group_channels(method, k, diag=diag, seed=seed, columns=C) for k in ks}
+    out = {k: [torch.arange(C, device=diag.device)] for k in ks if k == 1}
+    out.update({k: [g.to(diag.device) for g in torch.arange(C).split(1)] for k in ks if k == C})
+    rest = [k for k in ks if 1 < k < C]
+    if rest:
+        V = spectral_embedding(affinity(method, mi, diag, inplace), max(rest), seed, inplace=True)
+        for k in rest:
+            out[k] = _labels_to_groups(cluster_embedding(V, k, seed), k)
+    return out
+
+
+def _labels_to_groups(labels: torch.Tensor, k: int) -> list[torch.Tensor]:
+    groups = [torch.nonzero(labels == g).flatten() for g in range(k)]
+    return [g for g in groups if g.numel() > 0]
 
 
 def group_channels(method: str, k: int, mi: torch.Tensor | None = None, diag: torch.Tensor | None = None,
                    seed: int = 0, columns: int | None = None, inplace: bool = False) -> list[torch.Tensor]:
     """Partition range(C) into k groups; returns channel index tensors (empty ones dropped).
-    inplace: the MI matrix may be overwritten by the clustering."""
+    mi: the dependence matrix of the spectral methods (MI, or |correlation| for corr*).
+    inplace: that matrix may be overwritten by the clustering."""
     C = columns if columns is not None else (mi.shape[0] if mi is not None else diag.shape[0])
     dev = mi.device if mi is not None else (diag.device if diag is not None else "cpu")
     k = max(1, min(k, C))
-    if method == "mi":
+    if method in ("mi", "corr"):
         labels = spectral_clustering(mi, k, seed, inplace=inplace)
-    elif method == "mi_hessian":
-        labels = spectral_clustering(sensitivity_weighted(mi, diag, inplace), k, seed, inplace=True)
+    elif method in AFFINITY_METHODS:
+        labels = spectral_clustering(affinity(method, mi, diag, inplace), k, seed, inplace=True)
     elif method == "random":
         gen = torch.Generator().manual_seed(seed)
         labels = (torch.randperm(C, generator=gen) % k).to(dev)
@@ -113,8 +161,7 @@ def group_channels(method: str, k: int, mi: torch.Tensor | None = None, diag: to
         labels = rank * k // C
     else:
         raise ValueError(f"unknown grouping {method!r}; choose one of {', '.join(GROUPING_METHODS)}")
-    groups = [torch.nonzero(labels == g).flatten() for g in range(k)]
-    return [g for g in groups if g.numel() > 0]
+    return _labels_to_groups(labels, k)
 
 
 def sensitivity_weighted(mi: torch.Tensor, diag: torch.Tensor, inplace: bool = False,
@@ -138,13 +185,14 @@ def order_groups(groups: list[torch.Tensor], diag: torch.Tensor) -> list[torch.T
 # ---------------------------------------------------------------- bit allocation
 def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor], candidates: list[int],
                    sparsity: float = 0.0, sym: bool = False, row_splits: list[int] | None = None,
-                   on_device: bool = False) -> torch.Tensor:
+                   on_device: bool = False, mse: bool = False) -> torch.Tensor:
     """err[g, b] = tr(E H_gg E^T), E the round-to-nearest error of W[:, g] (per-row grid) at
     width candidates[b]. With sparsity, the lowest w^2 H_jj of each row are pruned first, so
     only the kept weights count (the pruning error does not depend on the width).
     row_splits: W stacks several linears sharing H (rows per linear); then one err per
     linear comes back, (n, G, B), from a single pass. on_device: leave the result on W's device
-    (nothing waits for the device) instead of moving it to the CPU."""
+    (nothing waits for the device) instead of moving it to the CPU. mse: the grids use the
+    clipping search, as the solver's will."""
     W = W.float()
     splits = row_splits or [W.shape[0]]
     if sparsity > 0:
@@ -159,7 +207,7 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
         Wg = W[:, g]  # (R, s)
         Hg = H[g][:, g]  # (s, s)
         kept = Wg != 0
-        scale, zero = fit_minmax(Wg, maxq, sym)  # every candidate width at once: (B, R) grids
+        scale, zero = fit_grid(Wg, maxq, sym, mse)  # every candidate width at once: (B, R) grids
         Q = quantize(Wg[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
         E = (Wg[None] - Q) * kept[None]
         per_row = ((E @ Hg) * E).sum(dim=2).double()  # (B, R)
@@ -176,62 +224,122 @@ def allocate_bits(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: 
     at most `target`. With tol_bits, the average must also lie in [target - tol_bits, target]
     (where integer widths cannot land there: the largest average under the target they reach).
     Measured on SmolLM2, forcing the average up that way costs more error than it saves, so the
-    default leaves it free.
+    default leaves it free."""
+    total = sum(sizes)
+    costs = np.array([[s * b for b in candidates] for s in sizes], dtype=np.int64)
+    low = None if tol_bits is None else max(0, int(np.ceil((target - tol_bits) * total - 1e-6)))
+    picks = allocate(err, costs, int(np.floor(target * total + 1e-6)), low)
+    if picks is None:
+        raise ValueError(f"target {target} bits is below the smallest width {min(candidates)}")
+    return [candidates[p] for p in picks]
+
+
+def allocate(err: torch.Tensor | np.ndarray, costs: np.ndarray, budget: int, low: int | None = None
+             ) -> list[int] | None:
+    """The choice per group (an index into the candidates) minimising sum err[g, choice] with
+    sum costs[g, choice] <= budget (integer costs, e.g. bits per output row); None where even
+    the cheapest choices exceed the budget. With low, the spend must also be at least low
+    (where no choice lands in [low, budget]: the largest spend under the budget).
 
     Exact (multiple-choice knapsack by dynamic programming over the exact spend); leftover
-    budget then upgrades groups where that does not raise the error.
+    budget then upgrades groups (to a costlier choice) where that does not raise the error.
     """
     err = np.asarray(err, dtype=np.float64)
-    G = len(sizes)
-    total = sum(sizes)
-    budget = int(np.floor(target * total + 1e-6))
+    costs = np.asarray(costs, dtype=np.int64)
+    G, B = costs.shape
+    if budget < 0:
+        return None
     inf = np.inf
     dp = np.full(budget + 1, inf)
     dp[0] = 0.0
     choice = np.zeros((G, budget + 1), dtype=np.int16)
-    cand = np.empty((len(candidates), budget + 1))
-    for g in range(G):  # cand[b, x]: best error of groups <= g spending x, group g at width b
+    cand = np.empty((B, budget + 1))
+    for g in range(G):  # cand[b, x]: best error of groups <= g spending x, group g at choice b
         cand.fill(inf)
-        for bi, b in enumerate(candidates):
-            cost = sizes[g] * b
+        for bi in range(B):
+            cost = int(costs[g, bi])
             if cost <= budget:
                 cand[bi, cost:] = dp[: budget + 1 - cost] + err[g, bi]
-        choice[g] = cand.argmin(0)  # ties: the narrower width, as a strict < scan would pick
+        choice[g] = cand.argmin(0)  # ties: the cheaper (earlier) choice, as a strict < scan would pick
         dp = np.take_along_axis(cand, choice[g][None].astype(np.int64), 0)[0]
     if not np.isfinite(dp).any():
-        raise ValueError(f"target {target} bits is below the smallest width {min(candidates)}")
+        return None
     # dp[x]: least error spending exactly x. By default the least error at any spend within the
-    # budget (ties: the larger spend). With tol_bits, only spends within tol_bits under the target
-    # count; where integer widths reach none of those, the largest spend there is.
-    low = 0 if tol_bits is None else max(0, int(np.ceil((target - tol_bits) * total - 1e-6)))
-    window = dp[low:]
+    # budget (ties: the larger spend). With low, only spends of at least low count; where none
+    # is reachable, the largest spend there is.
+    window = dp[low or 0:]
     if np.isfinite(window).any():
         best = window.min()
         tol = 1e-9 * max(abs(best), 1e-30)
-        used = low + int(np.nonzero(window <= best + tol)[0].max())
+        used = (low or 0) + int(np.nonzero(window <= best + tol)[0].max())
     else:
         used = int(np.nonzero(np.isfinite(dp))[0].max())
     picks = [0] * G
     for g in range(G - 1, -1, -1):
         bi = int(choice[g, used])
         picks[g] = bi
-        used -= sizes[g] * candidates[bi]
-    bits = [candidates[p] for p in picks]
-    # fill: upgrade one step where the budget allows, largest error gain per bit first
-    spent = sum(s * b for s, b in zip(sizes, bits))
+        used -= int(costs[g, bi])
+    # fill: upgrade one step where the budget allows, largest error gain per unit of cost first
+    spent = sum(int(costs[g, picks[g]]) for g in range(G))
     improved = True
     while improved:
         improved = False
         opts = []
         for g in range(G):
-            bi = candidates.index(bits[g])
-            if bi + 1 < len(candidates):
-                extra = sizes[g] * (candidates[bi + 1] - bits[g])
+            bi = picks[g]
+            if bi + 1 < B:
+                extra = int(costs[g, bi + 1] - costs[g, bi])
                 if spent + extra <= budget and err[g, bi + 1] <= err[g, bi]:  # never a worse total
-                    opts.append(((err[g, bi] - err[g, bi + 1]) / extra, g, extra))
+                    opts.append(((err[g, bi] - err[g, bi + 1]) / max(extra, 1), g, extra))
         if opts:
             _, g, extra = max(opts)
-            bits[g] = candidates[candidates.index(bits[g]) + 1]
+            picks[g] += 1
             spent += extra
             improved = True
-    return bits
+    return picks
+
+
+def allocate_stored(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: list[int], target: float,
+                    rows: int, pruned: list[int] | None = None, nm: tuple[int, int] = (0, 0)
+                    ) -> tuple[list[int], float] | None:
+    """Widths per group minimising sum err[g, width] such that everything the packed file holds
+    for this linear (rows x sum(sizes) weights) averages at most `target` bits per weight:
+    codes, fp16 scales and zero points per (row, group), the permutation, and the sparsity
+    encoding (packing.py's layout). pruned[g]: weights pruned per row in group g, exact where
+    the solver prunes an exact count per row and block; with it, the codes of pruned weights
+    are dropped behind a 1-bit mask when that is cheaper, as the packed file does. nm: N:M
+    sparsity (its index is stored; kept codes per group are taken as their expected count).
+    Returns (widths, summed error), or None where no choice fits."""
+    import packing
+    C = sum(sizes)
+    total = int(np.floor(target * rows * C + 1e-6))
+    layouts = []
+    if nm[1]:
+        layouts.append(("nm", [round(s * (nm[1] - nm[0]) / nm[1]) for s in sizes]))
+    else:
+        layouts.append(("dense", list(sizes)))
+        if pruned and any(pruned):
+            layouts.append(("bitmask", [s - p for s, p in zip(sizes, pruned)]))
+    err = np.asarray(err, dtype=np.float64)
+    best = None
+    for mode, kept in layouts:
+        budget = (total - packing.fixed_bits(rows, C, mode, nm, len(sizes))) // rows  # bits per row
+        costs = np.array([[packing.run_row_bits(k, b) for b in candidates] for k in kept], dtype=np.int64)
+        picks = allocate(err, costs, int(budget))
+        if picks is None:
+            continue
+        e = float(sum(err[g, p] for g, p in enumerate(picks)))
+        if best is None or e < best[1]:
+            best = ([candidates[p] for p in picks], e)
+    return best
+
+
+def pruned_per_group(sizes: list[int], sparsity: float) -> list[int]:
+    """Weights the solver prunes per row in each group when it prunes an exact share of every
+    row per block (blocks never straddle a group): round(s * end) - round(s * start) over the
+    permuted columns, as LinearSolver counts them."""
+    out, c = [], 0
+    for size in sizes:
+        out.append(round(sparsity * (c + size)) - round(sparsity * c))
+        c += size
+    return out

@@ -12,6 +12,7 @@ from `torch.Generator().manual_seed(seed)`, evaluation uses consecutive windows.
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -93,20 +94,40 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", verbose=False).input_ids  # (1, N)
 
 
+# The hub sources. ptb_text_only was a script dataset, which `datasets` 4 no longer runs: the
+# hub's own parquet conversion of it (branch refs/convert/parquet) holds the same rows.
+_C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+_HUB_LOADERS = {
+    "wikitext2": lambda split: _load_hub("Salesforce/wikitext", "wikitext-2-raw-v1", split=split),
+    "ptb": lambda split: _load_hub("ptb-text-only/ptb_text_only", "penn_treebank", revision="refs/convert/parquet",
+                                   split=split),
+    "c4": lambda split: _load_hub("allenai/c4", data_files={split: _C4_FILES[split]}, split=split),
+}
+_SPLITS = {"calibration": {"wikitext2": "train", "ptb": "train", "c4": "train"},
+           "evaluation": {"wikitext2": "test", "ptb": "test", "c4": "validation"}}
+
+
+@functools.cache
+def hub_rows(name: str, split: str):
+    """The rows of a hub dataset's split (a datasets.Dataset), downloaded once per process."""
+    return _HUB_LOADERS[name](split)
+
+
+def ensure_available(name: str, role: str) -> None:
+    """Fail now, with a DataError that says what to do, when a dataset needed later for
+    `role` ("calibration" or "evaluation") cannot be had (unknown name, missing file,
+    hub unreachable); a hub split is loaded here once and reused."""
+    check_dataset(name)
+    if not is_local(name):
+        hub_rows(name, _SPLITS[role][name])
+
+
 def _hub_text(name: str, split: str) -> str:
     if name == "wikitext2":
-        data = _load_hub("wikitext", "wikitext-2-raw-v1", split=split)
-        return "\n\n".join(data["text"])
+        return "\n\n".join(hub_rows(name, split)["text"])
     if name == "ptb":
-        data = _load_hub("ptb_text_only", "penn_treebank", split=split)
-        return " ".join(data["sentence"])
+        return " ".join(hub_rows(name, split)["sentence"])
     raise KeyError(name)
-
-
-def _c4(split: str):
-    files = {"train": "en/c4-train.00000-of-01024.json.gz",
-             "validation": "en/c4-validation.00000-of-00008.json.gz"}
-    return _load_hub("allenai/c4", data_files={split: files[split]}, split=split)
 
 
 def _windows_python_random(tokens: torch.Tensor, nsamples: int, seed: int, seqlen: int) -> list[torch.Tensor]:
@@ -130,7 +151,7 @@ def get_loaders(name: str, tokenizer, nsamples: int, seed: int, seqlen: int) -> 
         return [tokens[:, i:i + seqlen] for i in
                 (int(torch.randint(0, L - seqlen - 1, (1,), generator=gen)) for _ in range(nsamples))]
     if name == "c4":
-        data = _c4("train")
+        data = hub_rows("c4", "train")
         random.seed(seed)
         out = []
         for _ in range(nsamples):
@@ -150,6 +171,6 @@ def get_eval_tokens(name: str, tokenizer, seqlen: int) -> torch.Tensor:
     if is_local(name):
         return _tokenize(tokenizer, read_local_text(name))
     if name == "c4":
-        data = _c4("validation")
+        data = hub_rows("c4", "validation")
         return _tokenize(tokenizer, " ".join(data[:1100]["text"]))[:, : 256 * seqlen]
     return _tokenize(tokenizer, _hub_text(name, "test"))

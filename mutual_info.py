@@ -11,24 +11,37 @@ from __future__ import annotations
 
 import torch
 
-from sparsegpt_mi import mm_fp32
+from quant import mm_fp32
 
 MI_METHODS = ("gaussian", "binned")
 
 
-def gaussian_mi(hessian: torch.Tensor, mean: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Gaussian MI from H = 2 E[x x^T] (C, C) and the channel means (C,). Works in place on
-    one fp32 C x C buffer (11008^2 floats is 0.5 GB)."""
+def _correlation_squared(hessian: torch.Tensor, mean: torch.Tensor, eps: float) -> torch.Tensor:
+    """rho^2 (C, C) from H = 2 E[x x^T] and the channel means, in place on one fp32 buffer (0
+    for dead channels), capped at 1 - eps."""
     mu = mean.float()
     cov = hessian.float() / 2  # E[x x^T]
     cov.sub_(torch.outer(mu, mu))  # covariance
     std = torch.diag(cov).clamp(min=0).sqrt()
     alive = std > 0
     inv = torch.where(alive, 1 / std.clamp(min=1e-30), torch.zeros_like(std))
-    rho2 = cov.mul_(inv[:, None]).mul_(inv[None, :]).square_().clamp_(max=1 - eps)
-    mi = rho2.neg_().log1p_().mul_(-0.5)  # -1/2 log(1 - rho^2)
+    return cov.mul_(inv[:, None]).mul_(inv[None, :]).square_().clamp_(max=1 - eps)
+
+
+def gaussian_mi(hessian: torch.Tensor, mean: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Gaussian MI from H = 2 E[x x^T] (C, C) and the channel means (C,). Works in place on
+    one fp32 C x C buffer (11008^2 floats is 0.5 GB)."""
+    mi = _correlation_squared(hessian, mean, eps).neg_().log1p_().mul_(-0.5)  # -1/2 log(1 - rho^2)
     mi.fill_diagonal_(0)
     return mi
+
+
+def abs_correlation(hessian: torch.Tensor, mean: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """|rho| between every channel pair (zero diagonal): the plain dependence measure the MI
+    is compared with (--grouping corr, corr_hessian)."""
+    r = _correlation_squared(hessian, mean, eps).sqrt_()
+    r.fill_diagonal_(0)
+    return r
 
 
 def quantile_bins(X: torch.Tensor, bins: int) -> torch.Tensor:

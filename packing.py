@@ -7,10 +7,12 @@ packed.safetensors holds, for every quantized linear P (e.g. model.layers.0.self
   P.codes  uint8   the integer codes, one little-endian bit stream per run, each run at its
                    own width (2..8) and starting on a byte boundary; value i of a stream
                    occupies bits [i*b, (i+1)*b), bit k of a byte is (byte >> k) & 1
-  P.scale  float32 (out, n_runs) grid step per output row and run
-  P.zero   uint8   (out, n_runs) integer zero point per output row and run
-  P.perm   int16/int32 (in,) solver column order, only when it is not the identity:
-                   column k of the permuted order is original column perm[k]
+  P.scale  float16 (out, n_runs) grid step per output row and run (the solver fits it in fp16)
+  P.zero   uint8   the integer zero points, one bit stream per run at the run's width holding
+                   its out values, each starting on a byte boundary
+  P.perm   uint8   bit stream of the solver column order at ceil(log2 in) bits per index, only
+                   when it is not the identity: column k of the permuted order is original
+                   column perm[k]
   P.mask   uint8   bit stream of the (out, in) keep-mask in permuted order (mode "bitmask"), or
   P.nm     uint8   bit stream of one index per row and M consecutive *original* columns: the
                    rank of its set of M-N kept positions among all such sets in lexicographic
@@ -19,6 +21,9 @@ and every other tensor (embeddings, norms, biases, lm_head, unquantized linears)
 Codes are stored for the kept positions only ("bitmask"/"nm") or for all positions ("dense"),
 row-major within a run. The safetensors metadata key "packing" holds the JSON header
 (per linear: shape, runs [start, end, bits] over permuted columns, mask mode, byte counts).
+Every byte of a linear is counted in advance by `linear_nbytes`, so the compression report's
+stored bits are the file's (`stored_bytes`). Format version 1 (fp32 scales, uint8 zeros of
+shape (out, n_runs), int16/int32 permutation) is still read.
 
 Decoding is exact: the weight is scale * (q - zero) computed in fp32 and cast to the saved
 dtype, the same operations the solver used, so the rebuilt model equals the dense save bit
@@ -35,7 +40,7 @@ from pathlib import Path
 import torch
 
 PACKED_FILE = "packed.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CHUNK = 8 * 65536  # values per packing step: a multiple of 8, so every step ends on a byte boundary
 
 
@@ -150,6 +155,71 @@ def codes_of(W: torch.Tensor, qparams: dict) -> torch.Tensor | None:
     return q
 
 
+def perm_width(C: int) -> int:
+    """Bits per stored column index."""
+    return max(1, math.ceil(math.log2(C)))
+
+
+def _layout(nonzero: torch.Tensor, runs: list, perm: torch.Tensor, nm: tuple[int, int]
+            ) -> tuple[str, torch.Tensor | None]:
+    """How a linear's codes are stored, from its nonzero pattern (out, in) in permuted order:
+    ("nm", slots) where an N:M pattern holds on consecutive original columns (what sparse
+    kernels read), ("bitmask", kept) where a 1-bit mask costs less than the zero codes it
+    removes, else ("dense", None). slots/kept: (out, in) bool, permuted order."""
+    R, C = nonzero.shape
+    if nm[1]:
+        nonzero_orig = torch.empty_like(nonzero)
+        nonzero_orig[:, perm] = nonzero
+        slots_orig = _nm_slots(nonzero_orig, *nm)
+        if slots_orig is not None:
+            return "nm", slots_orig[:, perm]
+    saved = sum(int((~nonzero[:, s:e]).sum()) * b for s, e, b in runs)
+    if saved > R * C:
+        return "bitmask", nonzero
+    return "dense", None
+
+
+def linear_nbytes(R: int, C: int, runs: list, counts: list[int], mode: str, nm: tuple[int, int],
+                  permuted: bool) -> dict[str, int]:
+    """Bytes of each tensor a packed linear (out R, in C) holds: codes (counts[j] values of run
+    j at its width), fp16 scales, zero points at the run widths, the permutation and the
+    sparsity encoding."""
+    nbytes = {"codes": sum(math.ceil(n * b / 8) for n, (_, _, b) in zip(counts, runs)),
+              "scale": 2 * R * len(runs), "zero": sum(math.ceil(R * b / 8) for _, _, b in runs),
+              "perm": math.ceil(C * perm_width(C) / 8) if permuted else 0,
+              "mask": math.ceil(R * C / 8) if mode == "bitmask" else 0,
+              "nm": math.ceil(R * (C // nm[1]) * _nm_tables(*nm)[2] / 8) if mode == "nm" else 0}
+    nbytes["total"] = sum(nbytes.values())
+    return nbytes
+
+
+def fixed_bits(R: int, C: int, mode: str, nm: tuple[int, int], n_runs: int, permuted: bool = True) -> int:
+    """Bits a packed linear holds besides its runs' codes, scales and zeros: the permutation,
+    the sparsity encoding, and up to 7 bits of byte padding per stream (the bound the bit
+    allocation plans with)."""
+    n = linear_nbytes(R, C, [(0, C, 1)] * 0, [], mode, nm, permuted)
+    return 8 * (n["perm"] + n["mask"] + n["nm"]) + 7 * (2 * n_runs + 2)
+
+
+def run_row_bits(kept: int, bits: int) -> int:
+    """Bits one output row of a run costs: its kept codes, its fp16 scale and its zero point."""
+    return kept * bits + 16 + bits
+
+
+def stored_bytes(W: torch.Tensor, qparams: dict, nm: tuple[int, int] = (0, 0)) -> dict[str, int]:
+    """What pack_linear will write for the quantized weight W (out, in): linear_nbytes of its
+    layout. A weight is stored as a code unless its layout drops it, and a code equals the
+    zero point exactly where the weight is 0."""
+    dev = W.device if not nm[1] else torch.device("cpu")  # the N:M layout is worked out on the CPU
+    perm = qparams["perm"].long().to(dev)
+    R, C = W.shape
+    runs = [tuple(int(x) for x in r) for r in qparams["runs"]]
+    nonzero = W.to(dev)[:, perm] != 0
+    mode, slots = _layout(nonzero, runs, perm, nm)
+    counts = [R * (e - s) if slots is None else int(slots[:, s:e].sum()) for s, e, _ in runs]
+    return linear_nbytes(R, C, runs, counts, mode, nm, not torch.equal(perm, torch.arange(C, device=dev)))
+
+
 def pack_linear(W: torch.Tensor, qparams: dict, nm: tuple[int, int] = (0, 0)
                 ) -> tuple[dict[str, torch.Tensor], dict] | None:
     """Tensors (names relative to the linear) and the header entry of one quantized weight
@@ -160,56 +230,58 @@ def pack_linear(W: torch.Tensor, qparams: dict, nm: tuple[int, int] = (0, 0)
     R, C = q.shape
     runs = [tuple(int(x) for x in r) for r in qparams["runs"]]
     perm = qparams["perm"].long().cpu()
-    zero = qparams["zero"].cpu()
-    nonzero = q != zero.long().repeat_interleave(
-        torch.tensor([e - s for s, e, _ in runs]), dim=1)  # (R, C): weight != 0
+    zero = qparams["zero"].cpu().to(torch.int32)  # (R, n_runs)
+    nonzero = q != zero.repeat_interleave(torch.tensor([e - s for s, e, _ in runs]), dim=1)  # (R, C): weight != 0
+    mode, slots = _layout(nonzero, runs, perm, nm)
     tensors: dict[str, torch.Tensor] = {}
-    info: dict = {"shape": [R, C], "runs": [list(r) for r in runs], "mask": "dense"}
-    slots = None
-    if nm[1]:  # the N:M pattern holds on consecutive original columns (what sparse kernels read)
-        nonzero_orig = torch.empty_like(nonzero)
-        nonzero_orig[:, perm] = nonzero
-        slots_orig = _nm_slots(nonzero_orig, *nm)
-        if slots_orig is not None:
-            info.update(mask="nm", nm=list(nm))
-            tensors["nm"] = _nm_encode(slots_orig, *nm)
-            slots = slots_orig[:, perm]
-    if slots is None:
-        saved = sum(int((~nonzero[:, s:e]).sum()) * b for s, e, b in runs)
-        if saved > R * C:  # a 1-bit mask pays for itself
-            slots = nonzero
-            info["mask"] = "bitmask"
-            tensors["mask"] = pack_bits(nonzero, 1)
-    streams = []
-    for s, e, b in runs:
-        qj = q[:, s:e]
-        streams.append(pack_bits(qj if slots is None else qj[slots[:, s:e]], b))
+    info: dict = {"shape": [R, C], "runs": [list(r) for r in runs], "mask": mode}
+    if mode == "nm":
+        info["nm"] = list(nm)
+        slots_orig = torch.empty_like(slots)
+        slots_orig[:, perm] = slots
+        tensors["nm"] = _nm_encode(slots_orig, *nm)
+    elif mode == "bitmask":
+        tensors["mask"] = pack_bits(slots, 1)
+    streams = [pack_bits(q[:, s:e] if slots is None else q[:, s:e][slots[:, s:e]], b) for s, e, b in runs]
     info["code_bytes"] = [int(x.numel()) for x in streams]
     tensors["codes"] = torch.cat(streams)
-    tensors["scale"] = qparams["scale"].float().cpu().contiguous()
-    tensors["zero"] = zero.to(torch.uint8).contiguous()
+    tensors["scale"] = qparams["scale"].to(torch.float16).cpu().contiguous()
+    zeros = [pack_bits(zero[:, j], b) for j, (_, _, b) in enumerate(runs)]
+    info["zero_bytes"] = [int(x.numel()) for x in zeros]
+    tensors["zero"] = torch.cat(zeros)
     info["perm"] = not torch.equal(perm, torch.arange(C))
     if info["perm"]:
-        tensors["perm"] = perm.to(torch.int16 if C <= 32767 else torch.int32)
+        tensors["perm"] = pack_bits(perm, perm_width(C))
     return tensors, info
 
 
-def decode_parts(tensors: dict[str, torch.Tensor], info: dict) -> dict:
+def decode_parts(tensors: dict[str, torch.Tensor], info: dict, version: int = FORMAT_VERSION) -> dict:
     """The integer content of one packed linear, before dequantization:
     codes (out, in) int32 in permuted column order (pruned positions hold their run's zero
     point, which decodes to +0.0), keep (out, in) bool in permuted order or None (no sparsity
     encoding), scale (out, n_runs) and zero (out, n_runs) as float32, perm (in,) int64 (column k
     of the permuted order is original column perm[k]) and runs [(start, end, bits)] over
-    permuted columns. Dequantized, run j's columns are scale[:, j] * (codes - zero[:, j])."""
+    permuted columns. Dequantized, run j's columns are scale[:, j] * (codes - zero[:, j]).
+    version: the file's format version (1 stored fp32 scales, an (out, n_runs) uint8 zero
+    tensor and an int16/int32 permutation)."""
     R, C = info["shape"]
-    scale, zero = tensors["scale"].float(), tensors["zero"].float()
-    perm = tensors["perm"].long() if info.get("perm") else torch.arange(C)
+    runs = [tuple(int(x) for x in r) for r in info["runs"]]
+    scale = tensors["scale"].float()
+    if version < 2:
+        zero = tensors["zero"].float()
+        perm = tensors["perm"].long() if info.get("perm") else torch.arange(C)
+    else:
+        zero = torch.empty(R, len(runs))
+        off = 0
+        for j, ((_, _, b), nbytes) in enumerate(zip(runs, info["zero_bytes"])):
+            zero[:, j] = unpack_bits(tensors["zero"][off:off + nbytes], b, R).float()
+            off += nbytes
+        perm = unpack_bits(tensors["perm"], perm_width(C), C).long() if info.get("perm") else torch.arange(C)
     keep = None
     if info["mask"] == "bitmask":
         keep = unpack_bits(tensors["mask"], 1, R * C).bool().reshape(R, C)
     elif info["mask"] == "nm":
         keep = _nm_decode(tensors["nm"], *info["nm"], R, C)[:, perm]
-    runs = [tuple(int(x) for x in r) for r in info["runs"]]
     codes = torch.empty(R, C, dtype=torch.int32)
     off = 0
     for j, ((s, e, b), nbytes) in enumerate(zip(runs, info["code_bytes"])):
@@ -225,9 +297,9 @@ def decode_parts(tensors: dict[str, torch.Tensor], info: dict) -> dict:
     return {"codes": codes, "keep": keep, "scale": scale, "zero": zero, "perm": perm, "runs": runs}
 
 
-def unpack_linear(tensors: dict[str, torch.Tensor], info: dict) -> torch.Tensor:
+def unpack_linear(tensors: dict[str, torch.Tensor], info: dict, version: int = FORMAT_VERSION) -> torch.Tensor:
     """The fp32 weight (out, in) in the original column order, from `pack_linear`'s output."""
-    parts = decode_parts(tensors, info)
+    parts = decode_parts(tensors, info, version)
     codes, scale, zero, perm = parts["codes"], parts["scale"], parts["zero"], parts["perm"]
     Wp = torch.empty(codes.shape, dtype=torch.float32)
     for j, (s, e, _) in enumerate(parts["runs"]):
@@ -299,7 +371,11 @@ def save_packed(model, folder, tokenizer=None, reports: dict | None = None, nm: 
             "quantized_linears": {"count": len(header["linears"]), "params": qparams_count, "bytes": qbytes,
                                   "fp16_bytes": 2 * qparams_count,
                                   "bits_per_weight": 8 * qbytes / qparams_count if qparams_count else None},
-            "other_params": params - qparams_count, "dense_fallback": header["dense_fallback"]}
+            "other_params": params - qparams_count,
+            # what is stored as it was: embeddings, lm_head, norms, biases, linears left dense (tied
+            # weights once)
+            "other_bytes": sum(v.numel() * v.element_size() for v in state.values()),
+            "tied": sorted(tied), "dense_fallback": header["dense_fallback"]}
     disk["gptq"] = save_gptq(model, folder / "gptq", reports or {}, tokenizer) if not pruned and reports \
         else {"written": False, "reason": "pruned weights (the GPTQ layout cannot exploit sparsity)"
               if pruned else "nothing quantized"}
@@ -314,6 +390,9 @@ def describe_disk(disk: dict) -> str:
     if q["params"]:
         line += (f"; quantized linears {q['bytes'] / 2**20:.2f} MiB vs {q['fp16_bytes'] / 2**20:.2f} MiB, "
                  f"{q['bits_per_weight']:.2f} bits/weight")
+    if "other_bytes" in disk:
+        line += (f"; {disk['other_bytes'] / 2**20:.2f} MiB ({100 * disk['other_bytes'] / disk['bytes']:.0f}%) is "
+                 "not compressed linears (embeddings, lm_head, norms, biases)")
     g = disk.get("gptq", {})
     line += f"; GPTQ copy in gptq/ ({g['checkpoint_format']})" if g.get("written") else \
         f"; no GPTQ copy: {g.get('reason')}"
@@ -340,10 +419,11 @@ def load_packed(folder, dtype=torch.float16, device="cpu", keep_packed: bool = F
         prefix = f"{name}."
         parts = {k[len(prefix):]: raw.pop(k) for k in list(raw) if k.startswith(prefix) and
                  k[len(prefix):] in ("codes", "scale", "zero", "perm", "mask", "nm")}
+        version = header.get("version", 1)
         if keep_packed:
-            packed[name] = decode_parts(parts, info)
+            packed[name] = decode_parts(parts, info, version)
         else:
-            state[f"{name}.weight"] = unpack_linear(parts, info).to(saved).to(dtype)
+            state[f"{name}.weight"] = unpack_linear(parts, info, version).to(saved).to(dtype)
     for k, v in raw.items():
         state[k] = v.to(dtype) if v.is_floating_point() else v
     for alias, kept in header["tied"].items():

@@ -1,5 +1,4 @@
-"""What a run tells people and machines besides the model: PNG figures (`--plot DIR`) and the
-JSON-lines progress log (`--log_json FILE`).
+"""The PNG figures of `--plot DIR`.
 
 Figures: bits.png, the average width per layer and linear with the distribution of widths
 per layer; mi.png, the MI matrix of layer 0's first linears ordered by cluster, with the
@@ -7,10 +6,8 @@ width each linear gave each cluster. matplotlib (Agg backend) is imported only t
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -140,18 +137,18 @@ def plot_mi(mi, linears: dict, path, title: str = "", max_pixels: int = 512) -> 
     return _save(fig, path)
 
 
-def write_plots(folder, reports: dict, mi_stash: dict | None = None, layers_path: str = "model.layers",
+def write_plots(folder, reports: dict, mi=None, layers_path: str = "model.layers",
                 mi_linears: tuple[str, ...] = ()) -> list[Path]:
-    """bits.png always; mi.png when an MI matrix was kept (MI grouping on). mi_linears: the
-    layer-relative names of the linears sharing the input of that matrix (layer 0)."""
+    """bits.png always; mi.png when an MI matrix (C, C) of layer 0 is given. mi_linears: the
+    layer-relative names of the linears sharing the input of that matrix."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = [plot_bits(reports, folder / "bits.png", layers_path)]
-    if mi_stash and mi_stash.get("mi") is not None and mi_linears:
+    if mi is not None and mi_linears:
         linears = {n.split(".")[-1]: reports[f"{layers_path}.0.{n}"].groups for n in mi_linears
                    if f"{layers_path}.0.{n}" in reports}
         if linears:
-            written.append(plot_mi(mi_stash["mi"].float().numpy(), linears, folder / "mi.png",
+            written.append(plot_mi(mi.float().numpy(), linears, folder / "mi.png",
                                    f"layer 0 {'/'.join(linears)} input: MI by cluster"))
     return written
 
@@ -174,89 +171,3 @@ def _save(fig, path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
-
-
-# ---------------------------------------------------------------- JSON-lines progress
-_LAYER_DONE = re.compile(r"^layer (\d+) done in ([\d.]+)s\s+\[(\d+)/(\d+)")
-_LAYER_LINE = re.compile(r"^layer (\d+) (\S+)\s{2,}(.*)$")
-
-
-def _number(text: str):
-    try:
-        v = float(text[:-1] if text.endswith("s") else text)
-    except ValueError:
-        return text
-    return v if math.isfinite(v) else None
-
-
-def parse_log_line(msg: str) -> dict:
-    """A driver log line as an event: "linear" (layer, linear, loss, sparsity, bits, seconds),
-    "mi" (a shared-input set's MI statistics), "layer" (a layer done), "warning" or "message"."""
-    m = _LAYER_DONE.match(msg)
-    if m:
-        return {"event": "layer", "layer": int(m.group(1)), "seconds": float(m.group(2)),
-                "done": int(m.group(3)), "total": int(m.group(4))}
-    m = _LAYER_LINE.match(msg)
-    if m:
-        fields: dict = {}
-        for chunk in re.split(r"\s{2,}", m.group(3).strip()):
-            words = chunk.split()
-            if len(words) == 1 and words[0].endswith("s"):
-                fields["seconds"] = _number(words[0])
-            elif len(words) >= 2:
-                fields["_".join(words[:-1]).lower()] = _number(words[-1])
-        name = m.group(2)
-        if "mi_mean" in fields:
-            return {"event": "mi", "layer": int(m.group(1)), "linears": name.split("/"), **fields}
-        return {"event": "linear", "layer": int(m.group(1)), "linear": name, **fields}
-    if msg.startswith("warning: "):
-        return {"event": "warning", "text": msg[len("warning: "):]}
-    return {"event": "message", "text": msg}
-
-
-def _plain(v):
-    """Finite JSON: NaN/inf become null; tensors and paths become lists and strings."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if hasattr(v, "tolist"):
-        return _plain(v.tolist())
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    return str(v)
-
-
-class JsonLog:
-    """One JSON object per line with "event" and "t" (seconds since start), flushed as
-    written; does nothing without a path."""
-
-    def __init__(self, path=None):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w", encoding="utf-8") if path else None
-        self.t0 = time.perf_counter()
-
-    def event(self, event: str, **fields) -> None:
-        if self.f is None:
-            return
-        rec = {"event": event, "t": round(time.perf_counter() - self.t0, 3), **fields}
-        self.f.write(json.dumps(_plain(rec), allow_nan=False) + "\n")
-        self.f.flush()
-
-    def tee(self, log):
-        """A log function that calls `log` and records each line as an event."""
-        if self.f is None:
-            return log
-
-        def both(msg: str) -> None:
-            log(msg)
-            self.event(**parse_log_line(msg))
-        return both
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None

@@ -14,6 +14,7 @@ weights; the permutation is undone at the end. This file prints nothing.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -21,71 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-# ---------------------------------------------------------------- quantizer
-def fit_minmax(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric (or symmetric) min-max grid per row of W (R, C); maxq (R,) = 2^bits - 1,
-    or (B, 1) for B candidate widths at once, giving (B, R) grids.
-
-    The range always contains 0, so zero is exactly on the grid (pruned weights stay 0).
-    Returns scale and integer zero point (float), shaped like maxq broadcast against (R,).
-    """
-    xmin = W.min(dim=1).values.clamp(max=0)
-    xmax = W.max(dim=1).values.clamp(min=0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    flat = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(flat, torch.full_like(xmin, -1), xmin)
-    xmax = torch.where(flat, torch.full_like(xmax, 1), xmax)
-    scale = (xmax - xmin) / maxq
-    zero = torch.full_like(scale, 0) + ((maxq + 1) / 2 if sym else torch.round(-xmin / scale))
-    return scale, zero
-
-
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
-    """Round w to the grid scale * (q - zero), q in [0, maxq]; all arguments broadcast."""
-    q = torch.minimum(torch.clamp(torch.round(w / scale) + zero, min=0), maxq)
-    return scale * (q - zero)
-
-
-def rtn_quantize(W: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest baseline: per row, or per `groupsize` consecutive columns.
-    Returns the quantized weights (R, C) and scale, zero (R, n_runs)."""
-    R, C = W.shape
-    W = W.float()
-    g = C if groupsize <= 0 else groupsize
-    out = torch.empty_like(W)
-    maxq = torch.full((R,), 2.0 ** bits - 1, device=W.device)
-    scales, zeros = [], []
-    for c0 in range(0, C, g):
-        blk = W[:, c0:c0 + g]
-        scale, zero = fit_minmax(blk, maxq, sym)
-        out[:, c0:c0 + g] = quantize(blk, scale[:, None], zero[:, None], maxq[:, None])
-        scales.append(scale)
-        zeros.append(zero)
-    return out, torch.stack(scales, 1), torch.stack(zeros, 1)
-
-
-# ---------------------------------------------------------------- Hessian
-_MM_OUT_DTYPE = [True]  # cleared once if this torch build has no torch.mm(out_dtype=...)
-
-
-def mm_fp32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """A @ B as fp32. fp16/bf16 inputs on CUDA run on the tensor cores with fp32
-    accumulation (every fp16 product is exact); anything else is upcast to fp32."""
-    if A.is_cuda and A.dtype in (torch.float16, torch.bfloat16) and _MM_OUT_DTYPE[0]:
-        try:
-            return torch.mm(A, B, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE[0] = False
-    return A.float() @ B.float()
-
-
-def accumulate_xtx(H: torch.Tensor, X: torch.Tensor) -> None:
-    """H += X^T X in fp32 for X (n, C)."""
-    H.add_(mm_fp32(X.t(), X))
+from quant import accumulate_xtx, fit_grid, quantize
 
 
 @dataclass
@@ -113,6 +50,7 @@ class LinearSolver:
         self.nsamples = 0  # tokens seen
         self._scaled = False
 
+    @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
         """Accumulate statistics of one batch of layer inputs (..., C)."""
         assert not self._scaled, "add_batch after hessian()"
@@ -156,6 +94,7 @@ class LinearSolver:
             except StopIteration as done:
                 return done.value
 
+    @torch.no_grad()
     def solve_steps(
         self,
         weights: list[torch.Tensor],
@@ -171,6 +110,7 @@ class LinearSolver:
         act_order: bool = False,
         mask_scope: str = "row",
         use_kernel: bool = True,
+        mse: bool = False,
     ):
         """Prune and quantize `weights` (each (out_i, C)) jointly; they share H.
 
@@ -180,7 +120,8 @@ class LinearSolver:
         their own scale/zero (uniform GPTQ-style g128). mask_scope "row": unstructured masks
         exact per output row (default); "block": one threshold per block over all rows, as the
         reference SparseGPT. use_kernel: on CUDA, run each block's column loop as one fused
-        kernel (solver_kernel.py) instead of ~15 small launches per column.
+        kernel (solver_kernel.py) instead of ~15 small launches per column. mse: each grid's
+        range is searched for the least |w - q|^2.4 (quant.fit_grid) instead of min-max.
 
         A generator: it yields after each block of columns (its kernels queued, nothing waited
         for) and returns one SolveResult per weight, so that one thread can keep several
@@ -255,7 +196,7 @@ class LinearSolver:
             qon = bits_rg[:, g] < 16
             quant = any(b[g] < 16 for b in bits)  # from the host's copy: no device sync
             if quant:
-                scale, zero = fit_minmax(W[:, s0:e0], maxq, sym)
+                scale, zero = fit_grid(W[:, s0:e0], maxq, sym, mse)
                 scales[:, r_idx] = scale
                 zeros[:, r_idx] = zero
             else:
@@ -394,32 +335,19 @@ def _block_torch(W: torch.Tensor, i1: int, i2: int, Hinv: torch.Tensor, mask1: t
     return Err1, mask1
 
 
-_KERNEL = []  # [obs_block] once imported, [None] where Triton is missing
+@functools.cache
+def _fused_block():
+    """solver_kernel.obs_block, or None (with one warning) where Triton is not installed."""
+    try:
+        from solver_kernel import obs_block
+    except ImportError as e:
+        warnings.warn(f"Triton is not available ({e}); the solver runs its slower column loop")
+        return None
+    return obs_block
 
 
 def _block_triton(W, i1, i2, Hinv, mask1, prunen, prunem, scale, zero, maxq, qon, quant):
     """The same step as `_block_torch`, fused into one kernel launch (Triton); falls back to
-    `_block_torch`, with one warning, where Triton is not installed."""
-    if not _KERNEL:
-        try:
-            from solver_kernel import obs_block
-            _KERNEL.append(obs_block)
-        except ImportError as e:
-            warnings.warn(f"Triton is not available ({e}); the solver runs its slower column loop")
-            _KERNEL.append(None)
-    if _KERNEL[0] is None:
-        return _block_torch(W, i1, i2, Hinv, mask1, prunen, prunem, scale, zero, maxq, qon, quant)
-    return _KERNEL[0](W, i1, i2, Hinv, mask1, prunen, prunem, scale, zero, maxq, qon, quant)
-
-
-def group_overhead_bits(bits: list[int], sizes: list[int], groupsize: int = -1) -> float:
-    """Storage bits per weight for the per-(row, group) fp16 scale and bits-wide zero of one
-    linear, averaged over its weights; unquantized (16-bit) groups cost nothing."""
-    C = sum(sizes)
-    total = 0.0
-    for b, s in zip(bits, sizes):
-        if b >= 16:
-            continue
-        runs = math.ceil(s / groupsize) if groupsize > 0 else 1
-        total += runs * (16 + b)
-    return total / C
+    `_block_torch` where Triton is not installed."""
+    kernel = _fused_block() or _block_torch
+    return kernel(W, i1, i2, Hinv, mask1, prunen, prunem, scale, zero, maxq, qon, quant)

@@ -4,7 +4,7 @@ plain folder with packing.load_packed(...).save_pretrained(...), and its log-lik
 those computed directly with transformers.
 
     pip install lm-eval
-    python bench/lm_eval_check.py FAKE_DIR PACKED_DIR [--device cpu]
+    python -m bench.lm_eval_check FAKE_DIR PACKED_DIR [--device cpu]
 
 Runs offline (no task data is needed: the requests are built here). Prints one line per
 folder: lm-eval's log-likelihoods, then the direct ones; exits 1 if they differ.
@@ -16,11 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import packing  # noqa: E402
+import packing
 
 REQUESTS = [("the model of the layer", " is a weight"), ("hessian cluster", " information and the bit")]
 

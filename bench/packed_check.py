@@ -1,10 +1,10 @@
 """Packed save and reload of a real model: the packed checkpoint must rebuild the dense (fake)
 save bit for bit, on the device it is loaded to, and its size is recorded.
 
-    python bench/packed_check.py MODEL CALIB.txt EVAL.txt [--nsamples 128] [--device cuda:0]
+    python -m bench.packed_check MODEL CALIB.txt EVAL.txt [--nsamples 128] [--device cuda:0]
 
-For each configuration the model is compressed once (vicuna_mi.compress_model, the CLI's
-code), saved both ways (vicuna_mi.save_model), and reloaded: the fake save with plain
+For each configuration the model is compressed once (compress.compress_model, the CLI's
+code), saved both ways (model_io.save_model), and reloaded: the fake save with plain
 `AutoModelForCausalLM.from_pretrained`, the packed one with `packing.load_packed`. Logits of
 both on the first evaluation windows are compared with torch.equal, on the device and on
 the CPU; perplexity of the packed reload is evaluated on EVAL.txt. Writes
@@ -21,12 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import packing  # noqa: E402
-import vicuna_mi as vm  # noqa: E402
+import packing
+from compress import compress_model
+from config import CompressConfig
+from events import versions
+from layerwise import perplexity
+from model_io import ARCHS, load_model, load_tokenizer, save_model
 
 CONFIGS = {
     "mi_t3.5_k10": dict(wbits=4, target_avg_bits=3.5, n_groups=10),
@@ -42,18 +44,17 @@ def folder_bytes(folder: Path, pattern: str = "*.safetensors") -> int:
 
 def check(name: str, fields: dict, args, tok, windows, tokens, dev) -> dict:
     from transformers import AutoModelForCausalLM
-    cfg = vm.CompressConfig(**fields)
-    model = vm.load_model(args.model, torch.float16, False)
+    cfg = CompressConfig(**fields)
+    model = load_model(args.model, torch.float16, False)
     tick = time.perf_counter()
-    reports = vm.compress_model(model, vm.ARCHS[model.config.model_type], cfg, windows, dev, torch.float16,
-                                lambda m: None)
+    reports = compress_model(model, ARCHS[model.config.model_type], cfg, windows, dev, torch.float16).reports
     seconds = time.perf_counter() - tick
     root = Path(tempfile.mkdtemp(prefix="packed-check-"))
     try:
         fake, packed = root / "fake", root / "packed"
-        vm.save_model(model, tok, str(fake), {}, overwrite=True)
+        save_model(model, tok, str(fake), {}, overwrite=True)
         report: dict = {}
-        vm.save_model(model, tok, str(packed), report, overwrite=True, packed={
+        save_model(model, tok, str(packed), report, overwrite=True, packed={
             "reports": reports, "nm": (cfg.prunen, cfg.prunem), "pruned": bool(cfg.sparsity or cfg.prunen)})
         ids = tokens[:, :2 * args.seqlen].reshape(2, args.seqlen)
         equal = {}
@@ -69,7 +70,7 @@ def check(name: str, fields: dict, args, tok, windows, tokens, dev) -> dict:
                 equal[f"logits_{where}"] = bool(torch.equal(la, lb))
             del a, b
         reloaded = packing.load_packed(packed, dtype=torch.float16, device="cpu")
-        ppl = vm.perplexity(reloaded, vm.ARCHS[reloaded.config.model_type], tokens, args.seqlen, dev, torch.float16,
+        ppl = perplexity(reloaded, ARCHS[reloaded.config.model_type], tokens, args.seqlen, dev, torch.float16,
                             args.eval_windows)
         row = {"config": name, "fields": fields, "compress_s": seconds, "ppl_packed_reload": ppl, "equal": equal,
                "fake_bytes": folder_bytes(fake), "packed_bytes": folder_bytes(packed, packing.PACKED_FILE),
@@ -98,14 +99,14 @@ def main() -> None:
     dev = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_grad_enabled(False)
-    tok = vm.load_tokenizer(args.model, False)
+    tok = load_tokenizer(args.model, False)
     windows = get_loaders(args.calib, tok, args.nsamples, 0, args.seqlen)
     tokens = get_eval_tokens(args.eval, tok, args.seqlen)
     rows = [check(n, CONFIGS[n], args, tok, windows, tokens, dev) for n in args.configs]
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
-    meta = {"machine": name, "date": date, "commit": vm.versions().get("commit"), "command": " ".join(sys.argv),
-            "versions": vm.versions()}
+    meta = {"machine": name, "date": date, "commit": versions().get("commit"), "command": " ".join(sys.argv),
+            "versions": versions()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"packed-{name.replace(' ', '-')}-{date}{args.tag}"

@@ -1,7 +1,7 @@
 """Plot perplexity against effective bits (weights + scales/zeros + permutation) from
 quality results files, one line per method, and print the markdown table README shows.
 
-    python bench/plot_quality.py bench/results/quality-*.json --out bench/results/quality.png
+    python -m bench.plot_quality bench/results/quality-*.json --out bench/results/quality.png
 """
 from __future__ import annotations
 

@@ -1,12 +1,18 @@
-"""Quality matrix: perplexity against bits for the baselines, the MI method and its ablations,
-all on one loaded model (weights restored between rows), through the real pipeline code.
+"""Quality matrix: perplexity against stored bits for the baselines, the MI method and its
+ablations, all on one loaded model (weights restored between rows), through the real
+pipeline code.
 
-    python bench/quality.py MODEL CALIB.txt EVAL.txt [--rows NAME ...] [--out bench/results]
-    python bench/quality.py ... --device cuda:0,cuda:1       # the same rows spread over two GPUs
+    python -m bench.quality MODEL CALIB.txt EVAL.txt [--eval2 pydoc] [--set stored] [--seeds 0 1 2]
+    python -m bench.quality ... --rows NAME ...          # chosen rows (see ROWS)
+    python -m bench.quality ... --device cuda:0,cuda:1   # the same rows spread over two GPUs
 
 Protocol of the anchors: calibration = 128 windows of 2048 tokens from CALIB tokenized as one
-string (offsets from torch.Generator().manual_seed(0)); evaluation = the first 128
-non-overlapping 2048-token windows of EVAL. Writes quality-<device>-<date>.json and .md.
+string (offsets from torch.Generator().manual_seed(seed)); evaluation = the first 128
+non-overlapping 2048-token windows of EVAL, and of a second text that no calibration touches
+(--eval2: a file, or `pydoc`, the Python documentation topics that ship with Python). Every
+row records its weight bits, effective bits and stored bits (everything the packed file holds
+for the linears, as the compression report counts it). Writes quality-<device>-<date>.json and
+.md, with the median over seeds of each row.
 """
 from __future__ import annotations
 
@@ -14,19 +20,24 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import vicuna_mi as vm  # noqa: E402
-from parallel import device_list  # noqa: E402
-from datautils import get_eval_tokens, get_loaders  # noqa: E402
+from compress import compress_model
+from config import CompressConfig
+from datautils import get_eval_tokens, get_loaders
+from events import summarize, versions
+from layerwise import perplexity
+from model_io import ARCHS, load_model, load_tokenizer
+from parallel import device_list
 
 U = dict(use_mi_grouping=False)
+MSE = dict(clip="mse")
 
 
 def _rows() -> dict[str, dict]:
@@ -58,29 +69,97 @@ def _rows() -> dict[str, dict]:
     rows["ablation_hessian_t3.0_k4"] = dict(wbits=4, target_avg_bits=3.0, n_groups=4, grouping="hessian")
     rows["gptq_w3_g128_torchloop"] = dict(U, wbits=3, groupsize=128, no_kernel=True)
     rows["mi_t3.0_k10_torchloop"] = dict(wbits=4, target_avg_bits=3.0, n_groups=10, no_kernel=True, grouping="mi")
+
+    # at equal stored bits: uniform act-order GPTQ (min-max and MSE grids) and its neighbours
+    for b, g in ((3, 128), (3, 64), (2, 128), (2, 64), (4, 128)):
+        rows[f"gptq_w{b}_g{g}_ao"] = dict(U, wbits=b, groupsize=g, act_order=True)
+        rows[f"gptq_w{b}_g{g}_ao_mse"] = dict(U, MSE, wbits=b, groupsize=g, act_order=True)
+    rows["sparsegpt_50_w4_g128_ao_mse"] = dict(U, MSE, sparsity=0.5, wbits=4, groupsize=128, act_order=True)
+    rows["sparsegpt_50_w4_ao_mse"] = dict(U, MSE, sparsity=0.5, wbits=4, act_order=True)
+    # the method at stored budgets (number of clusters chosen per linear set)
+    S = dict(MSE, wbits=4, bits_budget="stored", n_groups=0)
+    for t in (2.5, 3.16, 3.5, 4.0):
+        rows[f"stored{t}_mi_hessian"] = dict(S, target_avg_bits=t)
+    for t in (3.2, 4.0):
+        rows[f"sparse50_stored{t}_mi_hessian"] = dict(S, sparsity=0.5, target_avg_bits=t)
+        rows[f"sparse50_stored{t}_mi"] = dict(S, sparsity=0.5, target_avg_bits=t, grouping="mi")
+    # the decomposition at 3.16 stored bits: what the groups, the Hessian, the MI and the grid each add
+    for g in ("random", "contiguous", "hessian", "hessian_sim", "mi", "corr_hessian"):
+        rows[f"stored3.16_{g}"] = dict(S, target_avg_bits=3.16, grouping=g)
+    rows["stored3.16_mi_hessian_minmax"] = dict(S, target_avg_bits=3.16, clip="minmax")
+    rows["stored3.16_mi_hessian_k10"] = dict(S, target_avg_bits=3.16, n_groups=10)
     return rows
 
 
 ROWS = _rows()
+SETS = {  # the rows of issue-sized studies, in the order they are run
+    "stored": ["fp16", "gptq_w3_g128_ao", "gptq_w3_g128_ao_mse", "stored3.16_mi_hessian", "gptq_w3_g64_ao_mse",
+               "gptq_w2_g128_ao_mse", "stored2.5_mi_hessian", "sparsegpt_50", "sparsegpt_50_w4_g128_ao_mse",
+               "sparse50_stored4.0_mi_hessian", "sparse50_stored4.0_mi", "stored3.5_mi_hessian"],
+    "decomposition": ["stored3.16_random", "stored3.16_contiguous", "stored3.16_hessian", "stored3.16_hessian_sim",
+                      "stored3.16_mi", "stored3.16_corr_hessian", "stored3.16_mi_hessian_minmax",
+                      "stored3.16_mi_hessian_k10"],
+    "second_model": ["fp16", "gptq_w3_g128_ao_mse", "stored3.16_mi_hessian", "gptq_w3_g128_ao"],
+}
+
+
+def second_text(spec: str | None) -> Path | None:
+    """--eval2: a file, or `pydoc` (the Python documentation topics, written to a temporary file)."""
+    if not spec:
+        return None
+    if spec != "pydoc":
+        return Path(spec)
+    import pydoc_data.topics as topics
+    path = Path(tempfile.mkdtemp(prefix="eval2-")) / "pydoc.txt"
+    path.write_text("\n\n".join(topics.topics.values()))
+    return path
+
+
+def medians(results: list[dict]) -> list[dict]:
+    """Per row: the median over seeds of each perplexity and of the bits."""
+    out = []
+    for name in dict.fromkeys(r["row"] for r in results):
+        rs = [r for r in results if r["row"] == name]
+        row = {"row": name, "seeds": [r["seed"] for r in rs]}
+        for k in ("wiki_ppl", "eval2_ppl", "avg_bits", "effective_bits", "stored_bits", "sparsity"):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            row[k] = statistics.median(vals) if vals else None
+            if k.endswith("ppl"):
+                row[k + "_all"] = vals
+        out.append(row)
+    return out
 
 
 def write_results(args, device_name: str, results: list[dict]) -> Path:
     """Results so far as JSON and a markdown table (rewritten after every row)."""
-    commit = vm.versions().get("commit")
+    commit = versions().get("commit")
     date = datetime.date.today().isoformat()
     slug = device_name.replace(" ", "-").replace("/", "-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"quality-{slug}-{date}{args.tag}"
     meta = {"machine": device_name, "date": date, "commit": commit, "command": " ".join(sys.argv),
-            "versions": vm.versions(), "devices": args.device, "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen,
-                                                      "eval_windows": args.eval_windows}}
-    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results}, indent=1))
+            "versions": versions(), "devices": args.device, "model": args.model, "calibration": args.calib,
+            "eval": args.eval, "eval2": args.eval2,
+            "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows}}
+    med = medians(results)
+    (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results, "medians": med}, indent=1))
+
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
     lines = [f"Machine {device_name}, {date}, commit {commit}, devices {args.device}", f"`{meta['command']}`", "",
-             "| row | seed | wiki ppl | weight bits | effective bits | sparsity | seconds |",
+             "Medians over the seeds (each seed's value in brackets):", "",
+             "| row | wiki ppl | eval2 ppl | stored bits | weight bits | effective bits | sparsity |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | {r['seed']} | {r['wiki_ppl']:.2f} | {r['avg_bits']:.3f} | {r['effective_bits']:.3f} | "
-              f"{r['sparsity']:.3f} | {r['seconds']:.1f} |" for r in results]
+    for r in med:
+        lines.append(f"| {r['row']} | {f(r['wiki_ppl'], '.2f')} ({', '.join(f'{v:.2f}' for v in r['wiki_ppl_all'])}) "
+                     f"| {f(r['eval2_ppl'], '.2f')} ({', '.join(f'{v:.2f}' for v in r['eval2_ppl_all'])}) "
+                     f"| {f(r['stored_bits'], '.3f')} | {f(r['avg_bits'], '.3f')} | {f(r['effective_bits'], '.3f')} "
+                     f"| {f(r['sparsity'], '.3f')} |")
+    lines += ["", "Every run:", "", "| row | seed | wiki ppl | eval2 ppl | stored bits | weight bits | seconds |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['seed']} | {r['wiki_ppl']:.2f} | {f(r.get('eval2_ppl'), '.2f')} | "
+              f"{r['stored_bits']:.3f} | {r['avg_bits']:.3f} | {r['seconds']:.1f} |" for r in results]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return out / stem
 
@@ -90,49 +169,64 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("calib")
     p.add_argument("eval")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), help="row names (default: all): " + " ".join(ROWS))
+    p.add_argument("--eval2", default=None, help="a second evaluation text: a file, or `pydoc`")
+    p.add_argument("--rows", nargs="+", default=None, help="row names: " + " ".join(ROWS))
+    p.add_argument("--set", nargs="+", default=None, choices=list(SETS), help="named sets of rows: " +
+                   "; ".join(f"{k}: {' '.join(v)}" for k, v in SETS.items()))
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval_windows", type=int, default=128)
     p.add_argument("--device", default="cuda:0", help="device, or several comma-separated (cuda:0,cuda:1)")
+    p.add_argument("--dtype", default=None, choices=["float16", "float32"], help="default: float16 on a GPU")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (one row per seed)")
     args = p.parse_args()
-    unknown = [r for r in args.rows if r not in ROWS]
+    names = list(args.rows or []) + [r for s in (args.set or []) for r in SETS[s]]
+    names = list(dict.fromkeys(names or list(ROWS)))
+    unknown = [r for r in names if r not in ROWS]
     if unknown:
         sys.exit(f"unknown rows {unknown}")
 
     devs = device_list(args.device)
     dev = devs[0]
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    tok = vm.load_tokenizer(args.model, False)
-    model = vm.load_model(args.model, dtype, False)
-    spec = vm.ARCHS[model.config.model_type]
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
+    tok = load_tokenizer(args.model, False)
+    model = load_model(args.model, dtype, False)
+    spec = ARCHS[model.config.model_type]
     tokens = get_eval_tokens(args.eval, tok, args.seqlen)
+    eval2 = second_text(args.eval2)
+    tokens2 = get_eval_tokens(str(eval2), tok, args.seqlen) if eval2 else None
     original = {k: v.clone() for k, v in model.state_dict().items()}
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     results = []
-    for seed, name in [(sd, n) for sd in args.seeds for n in args.rows]:
-        if not results or results[-1]["seed"] != seed:
-            windows = get_loaders(args.calib, tok, args.nsamples, seed, args.seqlen)
-        model.load_state_dict(original)
-        cfg = vm.CompressConfig(**ROWS[name])
-        torch.manual_seed(0)
-        tick = time.perf_counter()
-        if name == "fp16":
-            summary = {"avg_bits": 16.0, "effective_bits": 16.0, "sparsity": 0.0, "bits_histogram": {"16": 1.0}}
-        else:
-            reports = vm.compress_model(model, spec, cfg, windows, devs, dtype, lambda m: None)
-            summary = vm.summarize(reports)
-        secs = time.perf_counter() - tick
-        ppl = vm.perplexity(model, spec, tokens, args.seqlen, devs, dtype, args.eval_windows)
-        row = {"row": name, "seed": seed, "config": ROWS[name], "wiki_ppl": ppl, "seconds": secs, **summary}
-        results.append(row)
-        print(f"{name:28s} seed {seed} ppl {ppl:9.3f}  bits {summary['avg_bits']:.3f}  eff {summary['effective_bits']:.3f}  "
-              f"sparsity {summary['sparsity']:.3f}  {secs:6.1f}s", flush=True)
-        write_results(args, device_name, results)
+    for seed in args.seeds:
+        windows = get_loaders(args.calib, tok, args.nsamples, seed, args.seqlen)
+        for name in names:
+            if name == "fp16" and seed != args.seeds[0]:
+                continue  # nothing calibrated: the same for every seed
+            model.load_state_dict(original)
+            cfg = CompressConfig(**ROWS[name], seed=seed)
+            torch.manual_seed(0)
+            tick = time.perf_counter()
+            if name == "fp16":
+                summary = {"avg_bits": 16.0, "effective_bits": 16.0, "stored_bits": 16.0, "sparsity": 0.0,
+                           "bits_histogram": {"16": 1.0}}
+                groups = None
+            else:
+                reports = compress_model(model, spec, cfg, windows, devs, dtype).reports
+                summary = summarize(reports)
+                groups = sorted(len(r.groups) for r in reports.values())
+            secs = time.perf_counter() - tick
+            ppl = perplexity(model, spec, tokens, args.seqlen, devs, dtype, args.eval_windows)
+            ppl2 = perplexity(model, spec, tokens2, args.seqlen, devs, dtype, args.eval_windows) if eval2 else None
+            row = {"row": name, "seed": seed, "config": ROWS[name], "wiki_ppl": ppl, "eval2_ppl": ppl2,
+                   "seconds": secs, "groups_per_linear": None if groups is None else
+                   {"min": groups[0], "median": statistics.median(groups), "max": groups[-1]}, **summary}
+            results.append(row)
+            print(f"{name:32s} seed {seed} ppl {ppl:9.3f}  eval2 {ppl2 or 0:9.3f}  stored {summary['stored_bits']:.3f}  "
+                  f"bits {summary['avg_bits']:.3f}  sparsity {summary['sparsity']:.3f}  {secs:6.1f}s", flush=True)
+            write_results(args, device_name, results)
 
     stem = write_results(args, device_name, results)
     print(f"wrote {stem}.json/.md")

@@ -1,11 +1,11 @@
 """Speed and peak GPU memory of the real pipeline on decoder layers of LLaMA-2 shapes.
 
-    python bench/speed.py [--shapes 7b 13b 70b] [--methods ...] [--nsamples 128] [--repeats 3]
-    python bench/speed.py --model7b TOKENIZER.gguf EVAL.txt      # + a whole random 32-layer 7B model
-    python bench/speed.py --gpus 1 2 ...                         # each row on 1, then 2 GPUs
+    python -m bench.speed [--shapes 7b 13b 70b] [--methods ...] [--nsamples 128] [--repeats 3]
+    python -m bench.speed --model7b TOKENIZER.gguf EVAL.txt      # + a whole random 32-layer 7B model
+    python -m bench.speed --gpus 1 2 ...                         # each row on 1, then 2 GPUs
 
 One decoder layer with random weights gets `nsamples` x 2048 random calibration activations
-on the GPU; `vicuna_mi.compress_layer` (the code the CLI runs) compresses it with a stage
+on the GPU; `compress.compress_layer` (the code the CLI runs) compresses it with a stage
 timer (devices synchronized at stage boundaries), then the outputs are computed as the next
 layer would need them. With several GPUs the layer is replicated and the samples split as
 compress_model does (the replication is timed). A warm-up on 8 samples comes first; medians
@@ -22,12 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import vicuna_mi as vm  # noqa: E402
-from parallel import replicate, scatter, to_device  # noqa: E402
+from compress import StageTimer, compress_layer, compress_model
+from config import CompressConfig
+from events import versions
+from layerwise import Team, perplexity
+from model_io import ARCHS, load_tokenizer
+from parallel import replicate, scatter, to_device
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
@@ -71,8 +73,8 @@ def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int
         p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1)
     original = {k: v.clone() for k, v in layer.state_dict().items()}
     inps, kwargs = layer_inputs(cfg, nsamples, seqlen, dev)
-    ccfg = vm.CompressConfig(**METHODS[method])
-    spec = vm.ARCHS["llama"]
+    ccfg = CompressConfig(**METHODS[method])
+    spec = ARCHS["llama"]
     runs = []
     kw = [kwargs] + [to_device(kwargs, d) for d in devs[1:]]
     for rep in range(repeats + 1):  # the first is the warm-up, on 8 samples
@@ -81,13 +83,14 @@ def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int
         for d in devs:
             torch.cuda.synchronize(d)
             torch.cuda.reset_peak_memory_stats(d)
-        timer = vm.StageTimer(devs, enabled=True)
+        timer = StageTimer(devs, enabled=True)
         tick = time.perf_counter()
+        team = Team(devs, shares, kw, 4)
         with timer("replicate"):
-            team = replicate(layer, devs)
-        vm.compress_layer(team, 0, spec, ccfg, shares, kw, devs, lambda m: None, 4, timer)
+            team.layers = replicate(layer, devs)
+        compress_layer(team, 0, spec, ccfg, timer=timer)
         with timer("forward outputs"):  # in place, as compress_model does
-            vm.run_layer_spread(team, shares, kw, 4, devs, in_place=True)
+            team.forward(in_place=True)
         for d in devs:
             torch.cuda.synchronize(d)
         total = time.perf_counter() - tick
@@ -110,7 +113,7 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: l
     dev = devs[0]
     from transformers import LlamaForCausalLM
     from datautils import get_eval_tokens
-    tok = vm.load_tokenizer(tok_src, False)
+    tok = load_tokenizer(tok_src, False)
     cfg = llama_config("7b", layers=32, vocab=len(tok))
     tick = time.perf_counter()
     torch.manual_seed(0)
@@ -125,16 +128,17 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: l
     print(f"7b model built in {build:.1f}s", flush=True)
     gen = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, len(tok), (1, seqlen), generator=gen) for _ in range(nsamples)]
-    ccfg = vm.CompressConfig(**METHODS["mi_50_t4.0_k10"])
+    ccfg = CompressConfig(**METHODS["mi_50_t4.0_k10"])
     for d in devs:
         torch.cuda.reset_peak_memory_stats(d)
     tick = time.perf_counter()
-    vm.compress_model(model, vm.ARCHS["llama"], ccfg, windows, devs, torch.float16,
-                      lambda m: print(m, flush=True) if " done in " in m else None)
+    compress_model(model, ARCHS["llama"], ccfg, windows, devs, torch.float16,
+                   lambda e: print(f"layer {e['layer']} done in {e['seconds']:.1f}s", flush=True)
+                   if e["event"] == "layer" else None)
     compress = time.perf_counter() - tick
     tick = time.perf_counter()
     tokens = get_eval_tokens(eval_txt, tok, seqlen)
-    ppl = vm.perplexity(model, vm.ARCHS["llama"], tokens, seqlen, devs, torch.float16)
+    ppl = perplexity(model, ARCHS["llama"], tokens, seqlen, devs, torch.float16)
     evaluate = time.perf_counter() - tick
     del model
     return {"gpus": len(devs), "build_s": build, "compress_s": compress, "eval_s": evaluate,
@@ -188,8 +192,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"speed-{name.replace(' ', '-')}-{date}{args.tag}"
-    meta = {"machine": name, "date": date, "commit": vm.versions().get("commit"), "command": " ".join(sys.argv),
-            "versions": vm.versions()}
+    meta = {"machine": name, "date": date, "commit": versions().get("commit"), "command": " ".join(sys.argv),
+            "versions": versions()}
     (out / f"{stem}.json").write_text(json.dumps({**meta, "gpu_count": torch.cuda.device_count(), "layers": rows,
                                                   "model_7b": model_rows}, indent=1))
     lines = [f"Machine {name} x{torch.cuda.device_count()}, {date}, commit {meta['commit']}",

@@ -2,23 +2,20 @@
 layers, on 1 and then 2 GPUs, to see what a whole-model run spends outside the per-layer
 stages that bench/speed.py times (layer transfers, replication, reports).
 
-    python bench/stage_profile.py          # needs 2 GPUs; prints one line per run
+    python -m bench.stage_profile          # needs 2 GPUs; prints one line per run
 
 The three runs are 1 GPU, 2 GPUs, 2 GPUs (the first run also pays the Triton compile and
 the embedding capture warm-up). Output is printed only; bench/results/multigpu-*.md quotes it.
 """
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from transformers import LlamaForCausalLM
 
-import torch  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
-
-import speed  # noqa: E402
-import vicuna_mi as vm  # noqa: E402
+from bench import speed
+from compress import StageTimer, compress_model
+from config import CompressConfig
+from model_io import ARCHS
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
@@ -29,11 +26,12 @@ if __name__ == "__main__":
     model.eval()
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, 32000, (1, 2048), generator=g) for _ in range(128)]
-    ccfg = vm.CompressConfig(**speed.METHODS["mi_50_t4.0_k10"])
+    ccfg = CompressConfig(**speed.METHODS["mi_50_t4.0_k10"])
     for n in (1, 2, 2):
         devs = [torch.device(f"cuda:{i}") for i in range(n)]
-        timer = vm.StageTimer(devs, enabled=True)
+        timer = StageTimer(devs, enabled=True)
         t = time.perf_counter()
-        vm.compress_model(model, vm.ARCHS["llama"], ccfg, windows, devs, torch.float16,
-                          lambda m: print(m) if "done" in m else None, timer=timer)
+        compress_model(model, ARCHS["llama"], ccfg, windows, devs, torch.float16,
+                       lambda e: print(f"layer {e['layer']} done in {e['seconds']:.1f}s") if e["event"] == "layer"
+                       else None, timer=timer)
         print(n, f"{time.perf_counter() - t:.2f}s", {k: round(v, 2) for k, v in timer.seconds.items()}, flush=True)

@@ -2,31 +2,15 @@
 nothing written to --save."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "vicuna_mi.py"), *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
+from helpers import one_error_line, run_cli
 
 def assert_usage_error(proc: subprocess.CompletedProcess, keywords: list[str]) -> str:
-    out = proc.stdout + proc.stderr
-    assert "Traceback" not in out, out
-    assert proc.returncode == 2, out
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], f"want one closing `error:` line, got:\n{proc.stderr}"
-    msg = errors[0]
+    msg = one_error_line(proc, 2)
     for kw in keywords:
         assert kw.lower() in msg.lower(), f"{kw!r} not in {msg!r}"
     return msg
@@ -78,6 +62,7 @@ def bad_cases():
         ("n_groups_0", lambda m, f, t: L(m, f, t) + ["--n_groups", "0"], ["--n_groups"]),
         ("nsamples_0", lambda m, f, t: L(m, f, t) + ["--nsamples", "0"], ["--nsamples"]),
         ("seqlen_too_long", lambda m, f, t: L(m, f, t) + ["--seqlen", "512"], ["max_position_embeddings", "256"]),
+        ("blocksize_256", lambda m, f, t: L(m, f, t) + ["--blocksize", "256"], ["--blocksize", "128"]),
     ]
 
 
@@ -111,9 +96,10 @@ def test_save_into_non_empty_folder_needs_overwrite(tiny_models, text_files, tmp
 
 
 def test_hub_dataset_offline_message(tiny_models, text_files, tmp_path):
-    """Offline, a hub dataset name fails with advice to pass a local file, not a hub stack trace."""
+    """Offline, a hub dataset name fails with advice to pass a local file, not a hub stack trace
+    (with a quantization flag: a run without one needs no calibration data)."""
     proc = run_cli([str(tiny_models["llama"]), "wikitext2", "--device", "cpu", "--nsamples", "2", "--seqlen", "32",
-                    "--eval", str(text_files["eval"]), "--save", str(tmp_path / "out")],
+                    "--wbits", "4", "--eval", str(text_files["eval"]), "--save", str(tmp_path / "out")],
                    env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     msg = assert_usage_error(proc, ["wikitext", "local", ".txt"])
     assert len(msg) < 400

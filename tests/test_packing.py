@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import packing
-import vicuna_mi as vm
-from sparsegpt_mi import rtn_quantize
+from compress import compress_model
+from config import CompressConfig
+from model_io import ARCHS, load_model, load_tokenizer, save_model
+from quant import magnitude_prune
+from quant import rtn_quantize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,12 +41,12 @@ def compressed(tiny_models, text_files):
     def get(case: str):
         if case not in cache:
             kind, dtype, fields = CASES[case]
-            cfg = vm.CompressConfig(**fields)
-            tok = vm.load_tokenizer(str(tiny_models[kind]), False)
-            model = vm.load_model(str(tiny_models[kind]), dtype, False)
+            cfg = CompressConfig(**fields)
+            tok = load_tokenizer(str(tiny_models[kind]), False)
+            model = load_model(str(tiny_models[kind]), dtype, False)
             windows = [] if cfg.rtn else get_loaders(str(text_files["calib"]), tok, 4, 0, 32)
-            reports = vm.compress_model(model, vm.ARCHS[kind], cfg, windows, torch.device("cpu"), dtype,
-                                        lambda msg: None)
+            reports = compress_model(model, ARCHS[kind], cfg, windows, torch.device("cpu"), dtype,
+                                     lambda msg: None).reports
             cache[case] = model, tok, reports, cfg
         return cache[case]
     return get
@@ -51,9 +54,9 @@ def compressed(tiny_models, text_files):
 
 def save_both(model, tok, reports, cfg, root: Path) -> tuple[Path, Path, dict]:
     fake, packed = root / "fake", root / "packed"
-    vm.save_model(model, tok, str(fake), {}, overwrite=True)
+    save_model(model, tok, str(fake), {}, overwrite=True)
     report: dict = {}
-    vm.save_model(model, tok, str(packed), report, overwrite=True, packed={
+    save_model(model, tok, str(packed), report, overwrite=True, packed={
         "reports": reports, "nm": (cfg.prunen, cfg.prunem), "pruned": bool(cfg.sparsity or cfg.prunen)})
     return fake, packed, report
 
@@ -123,10 +126,10 @@ def test_packed_size_matches_the_format(prune, expected_bits):
     W = torch.randn(128, 2048, generator=gen)
     nm = (0, 0)
     if prune == "50%":
-        W = vm.magnitude_prune(W, vm.CompressConfig(sparsity=0.5))
+        W = magnitude_prune(W, sparsity=0.5)
     elif prune == "2:4":
         nm = (2, 4)
-        W = vm.magnitude_prune(W, vm.CompressConfig(prunen=2, prunem=4))
+        W = magnitude_prune(W, prunen=2, prunem=4)
     Q, qp = _rtn(W, 4)
     Q = Q.half()
     tensors, info = packing.pack_linear(Q, qp, nm)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+import events
 import plots
 import vicuna_mi as vm
+from config import LinearReport
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -28,8 +30,8 @@ def _reports(widths: dict[tuple[int, str], list[int]], C: int = 8) -> dict:
         size = C // len(bits)
         groups = [{"bits": b, "channels": list(range(k * size, (k + 1) * size))} for k, b in enumerate(bits)]
         avg = sum(bits) / len(bits)
-        out[f"model.layers.{i}.{name}"] = vm.LinearReport(shape=[4, C], sparsity=0.0, avg_bits=avg,
-                                                          effective_bits=avg, loss=0.0, seconds=0.0, groups=groups)
+        out[f"model.layers.{i}.{name}"] = LinearReport(shape=[4, C], sparsity=0.0, avg_bits=avg,
+                                                       effective_bits=avg, loss=0.0, seconds=0.0, groups=groups)
     return out
 
 
@@ -61,42 +63,42 @@ def test_mi_plot_orders_channels_by_cluster(tmp_path):
 
 def test_no_mi_figure_without_mi(tmp_path):
     reps = _reports({(0, "self_attn.q_proj"): [4], (1, "self_attn.q_proj"): [4]})
-    written = plots.write_plots(tmp_path, reps, {}, mi_linears=("self_attn.q_proj",))
+    written = plots.write_plots(tmp_path, reps, None, mi_linears=("self_attn.q_proj",))
     assert [p.name for p in written] == ["bits.png"]
     _png_ok(written[0])
 
 
-@pytest.mark.parametrize("line,event", [
-    ("layer 3 self_attn.q_proj  loss 1.2e-2  sparsity 0.500  bits 3.50  0.8s",
-     {"event": "linear", "layer": 3, "linear": "self_attn.q_proj", "loss": 0.012, "sparsity": 0.5, "bits": 3.5,
-      "seconds": 0.8}),
-    ("layer 0 mlp.up_proj  sparsity 0.000  bits 4.00  0.0s",
-     {"event": "linear", "layer": 0, "linear": "mlp.up_proj", "sparsity": 0.0, "bits": 4.0, "seconds": 0.0}),
-    ("layer 1 q_proj/k_proj/v_proj  MI mean 0.0128  max 0.183  >0.1 0.003  groups 4  grouping 1.70s",
-     {"event": "mi", "layer": 1, "linears": ["q_proj", "k_proj", "v_proj"], "mi_mean": 0.0128, "max": 0.183,
-      ">0.1": 0.003, "groups": 4.0, "grouping": 1.7}),
-    ("layer 1 done in 9.7s  [2/2, eta 0s]", {"event": "layer", "layer": 1, "seconds": 9.7, "done": 2, "total": 2}),
-    ("warning: layer 1 mlp.gate_proj reaches 3.328 bits", {"event": "warning",
-                                                           "text": "layer 1 mlp.gate_proj reaches 3.328 bits"}),
-    ("something else", {"event": "message", "text": "something else"}),
+@pytest.mark.parametrize("event,line", [
+    ({"event": "linear", "layer": 3, "linear": "self_attn.q_proj", "loss": 0.012, "sparsity": 0.5, "bits": 3.5,
+      "seconds": 0.8}, "layer 3 self_attn.q_proj  loss 1.200e-02  sparsity 0.500  bits 3.50  0.8s"),
+    ({"event": "linear", "layer": 0, "linear": "mlp.up_proj", "loss": None, "sparsity": 0.0, "bits": 4.0,
+      "seconds": 0.0}, "layer 0 mlp.up_proj  sparsity 0.000  bits 4.00  0.0s"),
+    ({"event": "mi", "layer": 1, "linears": ["q_proj", "k_proj", "v_proj"], "mi_mean": 0.0128, "mi_max": 0.183,
+      "mi_frac_above_0.1": 0.003, "groups": 4, "seconds": 1.7},
+     "layer 1 q_proj/k_proj/v_proj  MI mean 0.0128  max 0.183  >0.1 0.003  groups 4  grouping 1.70s"),
+    ({"event": "layer", "layer": 1, "seconds": 9.7, "done": 2, "total": 2, "eta": 0.0},
+     "layer 1 done in 9.7s  [2/2, eta 0s]"),
+    ({"event": "resumed", "folder": "/w", "restored": 2, "total": 5}, "resumed from /w: layers 0..1 restored, 3 to go"),
+    ({"event": "warning", "text": "layer 1 mlp.gate_proj reaches 3.328 bits"},
+     "warning: layer 1 mlp.gate_proj reaches 3.328 bits"),
+    ({"event": "message", "text": "something else"}, "something else"),
+    ({"event": "under_target", "layer": 1, "linear": "mlp.up_proj", "bits": 3.9, "target": 4.0}, None),
 ])
-def test_parse_log_line(line, event):
-    assert plots.parse_log_line(line) == event
+def test_format_line(event, line):
+    assert events.format_line(event) == line
 
 
 def test_json_log_is_strict_json_and_flushed(tmp_path):
     path = tmp_path / "log.jsonl"
-    log = plots.JsonLog(path)
-    seen = []
-    tee = log.tee(seen.append)
-    tee("layer 0 done in 1.0s  [1/2, eta 1s]")
+    log = events.JsonLog(path)
+    log.write({"event": "layer", "layer": 0, "seconds": 1.0, "done": 1, "total": 2, "eta": 1.0})
     assert json.loads(path.read_text())["event"] == "layer"  # readable before close
     log.event("eval", dataset="x", ppl=float("nan"), t_=torch.tensor([1, 2]))
     log.close()
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert seen == ["layer 0 done in 1.0s  [1/2, eta 1s]"]
+    assert lines[0]["done"] == 1 and lines[0]["t"] >= 0
     assert lines[1]["ppl"] is None and lines[1]["t_"] == [1, 2]
-    assert plots.JsonLog(None).tee(print) is print  # no path: nothing wrapped
+    events.JsonLog(None).write({"event": "layer"})  # no path: nothing written, no error
 
 
 def test_cli_plot_log_json_and_packed_save(tiny_models, text_files, tmp_path):

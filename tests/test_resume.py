@@ -7,32 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-FAIL_ENV = "VICUNA_MI_FAIL_AFTER_LAYER"  # testing hook in vicuna_mi.Checkpointer.save_layer
+from helpers import one_error_line, run_cli
+
 FLAGS = ["--device", "cpu", "--nsamples", "4", "--seqlen", "64", "--sparsity", "0.5", "--wbits", "4",
          "--target_avg_bits", "3.5", "--n_groups", "4", "--eval", "none"]
-
-
-def run_cli(args: list[str], env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != FAIL_ENV}
-    full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})})
-    return subprocess.run([sys.executable, str(ROOT / "vicuna_mi.py"), *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def error_line(proc: subprocess.CompletedProcess, code: int) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == code, out
-    assert "Traceback" not in out, out
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error:") and sum(ln.startswith("error:") for ln in lines) == 1, out
-    return lines[-1]
 
 
 def tensors(folder: Path) -> dict:
@@ -89,7 +71,7 @@ def test_killed_after_layer_1_resumes_bitwise(llama4, text_files, uninterrupted,
     work = tmp_path / "out.work"
     argv = [str(llama4), str(text_files["calib"]), *FLAGS, "--save", str(save)]
 
-    crashed = run_cli(argv, env={FAIL_ENV: "1"})
+    crashed = run_cli(argv, crash_after=1)
     assert crashed.returncode == 17, crashed.stdout + crashed.stderr
     assert not save.exists()
     # every finished layer's weights, only the latest activations, no temporary files
@@ -116,7 +98,7 @@ def test_packed_save_after_resume_matches(tiny_models, text_files, tmp_path):
     argv = [str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--save_format", "packed"]
     full = run_cli(argv + ["--save", str(tmp_path / "full")])
     assert full.returncode == 0, full.stdout + full.stderr
-    assert run_cli(argv + ["--save", str(tmp_path / "res")], env={FAIL_ENV: "0"}).returncode == 17
+    assert run_cli(argv + ["--save", str(tmp_path / "res")], crash_after=0).returncode == 17
     resumed = run_cli(argv + ["--save", str(tmp_path / "res"), "--resume"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "layers 0..0 restored" in resumed.stdout
@@ -129,7 +111,7 @@ def test_packed_save_after_resume_matches(tiny_models, text_files, tmp_path):
 @pytest.fixture
 def crashed_after_layer_0(tiny_models, text_files, tmp_path):
     argv = [str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--save", str(tmp_path / "out")]
-    proc = run_cli(argv, env={FAIL_ENV: "0"})
+    proc = run_cli(argv, crash_after=0)
     assert proc.returncode == 17, proc.stdout + proc.stderr
     work = tmp_path / "out.work"
     return argv, work, {p.name: p.read_bytes() for p in work.iterdir()}
@@ -139,7 +121,7 @@ def test_resume_with_other_flags_is_refused(crashed_after_layer_0):
     argv, work, before = crashed_after_layer_0
     i = argv.index("--sparsity")
     other = argv[:i + 1] + ["0.6"] + argv[i + 2:]
-    msg = error_line(run_cli(other + ["--resume"]), 2)
+    msg = one_error_line(run_cli(other + ["--resume"]), 2)
     assert "sparsity" in msg and "0.5" in msg and "0.6" in msg and "without --resume" in msg
     assert {p.name: p.read_bytes() for p in work.iterdir()} == before, "a refused resume leaves the checkpoints"
     assert not (work.parent / "out").exists()
@@ -155,24 +137,24 @@ def test_rerun_without_resume_clears_old_work_folder(crashed_after_layer_0):
 
 
 def test_resume_needs_save_or_work_dir(tiny_models, text_files):
-    msg = error_line(run_cli([str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--resume"]), 2)
+    msg = one_error_line(run_cli([str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--resume"]), 2)
     assert "--resume" in msg and "--work_dir" in msg
 
 
 def test_no_checkpoint_writes_no_work_folder(tiny_models, text_files, tmp_path):
     out = tmp_path / "out"
     argv = [str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--save", str(out), "--no_checkpoint"]
-    proc = run_cli(argv, env={FAIL_ENV: "0"})  # the crash hook sits in the checkpointer: never reached
+    proc = run_cli(argv, crash_after=0)  # the crash hook sits in the checkpointer: never reached
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (out / "model.safetensors").is_file() and not (tmp_path / "out.work").exists()
-    msg = error_line(run_cli(argv + ["--resume"]), 2)
+    msg = one_error_line(run_cli(argv + ["--resume"]), 2)
     assert "--no_checkpoint" in msg
 
 
 def test_work_dir_without_save(tiny_models, text_files, tmp_path):
     work = tmp_path / "ckpt"
     argv = [str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--work_dir", str(work)]
-    assert run_cli(argv, env={FAIL_ENV: "0"}).returncode == 17
+    assert run_cli(argv, crash_after=0).returncode == 17
     assert (work / "layer_0000.pt").is_file()
     proc = run_cli(argv + ["--resume"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -183,7 +165,7 @@ def test_foreign_work_dir_is_left_alone(tiny_models, text_files, tmp_path):
     work = tmp_path / "mine"
     work.mkdir()
     (work / "notes.txt").write_text("user data")
-    msg = error_line(run_cli([str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--work_dir", str(work)]),
+    msg = one_error_line(run_cli([str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--work_dir", str(work)]),
                      2)
     assert "not a checkpoint folder" in msg
     assert [p.name for p in work.iterdir()] == ["notes.txt"]
@@ -193,7 +175,7 @@ def test_checkpoint_files_load_weights_only(tiny_models, text_files, tmp_path):
     """Checkpoints hold only dicts, lists, numbers and tensors: torch.load(weights_only=True) reads them."""
     import torch
     argv = [str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--work_dir", str(tmp_path / "w")]
-    assert run_cli(argv, env={FAIL_ENV: "0"}).returncode == 17
+    assert run_cli(argv, crash_after=0).returncode == 17
     d = torch.load(tmp_path / "w" / "layer_0000.pt", weights_only=True)
     assert set(d["state"]) >= {"self_attn.q_proj.weight", "mlp.down_proj.weight"}
     assert all(not k.startswith("model.") for k in d["state"]), "one layer's parameters only"
@@ -265,8 +247,9 @@ def test_nonfinite_solver_output_stops_naming_layer_and_linear(tiny_models, text
 
 
 def test_nonfinite_layer_outputs_stop_naming_layer(tiny_models, text_files, capsys, monkeypatch, in_process):
+    import layerwise
     import vicuna_mi
-    run_layer, calls = vicuna_mi.run_layer, []
+    run_layer, calls = layerwise.run_layer, []
 
     def poisoned(layer, inps, outs, kwargs, batch):
         run_layer(layer, inps, outs, kwargs, batch)
@@ -275,7 +258,7 @@ def test_nonfinite_layer_outputs_stop_naming_layer(tiny_models, text_files, caps
             if len(calls) == 2:  # layer 1's outputs
                 outs[0, 0, 0] = float("inf")
 
-    monkeypatch.setattr(vicuna_mi, "run_layer", poisoned)
+    monkeypatch.setattr(layerwise, "run_layer", poisoned)
     assert vicuna_mi.main([str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS]) == 1
     msg = one_error(capsys)
     assert "layer 1" in msg and "outputs" in msg and "--percdamp" in msg and "--nsamples" in msg
@@ -295,7 +278,7 @@ def test_bin_checkpoint_loads_weights_only(tiny_models, text_files, tmp_path):
     torch.save(sd, model / "pytorch_model.bin")
     proc = run_cli([str(model), str(text_files["calib"]), "--device", "cpu", "--rtn", "--wbits", "4",
                     "--seqlen", "64", "--eval", "none"])
-    msg = error_line(proc, 2)
+    msg = one_error_line(proc, 2)
     assert "weights_only" in msg and "safetensors" in msg
     assert not marker.exists()
 

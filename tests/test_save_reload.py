@@ -14,6 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import vicuna_mi as vm
+from compress import compress_model
+from layerwise import perplexity
+from model_io import ARCHS, load_config, load_model, load_tokenizer, save_model
 from datautils import get_eval_tokens, get_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +40,12 @@ def compress_in_process(argv: list[str]):
     cfg = vm.config_from_args(args)
     torch.manual_seed(args.seed)
     dev, dtype = torch.device("cpu"), torch.float32
-    model_cfg = vm.load_config(args.model, False)
-    spec = vm.ARCHS[model_cfg.model_type]
-    tok = vm.load_tokenizer(args.model, False)
-    model = vm.load_model(args.model, dtype, False)
+    model_cfg = load_config(args.model, False)
+    spec = ARCHS[model_cfg.model_type]
+    tok = load_tokenizer(args.model, False)
+    model = load_model(args.model, dtype, False)
     windows = get_loaders(args.dataset, tok, args.nsamples, args.seed, args.seqlen)
-    reports = vm.compress_model(model, spec, cfg, windows, dev, dtype, lambda msg: None, args.fwd_batch)
+    reports = compress_model(model, spec, cfg, windows, dev, dtype, lambda msg: None, args.fwd_batch).reports
     return args, spec, tok, model, reports
 
 
@@ -57,7 +60,7 @@ def test_save_reload_matches_memory(arch, tiny_models, text_files, tmp_path):
     assert "Traceback" not in proc.stderr
 
     args, spec, tok, model, reports = compress_in_process(cli_args(tiny_models[arch], text_files, mem_dir))
-    vm.save_model(model, tok, str(mem_dir), {"config": vars(args), "linears": {}}, overwrite=False)
+    save_model(model, tok, str(mem_dir), {"config": vars(args), "linears": {}}, overwrite=False)
 
     ids = get_eval_tokens(str(text_files["eval"]), tok, 64)[:, :128]  # (1, 128)
     with torch.no_grad():
@@ -113,5 +116,5 @@ def check_report(report: dict, model, saved: dict, spec, tok, text_files) -> Non
     ppl = report["ppl"][str(text_files["eval"])]
     assert math.isfinite(ppl) and 1 < ppl < 10 * model.config.vocab_size
     tokens = get_eval_tokens(str(text_files["eval"]), tok, 64)
-    again = vm.perplexity(model, spec, tokens, 64, torch.device("cpu"), torch.float32, 4)
+    again = perplexity(model, spec, tokens, 64, torch.device("cpu"), torch.float32, 4)
     assert again == pytest.approx(ppl, rel=1e-6)

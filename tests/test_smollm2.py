@@ -20,7 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import vicuna_mi as vm
+from compress import compress_model
+from config import CompressConfig
+from events import summarize
+from layerwise import perplexity
+from model_io import ARCHS, load_model, load_tokenizer
 from datautils import get_eval_tokens, get_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +77,12 @@ def smol(prose):
     """The dequantized model once per module, its tokenizer, the evaluation tokens and the
     uncompressed perplexity on 8 windows."""
     tick = time.perf_counter()
-    tok = vm.load_tokenizer(str(GGUF), False)
-    model = vm.load_model(str(GGUF), torch.float32, False)
+    tok = load_tokenizer(str(GGUF), False)
+    model = load_model(str(GGUF), torch.float32, False)
     tokens = get_eval_tokens(str(prose["eval"]), tok, SEQLEN)
     assert tokens.shape[1] >= 8 * SEQLEN
-    spec = vm.ARCHS[model.config.model_type]
-    base = vm.perplexity(model, spec, tokens, SEQLEN, torch.device("cpu"), torch.float32, 8)
+    spec = ARCHS[model.config.model_type]
+    base = perplexity(model, spec, tokens, SEQLEN, torch.device("cpu"), torch.float32, 8)
     print(f"\nSmolLM2 loaded and evaluated in {time.perf_counter() - tick:.0f}s: base ppl {base:.2f}")
     assert math.isfinite(base) and base < 100  # a trained model on English text
     return {"tok": tok, "model": model, "state": copy.deepcopy(model.state_dict()), "tokens": tokens,
@@ -121,18 +125,18 @@ def test_cli_end_to_end(smol, prose, tmp_path):
     # the saved folder is a plain transformers checkpoint with the reported quality
     reloaded = AutoModelForCausalLM.from_pretrained(save, dtype=torch.float32)
     reloaded.eval()
-    again = vm.perplexity(reloaded, smol["spec"], smol["tokens"], SEQLEN, torch.device("cpu"), torch.float32, 8)
+    again = perplexity(reloaded, smol["spec"], smol["tokens"], SEQLEN, torch.device("cpu"), torch.float32, 8)
     assert again == pytest.approx(ppl, rel=1e-4)
 
 
-def compress_copy(smol, cfg: vm.CompressConfig, windows) -> tuple[float, dict]:
+def compress_copy(smol, cfg: CompressConfig, windows) -> tuple[float, dict]:
     model = smol["model"]
     model.load_state_dict(smol["state"])
     torch.manual_seed(0)
-    reports = vm.compress_model(model, smol["spec"], cfg, windows, torch.device("cpu"), torch.float32,
-                                lambda msg: None)
-    ppl = vm.perplexity(model, smol["spec"], smol["tokens"], SEQLEN, torch.device("cpu"), torch.float32, 8)
-    return ppl, vm.summarize(reports)
+    reports = compress_model(model, smol["spec"], cfg, windows, torch.device("cpu"), torch.float32,
+                             lambda msg: None).reports
+    ppl = perplexity(model, smol["spec"], smol["tokens"], SEQLEN, torch.device("cpu"), torch.float32, 8)
+    return ppl, summarize(reports)
 
 
 def test_mi_3bit_against_uniform_baselines(smol, prose):
@@ -146,12 +150,12 @@ def test_mi_3bit_against_uniform_baselines(smol, prose):
     by a wide margin (0.37-0.47x measured) and stay within 15% of GPTQ, at no more stored bits."""
     windows = get_loaders(str(prose["calib"]), smol["tok"], 16, 0, SEQLEN)
     tick = time.perf_counter()
-    mi_ppl, mi = compress_copy(smol, vm.CompressConfig(wbits=4, target_avg_bits=3.0, n_groups=4), windows)
+    mi_ppl, mi = compress_copy(smol, CompressConfig(wbits=4, target_avg_bits=3.0, n_groups=4), windows)
     t_mi = time.perf_counter() - tick
     tick = time.perf_counter()
-    gptq_ppl, gptq = compress_copy(smol, vm.CompressConfig(wbits=3, groupsize=128, use_mi_grouping=False), windows)
+    gptq_ppl, gptq = compress_copy(smol, CompressConfig(wbits=3, groupsize=128, use_mi_grouping=False), windows)
     t_gptq = time.perf_counter() - tick
-    rtn_ppl, rtn = compress_copy(smol, vm.CompressConfig(wbits=3, groupsize=128, use_mi_grouping=False, rtn=True), [])
+    rtn_ppl, rtn = compress_copy(smol, CompressConfig(wbits=3, groupsize=128, use_mi_grouping=False, rtn=True), [])
     print(f"\nMI 3.0: ppl {mi_ppl:.2f}, avg bits {mi['avg_bits']:.3f}, effective {mi['effective_bits']:.3f} "
           f"({t_mi:.0f}s)\nGPTQ w3 g128: ppl {gptq_ppl:.2f}, avg bits {gptq['avg_bits']:.3f}, effective "
           f"{gptq['effective_bits']:.3f} ({t_gptq:.0f}s)\nRTN w3 g128: ppl {rtn_ppl:.2f}\n"

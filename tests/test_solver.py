@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from channel_grouping import allocate_bits, cluster_errors, group_channels
-from sparsegpt_mi import LinearSolver, rtn_quantize
-from vicuna_mi import CompressConfig, magnitude_prune
+from config import CompressConfig
+from quant import magnitude_prune, rtn_quantize
+from sparsegpt_mi import LinearSolver
 
 CPU = torch.device("cpu")
 
@@ -216,7 +217,7 @@ def test_sparsegpt_beats_magnitude_pruning(cfg):
     X, W = calibration(), weights()
     res = solver_for(X).solve([W], [torch.arange(W.shape[1])], [[16]], sparsity=cfg.sparsity,
                               prunen=cfg.prunen, prunem=cfg.prunem, blocksize=16)[0]
-    mag = magnitude_prune(W, cfg)
+    mag = magnitude_prune(W, cfg.sparsity, cfg.prunen, cfg.prunem)
     assert (mag == 0).float().mean() == pytest.approx(0.5)
     assert out_err(X, W, res.weight) < 0.8 * out_err(X, W, mag)
 
@@ -224,7 +225,7 @@ def test_sparsegpt_beats_magnitude_pruning(cfg):
 def test_joint_prune_quantize_beats_magnitude_then_rtn():
     X, W = calibration(), weights()
     res = solver_for(X).solve([W], [torch.arange(64)], [[4]], sparsity=0.5)[0]
-    mag = magnitude_prune(W, CompressConfig(sparsity=0.5))
+    mag = magnitude_prune(W, sparsity=0.5)
     Q, _, _ = rtn_quantize(mag, 4)
     Q = Q * (mag != 0)
     assert out_err(X, W, res.weight) < out_err(X, W, Q)
@@ -244,7 +245,7 @@ def test_dead_input_channel():
     dense = solver_for(X).solve([W], [torch.arange(64)], [[16]], sparsity=0.5)[0]
     assert torch.isfinite(dense.weight).all()
     assert torch.all((dense.weight == 0).sum(1) == 32)
-    assert out_err(X, W, dense.weight) < out_err(X, W, magnitude_prune(W, CompressConfig(sparsity=0.5)))
+    assert out_err(X, W, dense.weight) < out_err(X, W, magnitude_prune(W, sparsity=0.5))
 
 
 def test_all_inputs_zero():

@@ -2,15 +2,10 @@
 kernel computes what the reference column loop computes."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sparsegpt_mi import LinearSolver  # noqa: E402
+from sparsegpt_mi import LinearSolver
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -3,18 +3,14 @@ evaluation spread over every visible GPU equal the one-GPU run up to float round
 each GPU really holds a share of the work."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import vicuna_mi as vm  # noqa: E402
-from conftest import make_model, make_text  # noqa: E402
+from compress import compress_model
+from config import CompressConfig
+from layerwise import perplexity
+from model_io import ARCHS, load_model, load_tokenizer
+from conftest import make_model, make_text
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
 
@@ -37,18 +33,18 @@ def tiny(tmp_path_factory):
 def test_all_gpus_equal_one(case, tiny):
     from datautils import get_eval_tokens, get_loaders
     path, root = tiny
-    tok = vm.load_tokenizer(str(path), False)
-    cfg = vm.CompressConfig(**CONFIGS[case])
+    tok = load_tokenizer(str(path), False)
+    cfg = CompressConfig(**CONFIGS[case])
     windows = get_loaders(str(root / "calib.txt"), tok, 16, 0, 128)
     tokens = get_eval_tokens(str(root / "eval.txt"), tok, 128)
     out = {}
     for devs in ([torch.device("cuda:0")], [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]):
-        model = vm.load_model(str(path), torch.float16, False)
+        model = load_model(str(path), torch.float16, False)
         for d in devs:
             torch.cuda.reset_peak_memory_stats(d)
         with torch.no_grad():
-            reports = vm.compress_model(model, vm.ARCHS["llama"], cfg, windows, devs, torch.float16, lambda m: None)
-            ppl = vm.perplexity(model, vm.ARCHS["llama"], tokens, 128, devs, torch.float16, 8)
+            reports = compress_model(model, ARCHS["llama"], cfg, windows, devs, torch.float16, lambda m: None).reports
+            ppl = perplexity(model, ARCHS["llama"], tokens, 128, devs, torch.float16, 8)
         used = [torch.cuda.max_memory_allocated(d) > 0 for d in devs]
         out[len(devs)] = model.state_dict(), reports, ppl, used
     (sd1, rep1, ppl1, _), (sdn, repn, ppln, used) = out[1], out[max(out)]

@@ -1,0 +1,423 @@
+"""The compression driver: every decoder layer, linear set by linear set in true-sequential
+order, through four phases:
+
+1. statistics  the layer runs over the calibration windows; a hook on the set's input
+               accumulates the Hessian (and, for the binned MI estimator, a token sample)
+2. plan        channel groups (MI clustering or an ablation) and a width per group and linear
+3. solve       joint pruning + quantization with error compensation (sparsegpt_mi.py)
+4. write back  the compressed weights go into the layer (and its replicas) and a report
+
+    result = compress_model(model, spec, cfg, windows, devs, dtype, emit=print_event)
+    result.reports["model.layers.0.self_attn.q_proj"].avg_bits
+
+What the driver has to say goes out as event records (dicts with "event", see events.py)
+through `emit`; it prints nothing itself.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from config import CompressConfig, LinearReport
+from layerwise import StopForward, Team, capture_layer_inputs, stream_layers
+from model_io import ArchSpec, get_module
+from parallel import device_list, interleave, launched, row_shares
+from quant import exact_matmul, group_overhead_bits, magnitude_prune, rtn_quantize
+
+
+def _quiet(_record: dict) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- stage timer
+class StageTimer:
+    """Seconds per named stage (`with timer("solve"): ...`). When enabled it synchronizes the
+    devices at each stage boundary so the numbers are true; disabled it costs nothing."""
+
+    def __init__(self, dev=None, enabled: bool = False):
+        self.devs, self.enabled = (device_list(dev) if dev is not None else []), enabled
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        return _Stage(self, stage)
+
+
+class _Stage:
+    def __init__(self, timer: StageTimer, stage: str):
+        self.t, self.stage = timer, stage
+
+    def _sync(self):
+        if self.t.enabled:
+            for d in self.t.devs:
+                if d.type == "cuda":
+                    torch.cuda.synchronize(d)
+
+    def __enter__(self):
+        self._sync()
+        self.tick = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self._sync()
+        if self.t.enabled:
+            self.t.seconds[self.stage] = self.t.seconds.get(self.stage, 0.0) + time.perf_counter() - self.tick
+
+
+NO_TIMER = StageTimer()
+
+
+# ---------------------------------------------------------------- results
+@dataclass
+class Plan:
+    """Phase 2 for one linear set: channel groups (index tensors, in solver order), widths
+    bits[linear][group], the MI statistics (None without MI) and the MI matrix (kept only
+    when asked for, on the CPU)."""
+    groups: list[torch.Tensor]
+    bits: list[list[int]]
+    mi_stats: dict | None
+    mi: torch.Tensor | None
+    seconds: float
+
+
+@dataclass
+class Compression:
+    """What compress_layer / compress_model return: a report per linear (keyed by module path
+    relative to the layer, or to the model) and the first MI matrix when it was asked for."""
+    reports: dict[str, LinearReport]
+    mi: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------- phase 1: statistics
+def gather_statistics(team: Team, names: tuple[str, ...], cfg: CompressConfig, timer: StageTimer = NO_TIMER):
+    """Hessian (and token sample) of the input of linear set `names`: every device runs its
+    replica over its share of the windows into its own solver; the shares are summed into
+    the first device's. Returns (solver, sample or None)."""
+    from mutual_info import TokenSample
+    from sparsegpt_mi import LinearSolver
+    columns = get_module(team.layers[0], names[0]).in_features
+    nwin = team.windows
+    # one solver (Hessian) and, for the binned estimator, one token sample per device; the
+    # samples split the token budget by the devices' shares of the windows
+    solvers = [LinearSolver(columns, d) for d in team.devs]
+    binned = cfg.mixed and cfg.grouping.startswith("mi") and cfg.mi_method == "binned"
+    samples = [TokenSample(max(1, cfg.mi_tokens * x.shape[0] // max(nwin, 1)),
+                           max(1, cfg.mi_tokens // max(1, nwin)), cfg.seed + k) if binned else None
+               for k, x in enumerate(team.shares)]
+
+    def hook_for(solver, sample):
+        def hook(_m, inp, _out):
+            solver.add_batch(inp[0].detach())
+            if sample is not None:
+                sample.add_batch(inp[0].detach())
+            raise StopForward
+        return hook
+
+    handles = [get_module(rep, names[0]).register_forward_hook(hook_for(sv, sm))
+               for rep, sv, sm in zip(team.layers, solvers, samples)]
+    try:
+        with timer("forward+hessian"):
+            team.forward(in_place=False)
+    finally:
+        for h in handles:
+            h.remove()
+    solver, sample = solvers[0], samples[0]
+    for other, other_sample in zip(solvers[1:], samples[1:]):  # gather the devices' statistics on the first
+        solver.absorb(other)
+        other.free()
+        if sample is not None:
+            sample.absorb(other_sample)
+    return solver, sample
+
+
+# ---------------------------------------------------------------- phase 2: groups and widths
+AUTO_GROUPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # what --n_groups auto tries (up to --n_groups_max)
+
+
+def candidate_ks(cfg: CompressConfig, columns: int) -> list[int]:
+    """The numbers of clusters to try: --n_groups, or for auto every AUTO_GROUPS value up to
+    --n_groups_max (and the number of channels)."""
+    if not cfg.auto_groups:
+        return [min(cfg.n_groups, columns)]
+    return sorted({min(k, columns) for k in AUTO_GROUPS if k <= cfg.n_groups_max})
+
+
+def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample, dev,
+                           timer: StageTimer = NO_TIMER, keep_mi: bool = False) -> Plan:
+    """Channel groups and per-linear widths for one shared-input set of linears: for each
+    candidate number of clusters, the widths of least Hessian-weighted error within the
+    budget; the number with the least summed error wins. dev: a device, or a list of them:
+    the clustering runs on the first, the allocation errors are split by rows over all.
+    keep_mi: return a CPU copy of the MI matrix (for --plot)."""
+    from channel_grouping import (AFFINITY_METHODS, group_channels, groups_for_ks, order_groups,
+                                  pruned_per_group)
+    from mutual_info import abs_correlation, estimate_mi, mi_summary
+    devs = device_list(dev)
+    dev = devs[0]
+    columns = solver.columns
+    tick = time.perf_counter()
+    if not cfg.mixed:
+        bits = 16 if (cfg.wbits >= 16) else cfg.wbits
+        return Plan([torch.arange(columns, device=dev)], [[bits] for _ in weights], None, None, 0.0)
+    H = solver.hessian()
+    diag = torch.diag(H)
+    ks = candidate_ks(cfg, columns)
+    stats = kept = dependence = None
+    if cfg.grouping in ("mi", "mi_hessian"):
+        with timer("mi"):
+            dependence = estimate_mi(cfg.mi_method, H, solver.mean(), mi_sample)
+            stats = mi_summary(dependence)
+            if keep_mi:
+                kept = dependence.to("cpu", copy=True)  # before the in-place clustering
+    elif cfg.grouping in ("corr", "corr_hessian"):
+        with timer("mi"):
+            dependence = abs_correlation(H, solver.mean())
+    with timer("clustering"):
+        if cfg.auto_groups:
+            by_k = groups_for_ks(cfg.grouping, ks, mi=dependence, diag=diag, seed=cfg.seed, columns=columns,
+                                 inplace=True)
+        elif cfg.grouping in AFFINITY_METHODS:
+            by_k = {ks[0]: group_channels(cfg.grouping, ks[0], mi=dependence, diag=diag, seed=cfg.seed,
+                                          inplace=True)}
+        else:
+            by_k = {ks[0]: group_channels(cfg.grouping, ks[0], diag=diag, seed=cfg.seed, columns=columns)}
+        del dependence
+    candidates = list(range(cfg.min_bits, cfg.max_bits + 1))
+    best = None
+    with timer("allocation"):
+        for k, groups in by_k.items():
+            groups = order_groups(groups, diag)
+            sizes = [int(g.numel()) for g in groups]
+            errs = _cluster_errors(cfg, H, weights, groups, candidates, devs)
+            pruned = pruned_per_group(sizes, cfg.sparsity) if cfg.sparsity and cfg.mask_scope == "row" else None
+            choice = _allocate(cfg, errs, sizes, candidates, [W.shape[0] for W in weights], pruned)
+            if choice is not None and (best is None or choice[1] < best[2]):
+                best = (groups, choice[0], choice[1])
+        if best is None:  # no number of clusters fits a stored budget: the cheapest widths, with a warning
+            groups = order_groups(by_k[min(by_k)], diag)
+            best = (groups, [[cfg.min_bits] * len(groups) for _ in weights], float("inf"))
+    for d in devs:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)
+    return Plan(best[0], best[1], stats, kept, time.perf_counter() - tick)
+
+
+def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candidates: list[int], devs: list):
+    """err[linear, group, width] (see channel_grouping.cluster_errors): one pass over the
+    stacked linears that share H, their rows split over the devices."""
+    from channel_grouping import cluster_errors
+    dev = devs[0]
+    shares = row_shares([W.shape[0] for W in weights], len(devs))
+    used = devs[:len(shares)]
+
+    def errors(d, share):
+        Hd = H if d == dev else H.to(d)
+        gd = groups if d == dev else [g.to(d) for g in groups]
+        return cluster_errors(torch.cat([W[rows].to(d) for W, rows in zip(weights, share)], 0), Hd, gd,
+                              candidates, cfg.target_sparsity, cfg.sym,
+                              row_splits=[r.stop - r.start for r in share], on_device=True, mse=cfg.clip == "mse")
+    parts = interleave([launched(errors, d, share) for d, share in zip(used, shares)], used)
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+
+
+def _allocate(cfg: CompressConfig, errs, sizes: list[int], candidates: list[int], rows: list[int], pruned):
+    """(widths per linear, summed error) within the budget, or None where a stored budget
+    cannot be met with these groups."""
+    from channel_grouping import allocate_bits, allocate_stored
+    if cfg.bits_budget == "weight":
+        bits = [allocate_bits(err, sizes, candidates, cfg.target_avg_bits) for err in errs]
+        return bits, sum(float(err[g, candidates.index(b)]) for err, bb in zip(errs, bits) for g, b in enumerate(bb))
+    out, total = [], 0.0
+    for err, r in zip(errs, rows):
+        choice = allocate_stored(err, sizes, candidates, cfg.target_avg_bits, r, pruned, (cfg.prunen, cfg.prunem))
+        if choice is None:
+            return None
+        out.append(choice[0])
+        total += choice[1]
+    return out, total
+
+
+# ---------------------------------------------------------------- phase 3: solve
+def solve_set(cfg: CompressConfig, solver, weights: list, plan: Plan, devs: list, timer: StageTimer = NO_TIMER):
+    """Prune and quantize the stacked weights of one set against its Hessian. Output rows are
+    independent given H: each device solves a share of them (one device where the mask
+    threshold couples all rows). Returns one SolveResult per weight."""
+    from sparsegpt_mi import merge_row_shares
+    with timer("solve"):
+        coupled = cfg.mask_scope == "block" and cfg.sparsity > 0 and not cfg.prunen  # one threshold over all rows
+        shares_rows = row_shares([W.shape[0] for W in weights], 1 if coupled else len(devs))
+        used = devs[:len(shares_rows)]
+        twins = [solver] + [solver.copy_to(d) for d in used[1:]]  # before any solve consumes H
+        options = cfg.solver_options()
+        if len(used) == 1:
+            results = solver.solve(weights, plan.groups, plan.bits, **options)
+        else:  # the devices' column blocks queued in turn
+            parts = interleave([sv.solve_steps([W[r] for W, r in zip(weights, rows)], plan.groups, plan.bits,
+                                               **options) for sv, rows in zip(twins, shares_rows)], used)
+            results = merge_row_shares(parts, devs[0])
+        for sv in twins:
+            sv.free()
+    return results
+
+
+# ---------------------------------------------------------------- phase 4: write back
+def write_back(team: Team, index: int, names: tuple[str, ...], results: list, plan: Plan, cfg: CompressConfig,
+               emit=_quiet) -> dict[str, LinearReport]:
+    """Put the compressed weights into the layer and its replicas (the next set's forward
+    passes run on them) and report each linear."""
+    reports = {}
+    sizes = [int(g.numel()) for g in plan.groups]
+    for name, res, b in zip(names, results, plan.bits):
+        lin = get_module(team.layers[0], name)
+        columns = lin.in_features
+        if not torch.isfinite(res.weight).all():
+            raise FloatingPointError(f"layer {index} {name}: the solver produced NaN/inf weights; "
+                                     "try a larger --percdamp or more --nsamples")
+        lin.weight.data = res.weight.to(team.lead, lin.weight.dtype)
+        for replica in team.layers[1:]:
+            other = get_module(replica, name).weight
+            other.data = lin.weight.data.to(other.device)
+        eff = res.avg_bits + group_overhead_bits(b, sizes, cfg.solver_groupsize) if res.avg_bits < 16 else 16.0
+        if cfg.mixed:
+            eff += math.ceil(math.log2(max(columns, 2))) / lin.out_features  # the stored permutation
+        qparams = None if res.avg_bits >= 16 else {"perm": res.perm, "runs": res.runs, "scale": res.scale,
+                                                   "zero": res.zero}
+        rep = LinearReport(shape=[lin.out_features, columns], sparsity=res.sparsity, avg_bits=res.avg_bits,
+                           effective_bits=eff, loss=res.loss, seconds=res.seconds + plan.seconds / len(names),
+                           groups=[{"bits": int(bb), "channels": g.tolist()} for bb, g in zip(b, plan.groups)],
+                           stored_bits=stored_bits(res.weight, qparams, cfg), qparams=qparams)
+        reports[name] = rep
+        budgeted = rep.stored_bits if cfg.bits_budget == "stored" else res.avg_bits
+        if cfg.mixed and budgeted < cfg.target_avg_bits - 0.01 - 1e-9:
+            emit({"event": "under_target", "layer": index, "linear": name, "bits": budgeted,
+                  "target": cfg.target_avg_bits})
+        if cfg.mixed and budgeted > cfg.target_avg_bits + 1e-9:
+            emit({"event": "warning", "text": f"layer {index} {name}: {budgeted:.3f} {cfg.bits_budget} bits, over the "
+                                              f"target {cfg.target_avg_bits} (no grouping fits it; raise the target)"})
+        emit({"event": "linear", "layer": index, "linear": name, "loss": res.loss, "sparsity": res.sparsity,
+              "bits": res.avg_bits, "stored_bits": rep.stored_bits, "groups": len(plan.groups),
+              "seconds": rep.seconds})
+    return reports
+
+
+def stored_bits(W: torch.Tensor, qparams: dict | None, cfg: CompressConfig) -> float:
+    """Bits per weight the packed file will hold for this linear (16: stored dense)."""
+    import packing
+    if qparams is None:
+        return 16.0
+    return 8 * packing.stored_bytes(W, qparams, (cfg.prunen, cfg.prunem))["total"] / W.numel()
+
+
+def round_to_nearest(team: Team, index: int, names: tuple[str, ...], cfg: CompressConfig,
+                     emit=_quiet) -> dict[str, LinearReport]:
+    """The --rtn baseline for one set: magnitude pruning and round-to-nearest, no calibration."""
+    reports = {}
+    for name in names:
+        lin = get_module(team.layers[0], name)
+        columns = lin.in_features
+        tick = time.perf_counter()
+        W = lin.weight.data.float()
+        if cfg.prunes:
+            W = magnitude_prune(W, cfg.sparsity, cfg.prunen, cfg.prunem)
+        qparams = None
+        Q = W
+        if cfg.wbits < 16:
+            Q, scale, zero = rtn_quantize(W, cfg.wbits, cfg.groupsize, cfg.sym, cfg.clip == "mse")
+            g = columns if cfg.groupsize <= 0 else cfg.groupsize
+            qparams = {"perm": torch.arange(columns), "scale": scale.cpu(), "zero": zero.cpu(),
+                       "runs": [(c0, min(c0 + g, columns), cfg.wbits) for c0 in range(0, columns, g)]}
+        Q = Q * (W != 0)
+        lin.weight.data = Q.to(lin.weight.dtype)
+        rep = LinearReport(shape=list(W.shape), sparsity=float((W == 0).float().mean()), avg_bits=float(cfg.wbits),
+                           effective_bits=cfg.wbits + group_overhead_bits([cfg.wbits], [columns], cfg.groupsize),
+                           loss=float("nan"), seconds=time.perf_counter() - tick,
+                           groups=[{"bits": cfg.wbits, "channels": list(range(columns))}],
+                           stored_bits=stored_bits(Q, qparams, cfg), qparams=qparams)
+        reports[name] = rep
+        emit({"event": "linear", "layer": index, "linear": name, "loss": None, "sparsity": rep.sparsity,
+              "bits": rep.avg_bits, "stored_bits": rep.stored_bits, "groups": 1, "seconds": rep.seconds})
+    return reports
+
+
+# ---------------------------------------------------------------- one layer, the whole model
+def _check_weights(index: int, names: tuple[str, ...], layer) -> None:
+    for name in names:
+        if not torch.isfinite(get_module(layer, name).weight).all():
+            raise FloatingPointError(f"layer {index} {name}: the model's own weights hold NaN/inf before "
+                                     "compression; the checkpoint is damaged or overflowed its dtype (try "
+                                     "--dtype float32 or bfloat16, or a fresh copy of the model)")
+
+
+@torch.no_grad()
+def compress_layer(team: Team, index: int, spec: ArchSpec, cfg: CompressConfig, emit=_quiet,
+                   timer: StageTimer = NO_TIMER, keep_mi: bool = False) -> Compression:
+    """Compress the linears of the team's current layer (team.layers) in true-sequential
+    order. keep_mi: return the layer's first MI matrix (on the CPU)."""
+    result = Compression({})
+    for names in spec.groups:
+        _check_weights(index, names, team.layers[0])
+        if cfg.rtn:
+            result.reports.update(round_to_nearest(team, index, names, cfg, emit))
+            continue
+        solver, sample = gather_statistics(team, names, cfg, timer)
+        weights = [get_module(team.layers[0], n).weight.data for n in names]
+        plan = choose_groups_and_bits(cfg, solver, weights, sample, team.devs, timer, keep_mi and result.mi is None)
+        if plan.mi is not None and result.mi is None:
+            result.mi = plan.mi
+        if plan.mi_stats is not None:
+            emit({"event": "mi", "layer": index, "linears": [n.split(".")[-1] for n in names],
+                  **{f"mi_{k}": v for k, v in plan.mi_stats.items()}, "groups": len(plan.groups),
+                  "seconds": plan.seconds})
+        results = solve_set(cfg, solver, weights, plan, team.devs, timer)
+        result.reports.update(write_back(team, index, names, results, plan, cfg, emit))
+    return result
+
+
+@torch.no_grad()
+def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, emit=_quiet,
+                   fwd_batch: int = 4, timer: StageTimer = NO_TIMER, keep_mi: bool = False,
+                   checkpoint=None) -> Compression:
+    """Layer-by-layer compression of the whole model; returns a report per linear (keyed by
+    module path) and, with keep_mi, layer 0's first MI matrix. checkpoint (checkpoint.py):
+    each finished layer is written there; on resume the layers it holds are restored instead
+    of compressed and the next layer starts from the saved activations.
+
+    Nothing here draws from the global RNGs: clustering, the binned-MI token sample and the
+    random grouping each seed their own generator with cfg.seed per call, so a resumed run
+    computes exactly what an uninterrupted one does.
+
+    dev: one device or a list (see parallel.py): the windows are split over the devices and
+    each layer is replicated on all of them while it is compressed."""
+    devs = device_list(dev)
+    layers = get_module(model, spec.layers)
+    with exact_matmul():
+        if cfg.rtn:
+            devs = devs[:1]  # nothing to spread: no calibration forward passes
+            inps, kwargs = torch.empty(0, 1, device=devs[0]), {}
+        else:
+            inps, kwargs = capture_layer_inputs(model, spec, windows, devs[0], dtype)  # kwargs are needed on resume too
+        first, result = 0, Compression({})
+        if checkpoint is not None:
+            first, result = checkpoint.restore(model, spec, None if cfg.rtn else inps, emit)
+        team = Team.spread(inps, kwargs, devs, fwd_batch)
+        del inps
+        start = time.perf_counter()
+        for i, layer in stream_layers(model, spec, team, first):
+            tick = time.perf_counter()
+            done = compress_layer(team, i, spec, cfg, emit, timer, keep_mi and result.mi is None)
+            result.reports.update({f"{spec.layers}.{i}.{n}": r for n, r in done.reports.items()})
+            result.mi = result.mi if result.mi is not None else done.mi
+            if not cfg.rtn:
+                with timer("forward outputs"):  # in place: the next layer's inputs
+                    team.forward(in_place=True)
+                if not team.finite():
+                    raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
+                                             "try a larger --percdamp, more --nsamples or --dtype bfloat16")
+            if checkpoint is not None:
+                checkpoint.save_layer(i, layer, done.reports, None if cfg.rtn else team.gather("cpu"),
+                                      {"mi": done.mi} if i == 0 and done.mi is not None else None)
+            elapsed = time.perf_counter() - start
+            emit({"event": "layer", "layer": i, "seconds": time.perf_counter() - tick, "done": i + 1,
+                  "total": len(layers), "eta": elapsed / (i + 1 - first) * (len(layers) - i - 1)})
+    return result

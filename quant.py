@@ -1,0 +1,152 @@
+"""Quantization grids and the small numeric helpers that the solver, the MI estimator and the
+bit allocation share: the min-max grid, rounding onto it, round-to-nearest and magnitude
+pruning baselines, the storage cost of a grid, and fp32-accumulated matrix products."""
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import contextmanager
+
+import torch
+
+
+# ---------------------------------------------------------------- grids
+SCALE_DTYPE = torch.float16  # grid steps are stored (and therefore fitted) in fp16
+_TINY_SCALE = 2.0 ** -24      # the smallest positive fp16: a step never rounds to 0
+MSE_SHRINK = torch.linspace(1.0, 0.5, 26).tolist()  # range fractions the MSE clipping search tries
+MSE_NORM = 2.4                # as GPTQ's and llm-compressor's MSE observers
+
+
+def fit_minmax(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, shrink: float = 1.0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (or symmetric) min-max grid per row of W (R, C), its range scaled by
+    `shrink`; maxq (R,) = 2^bits - 1, or (B, 1) for B candidate widths at once, giving (B, R)
+    grids.
+
+    The range always contains 0, so zero is exactly on the grid (pruned weights stay 0). The
+    scale is rounded to fp16, as it is stored, so the solver's error compensation sees the
+    grid the file holds. Returns scale and integer zero point (float), shaped like maxq
+    broadcast against (R,).
+    """
+    xmin = W.min(dim=1).values.clamp(max=0) * shrink
+    xmax = W.max(dim=1).values.clamp(min=0) * shrink
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, torch.full_like(xmin, -1), xmin)
+    xmax = torch.where(flat, torch.full_like(xmax, 1), xmax)
+    scale = ((xmax - xmin) / maxq).to(SCALE_DTYPE).float().clamp(min=_TINY_SCALE)
+    zero = torch.full_like(scale, 0) + ((maxq + 1) / 2 if sym else torch.minimum(torch.round(-xmin / scale), maxq))
+    return scale, zero
+
+
+def fit_grid(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of each row of W (R, C) (see fit_minmax for maxq and the shapes). mse: search the
+    range fraction in MSE_SHRINK that minimises sum |w - q|^2.4 over the row (clipping the
+    extremes trades their error for a finer step everywhere else), per row and width."""
+    scale, zero = fit_minmax(W, maxq, sym)
+    if not mse:
+        return scale, zero
+
+    def error(s, z):
+        return (quantize(W, s[..., None], z[..., None], maxq[..., None]) - W).abs_().pow_(MSE_NORM).sum(-1)
+    best = error(scale, zero)
+    for shrink in MSE_SHRINK[1:]:
+        s, z = fit_minmax(W, maxq, sym, shrink)
+        err = error(s, z)
+        better = err < best
+        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.where(better, err, best)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """Round w to the grid scale * (q - zero), q in [0, maxq]; all arguments broadcast."""
+    q = torch.minimum(torch.clamp(torch.round(w / scale) + zero, min=0), maxq)
+    return scale * (q - zero)
+
+
+def rtn_quantize(W: torch.Tensor, bits: int, groupsize: int = -1, sym: bool = False, mse: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest baseline: per row, or per `groupsize` consecutive columns (mse: with
+    the clipping search). Returns the quantized weights (R, C) and scale, zero (R, n_runs)."""
+    R, C = W.shape
+    W = W.float()
+    g = C if groupsize <= 0 else groupsize
+    out = torch.empty_like(W)
+    maxq = torch.full((R,), 2.0 ** bits - 1, device=W.device)
+    scales, zeros = [], []
+    for c0 in range(0, C, g):
+        blk = W[:, c0:c0 + g]
+        scale, zero = fit_grid(blk, maxq, sym, mse)
+        out[:, c0:c0 + g] = quantize(blk, scale[:, None], zero[:, None], maxq[:, None])
+        scales.append(scale)
+        zeros.append(zero)
+    return out, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def magnitude_prune(W: torch.Tensor, sparsity: float = 0.0, prunen: int = 0, prunem: int = 0) -> torch.Tensor:
+    """Baseline pruning by |w|: the smallest `sparsity` of each row (unstructured), or the N
+    smallest of every M consecutive weights (N:M)."""
+    R, C = W.shape
+    if prunen:
+        blocks = W.abs().reshape(R, C // prunem, prunem)
+        idx = torch.topk(blocks, prunen, dim=2, largest=False).indices
+        mask = torch.zeros_like(blocks, dtype=torch.bool).scatter_(2, idx, True).reshape(R, C)
+    else:
+        k = int(round(sparsity * C))
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        if k:
+            mask.scatter_(1, torch.topk(W.abs(), k, dim=1, largest=False).indices, True)
+    return W.masked_fill(mask, 0)
+
+
+def group_overhead_bits(bits: list[int], sizes: list[int], groupsize: int = -1) -> float:
+    """Storage bits per weight for the per-(row, group) fp16 scale and bits-wide zero of one
+    linear, averaged over its weights; unquantized (16-bit) groups cost nothing."""
+    C = sum(sizes)
+    total = 0.0
+    for b, s in zip(bits, sizes):
+        if b >= 16:
+            continue
+        runs = math.ceil(s / groupsize) if groupsize > 0 else 1
+        total += runs * (16 + b)
+    return total / C
+
+
+# ---------------------------------------------------------------- matrix products
+@functools.cache
+def _has_mm_out_dtype(device: torch.device) -> bool:
+    """Whether this torch build multiplies fp16 into fp32 directly (torch.mm(out_dtype=...))."""
+    a = torch.zeros(16, 16, device=device, dtype=torch.float16)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+def mm_fp32(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A @ B as fp32. fp16/bf16 inputs on CUDA run on the tensor cores with fp32
+    accumulation (every fp16 product is exact); anything else is upcast to fp32."""
+    if A.is_cuda and A.dtype in (torch.float16, torch.bfloat16) and _has_mm_out_dtype(A.device):
+        return torch.mm(A, B, out_dtype=torch.float32)
+    return A.float() @ B.float()
+
+
+def accumulate_xtx(H: torch.Tensor, X: torch.Tensor) -> None:
+    """H += X^T X in fp32 for X (n, C)."""
+    H.add_(mm_fp32(X.t(), X))
+
+
+@contextmanager
+def exact_matmul():
+    """TF32 off for the duration (the Hessian, the solve and the evaluation need fp32 products),
+    restored afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -1,0 +1,155 @@
+"""Stored bits: the report counts exactly what the packed file holds for each linear, the
+stored budget is met, the allocation is the exact optimum of its cost model, the clipping
+search, and --n_groups auto."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import packing
+from channel_grouping import allocate_stored, pruned_per_group
+from compress import compress_model
+from config import CompressConfig
+from datautils import get_loaders
+from model_io import ARCHS, load_model, load_tokenizer, save_model
+from quant import MSE_NORM, fit_grid, fit_minmax, quantize
+
+CASES = {
+    "mi_stored_auto": dict(wbits=4, target_avg_bits=3.5, bits_budget="stored", n_groups=0),
+    "mi_stored_k4_mse": dict(wbits=4, target_avg_bits=3.6, bits_budget="stored", n_groups=4, clip="mse"),
+    "sparse50_mi_stored": dict(wbits=4, sparsity=0.5, target_avg_bits=3.0, bits_budget="stored", n_groups=0),
+    "nm24_mi_stored": dict(wbits=4, prunen=2, prunem=4, target_avg_bits=3.0, bits_budget="stored", n_groups=4),
+    "mi_weight_k4": dict(wbits=4, target_avg_bits=3.0, n_groups=4),
+    "gptq_w3_g32_actorder_mse": dict(use_mi_grouping=False, wbits=3, groupsize=32, act_order=True, clip="mse"),
+    "rtn_w4_g32": dict(use_mi_grouping=False, wbits=4, groupsize=32, rtn=True),
+}
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_models, text_files, tmp_path_factory):
+    """case -> (reports, per-linear bytes in packed.safetensors, config)."""
+    out = {}
+    tok = load_tokenizer(str(tiny_models["qwen2"]), False)  # q/k/v biases, 4 query / 2 KV heads
+    windows = get_loaders(str(text_files["calib"]), tok, 4, 0, 64)
+    for case, fields in CASES.items():
+        cfg = CompressConfig(**fields)
+        model = load_model(str(tiny_models["qwen2"]), torch.float32, False)
+        reports = compress_model(model, ARCHS["qwen2"], cfg, [] if cfg.rtn else windows, torch.device("cpu"),
+                                 torch.float32).reports
+        folder = tmp_path_factory.mktemp(case) / "out"
+        save_model(model, tok, str(folder), {}, overwrite=False,
+                   packed={"reports": reports, "nm": (cfg.prunen, cfg.prunem), "pruned": cfg.prunes})
+        with safe_open(str(folder / packing.PACKED_FILE), framework="pt") as f:
+            header = json.loads(f.metadata()["packing"])
+            nbytes = {name: sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
+                                if k.startswith(name + ".") and k[len(name) + 1:] in
+                                ("codes", "scale", "zero", "perm", "mask", "nm"))
+                      for name in header["linears"]}
+        out[case] = reports, nbytes, cfg, header
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_report_counts_what_the_file_holds(packed, case):
+    reports, nbytes, cfg, header = packed[case]
+    assert set(nbytes) == set(reports) and not header["dense_fallback"]
+    for name, rep in reports.items():
+        R, C = rep.shape
+        assert rep.stored_bits == pytest.approx(8 * nbytes[name] / (R * C), abs=1e-12), name
+    if cfg.bits_budget == "stored" and not cfg.prunen:  # N:M kept codes per group are only estimated
+        assert max(r.stored_bits for r in reports.values()) <= cfg.target_avg_bits + 1e-9
+    if cfg.sparsity:
+        assert any(info["mask"] == "bitmask" for info in header["linears"].values())
+
+
+def test_auto_groups_spends_the_stored_budget_better_than_fixed_groups(packed):
+    auto = packed["mi_stored_auto"][0]
+    assert len({len(r.groups) for r in auto.values()}) > 1, "auto chose different numbers of clusters"
+    assert all(3.2 < r.stored_bits <= 3.5 + 1e-9 for r in auto.values())
+
+
+# ---------------------------------------------------------------- allocation
+def exact_bytes(rows: int, sizes: list[int], widths: list[int], pruned: list[int] | None) -> int:
+    """Bytes the packed file holds for a linear with these groups (permuted), dense or with a
+    mask for the pruned weights, whichever packing picks."""
+    C = sum(sizes)
+    runs, c = [], 0
+    for s, b in zip(sizes, widths):
+        runs.append((c, c + s, b))
+        c += s
+    dense = packing.linear_nbytes(rows, C, runs, [rows * s for s in sizes], "dense", (0, 0), True)["total"]
+    if not pruned or sum(p * b for p, b in zip(pruned, widths)) * rows <= rows * C:
+        return dense
+    kept = [rows * (s - p) for s, p in zip(sizes, pruned)]
+    return packing.linear_nbytes(rows, C, runs, kept, "bitmask", (0, 0), True)["total"]
+
+
+@pytest.mark.parametrize("seed,sparsity", [(0, 0.0), (1, 0.0), (2, 0.5), (3, 0.5), (4, 0.3)])
+def test_stored_allocation_is_the_best_that_fits(seed, sparsity):
+    rng = np.random.default_rng(seed)
+    sizes = [int(x) for x in rng.integers(5, 40, 4)]
+    rows, target, candidates = 24, 3.7, [2, 3, 4, 5, 6]
+    err = np.sort(rng.random((4, len(candidates))) * 10, axis=1)[:, ::-1]  # wider: less error
+    pruned = pruned_per_group(sizes, sparsity) if sparsity else None
+    widths, total = allocate_stored(err, sizes, candidates, target, rows, pruned)
+    budget = target * rows * sum(sizes)
+    assert 8 * exact_bytes(rows, sizes, widths, pruned) <= budget
+    feasible = [(sum(err[g, candidates.index(b)] for g, b in enumerate(ws)), ws)
+                for ws in itertools.product(candidates, repeat=4)
+                if 8 * exact_bytes(rows, sizes, list(ws), pruned) <= budget - 7 * 10]
+    best = min(feasible)[0]
+    assert total == pytest.approx(sum(err[g, candidates.index(b)] for g, b in enumerate(widths)))
+    assert total <= best + 1e-9  # at least as good as anything that fits with room for byte padding
+
+
+def test_pruned_per_group_matches_the_solver():
+    from sparsegpt_mi import LinearSolver
+    torch.manual_seed(0)
+    X, W = torch.randn(256, 48), torch.randn(10, 48)
+    solver = LinearSolver(48, torch.device("cpu"))
+    solver.add_batch(X)
+    groups = [torch.arange(0, 13), torch.arange(13, 30), torch.arange(30, 48)]
+    res = solver.solve([W], groups, [[16, 16, 16]], sparsity=0.45, blocksize=8)[0]
+    Wp = res.weight[:, res.perm]
+    c = 0
+    for g, p in zip(groups, pruned_per_group([13, 17, 18], 0.45)):
+        assert ((Wp[:, c:c + g.numel()] == 0).sum(1) == p).all()
+        c += g.numel()
+
+
+# ---------------------------------------------------------------- clipping search
+def test_mse_grid_never_worse_and_on_fp16():
+    torch.manual_seed(0)
+    W = torch.randn(64, 96) * torch.rand(64, 1)
+    W[::7, 3] *= 12  # outliers: clipping pays there
+    for bits in (2, 3, 4):
+        maxq = torch.full((64,), 2.0 ** bits - 1)
+        errs = []
+        for mse in (False, True):
+            scale, zero = fit_grid(W, maxq, mse=mse)
+            assert torch.equal(scale, scale.half().float()), "scales are what the file stores"
+            errs.append((quantize(W, scale[:, None], zero[:, None], maxq[:, None]) - W).abs().pow(MSE_NORM).sum(1))
+        assert (errs[1] <= errs[0] + 1e-6).all() and (errs[1] < 0.9 * errs[0]).any()
+    s0, z0 = fit_minmax(W, torch.full((64,), 15.0))
+    assert torch.equal(quantize(torch.zeros(64, 1), s0[:, None], z0[:, None], torch.full((64, 1), 15.0)),
+                       torch.zeros(64, 1)), "0 stays on the grid"
+
+
+def test_mse_clipping_lowers_the_solvers_error():
+    from sparsegpt_mi import LinearSolver
+    torch.manual_seed(1)
+    X = torch.randn(512, 64) * torch.linspace(0.2, 2, 64)
+    W = torch.randn(32, 64)
+    W[:, 5] *= 8
+    loss = {}
+    for mse in (False, True):
+        solver = LinearSolver(64, torch.device("cpu"))
+        solver.add_batch(X)
+        res = solver.solve([W], [torch.arange(64)], [[3]], groupsize=16, mse=mse)[0]
+        loss[mse] = float(((X @ (res.weight - W).t()) ** 2).sum())
+    assert loss[True] < loss[False]
