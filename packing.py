@@ -443,7 +443,8 @@ def load_packed(folder, dtype=torch.float16, device="cpu", keep_packed: bool = F
             owner = model.get_submodule(parent)
             dense = getattr(owner, child)
             bias = None if dense.bias is None else dense.bias.data
-            setattr(owner, child, MixedBitLinear.from_parts(parts, bias=bias, dtype=dtype, device=device))
+            setattr(owner, child, MixedBitLinear.from_parts(parts, bias=bias, dtype=dtype, device=device,
+                                                            saved_dtype=saved))
             del dense
     return model.to(device).eval()
 

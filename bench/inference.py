@@ -16,7 +16,7 @@
     do not fit in L2 (>= 256 MB per pass), CUDA events, warm-up, median of 15 replays.
 (2) Memory: GPU bytes of a packed model loaded with keep_packed=True against fp16, and of its
     compressed linears against their stored bytes in packed.safetensors.
-(3) Quality: perplexity (vicuna_mi.perplexity, windows of --seqlen tokens of --eval) and greedy
+(3) Quality: perplexity (layerwise.perplexity, windows of --seqlen tokens of --eval) and greedy
     generation (64 tokens, three prompts) of the packed runtime against the dense decode
     (`packing.load_packed(DIR)`, bit for bit the fake save).
 
@@ -38,17 +38,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import mixed_kernel  # noqa: E402
-import packing  # noqa: E402
-from mixed_linear import MixedBitLinear  # noqa: E402
-# the project's loaders and perplexity (the only imports from the CLI modules; keep them here)
-from vicuna_mi import ARCHS, load_tokenizer, perplexity  # noqa: E402
-from datautils import get_eval_tokens  # noqa: E402
+import mixed_kernel
+import packing
+from datautils import get_eval_tokens
+from layerwise import perplexity
+from mixed_linear import MixedBitLinear
+from model_io import ARCHS, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -62,7 +62,7 @@ def quantize(W: torch.Tensor, widths: list[int], gen: torch.Generator, prune: st
     for j, (s, e, b) in enumerate(runs):
         w = Wp[:, s:e]
         lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
-        sc = ((hi - lo) / (2 ** b - 1)).clamp(min=1e-8)
+        sc = ((hi - lo) / (2 ** b - 1)).half().float().clamp(min=2.0 ** -24)  # fp16 steps, as the file stores
         z = torch.round(-lo / sc).clamp(0, 2 ** b - 1)
         q = (torch.round(w / sc[:, None]) + z[:, None]).clamp(0, 2 ** b - 1)
         q = torch.where(keep_p[:, s:e], q, z[:, None])  # a pruned weight is its zero point: exactly 0
@@ -129,8 +129,8 @@ def test_forward_equals_dense_linear(R, C, widths, prune, dtype):
 
 
 def test_layout_is_compact_and_survives_casts():
-    """Codes take their width (up to the tiles where two widths meet); a model-wide .half() or
-    .to(bfloat16) cannot round the fp32 scales (held as raw bits)."""
+    """Codes take their width (up to the tiles where two widths meet); the file's fp16 scales are
+    held as raw bits (int16), so a model-wide .half() or .to(bfloat16) cannot round them."""
     widths = [3, 5, 2, 7, 4, 6]
     W, (tensors, info) = packed_linear(128, 2048, widths, None, torch.float32, seed=3)
     m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
@@ -138,7 +138,7 @@ def test_layout_is_compact_and_survives_casts():
     stored_bits = m.qweight.numel() * 32
     assert exact_bits <= stored_bits <= exact_bits + len(widths) * 32 * 8 * 128  # one shared tile per width change
     assert stored_bits / exact_bits < 1.02
-    assert m.scale_bits.dtype == torch.int32 and m.zero.dtype == torch.uint8
+    assert m.scale_bits.dtype == torch.int16 and m.zero.dtype == torch.uint8
     before = m.dequantize()
     m.half()
     assert bits_equal(m.dequantize(torch.float32), before)

@@ -13,15 +13,11 @@ order differs from cuBLAS and atomics add the units in any order, which moves th
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import packing  # noqa: E402
 from mixed_linear import MixedBitLinear  # noqa: E402
