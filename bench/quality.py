@@ -73,11 +73,11 @@ def _rows() -> dict[str, dict]:
     # at equal stored bits: uniform act-order GPTQ (min-max and MSE grids) and its neighbours
     for b, g in ((3, 128), (3, 64), (2, 128), (2, 64), (4, 128)):
         rows[f"gptq_w{b}_g{g}_ao"] = dict(U, wbits=b, groupsize=g, act_order=True)
-        rows[f"gptq_w{b}_g{g}_ao_mse"] = dict(U, MSE, wbits=b, groupsize=g, act_order=True)
-    rows["sparsegpt_50_w4_g128_ao_mse"] = dict(U, MSE, sparsity=0.5, wbits=4, groupsize=128, act_order=True)
-    rows["sparsegpt_50_w4_ao_mse"] = dict(U, MSE, sparsity=0.5, wbits=4, act_order=True)
+        rows[f"gptq_w{b}_g{g}_ao_mse"] = dict(U, **MSE, wbits=b, groupsize=g, act_order=True)
+    rows["sparsegpt_50_w4_g128_ao_mse"] = dict(U, **MSE, sparsity=0.5, wbits=4, groupsize=128, act_order=True)
+    rows["sparsegpt_50_w4_ao_mse"] = dict(U, **MSE, sparsity=0.5, wbits=4, act_order=True)
     # the method at stored budgets (number of clusters chosen per linear set)
-    S = dict(MSE, wbits=4, bits_budget="stored", n_groups=0)
+    S = dict(**MSE, wbits=4, bits_budget="stored", n_groups=0)
     for t in (2.5, 3.16, 3.5, 4.0):
         rows[f"stored{t}_mi_hessian"] = dict(S, target_avg_bits=t)
     for t in (3.2, 4.0):
