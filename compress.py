@@ -132,7 +132,7 @@ def gather_statistics(team: Team, names: tuple[str, ...], cfg: CompressConfig, t
 
 
 # ---------------------------------------------------------------- phase 2: groups and widths
-AUTO_GROUPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # what --n_groups auto tries (up to --n_groups_max)
+AUTO_GROUPS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # what --n_groups auto tries (up to --n_groups_max)
 
 
 def candidate_ks(cfg: CompressConfig, columns: int) -> list[int]:
@@ -205,7 +205,9 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
 
 def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candidates: list[int], devs: list):
     """err[linear, group, width] (see channel_grouping.cluster_errors): one pass over the
-    stacked linears that share H, their rows split over the devices."""
+    stacked linears that share H, their rows split over the devices. The proxy uses min-max
+    grids even with --clip mse (the search per group, width and number of clusters would cost
+    more than the solve; the solver's grids are searched)."""
     from channel_grouping import cluster_errors
     dev = devs[0]
     shares = row_shares([W.shape[0] for W in weights], len(devs))
@@ -216,7 +218,7 @@ def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candida
         gd = groups if d == dev else [g.to(d) for g in groups]
         return cluster_errors(torch.cat([W[rows].to(d) for W, rows in zip(weights, share)], 0), Hd, gd,
                               candidates, cfg.target_sparsity, cfg.sym,
-                              row_splits=[r.stop - r.start for r in share], on_device=True, mse=cfg.clip == "mse")
+                              row_splits=[r.stop - r.start for r in share], on_device=True)
     parts = interleave([launched(errors, d, share) for d, share in zip(used, shares)], used)
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 

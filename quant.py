@@ -17,6 +17,28 @@ MSE_SHRINK = torch.linspace(1.0, 0.5, 26).tolist()  # range fractions the MSE cl
 MSE_NORM = 2.4                # as GPTQ's and llm-compressor's MSE observers
 
 
+def _row_range(W: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of W (R, C): the range [xmin, xmax] containing 0 (symmetric about 0 if sym)."""
+    xmin = W.min(dim=1).values.clamp(max=0)
+    xmax = W.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    return xmin, xmax
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool, shrink: float = 1.0
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (rounded to fp16) and integer zero point of the range shrunk by `shrink`."""
+    xmin, xmax = xmin * shrink, xmax * shrink
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, torch.full_like(xmin, -1), xmin)
+    xmax = torch.where(flat, torch.full_like(xmax, 1), xmax)
+    scale = ((xmax - xmin) / maxq).to(SCALE_DTYPE).float().clamp(min=_TINY_SCALE)
+    zero = torch.full_like(scale, 0) + ((maxq + 1) / 2 if sym else torch.minimum(torch.round(-xmin / scale), maxq))
+    return scale, zero
+
+
 def fit_minmax(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, shrink: float = 1.0
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric (or symmetric) min-max grid per row of W (R, C), its range scaled by
@@ -28,17 +50,7 @@ def fit_minmax(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, shrink: f
     grid the file holds. Returns scale and integer zero point (float), shaped like maxq
     broadcast against (R,).
     """
-    xmin = W.min(dim=1).values.clamp(max=0) * shrink
-    xmax = W.max(dim=1).values.clamp(min=0) * shrink
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    flat = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(flat, torch.full_like(xmin, -1), xmin)
-    xmax = torch.where(flat, torch.full_like(xmax, 1), xmax)
-    scale = ((xmax - xmin) / maxq).to(SCALE_DTYPE).float().clamp(min=_TINY_SCALE)
-    zero = torch.full_like(scale, 0) + ((maxq + 1) / 2 if sym else torch.minimum(torch.round(-xmin / scale), maxq))
-    return scale, zero
+    return _grid(*_row_range(W, sym), maxq, sym, shrink)
 
 
 def fit_grid(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool = False
@@ -46,7 +58,8 @@ def fit_grid(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool =
     """The grid of each row of W (R, C) (see fit_minmax for maxq and the shapes). mse: search the
     range fraction in MSE_SHRINK that minimises sum |w - q|^2.4 over the row (clipping the
     extremes trades their error for a finer step everywhere else), per row and width."""
-    scale, zero = fit_minmax(W, maxq, sym)
+    xmin, xmax = _row_range(W, sym)
+    scale, zero = _grid(xmin, xmax, maxq, sym)
     if not mse:
         return scale, zero
 
@@ -54,7 +67,7 @@ def fit_grid(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool =
         return (quantize(W, s[..., None], z[..., None], maxq[..., None]) - W).abs_().pow_(MSE_NORM).sum(-1)
     best = error(scale, zero)
     for shrink in MSE_SHRINK[1:]:
-        s, z = fit_minmax(W, maxq, sym, shrink)
+        s, z = _grid(xmin, xmax, maxq, sym, shrink)
         err = error(s, z)
         better = err < best
         scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.where(better, err, best)

@@ -92,12 +92,13 @@ def _rows() -> dict[str, dict]:
 
 
 ROWS = _rows()
-SETS = {  # the rows of issue-sized studies, in the order they are run
-    "stored": ["fp16", "gptq_w3_g128_ao", "gptq_w3_g128_ao_mse", "stored3.16_mi_hessian", "gptq_w3_g64_ao_mse",
-               "gptq_w2_g128_ao_mse", "stored2.5_mi_hessian", "sparsegpt_50", "sparsegpt_50_w4_g128_ao_mse",
-               "sparse50_stored4.0_mi_hessian", "sparse50_stored4.0_mi", "stored3.5_mi_hessian"],
-    "decomposition": ["stored3.16_random", "stored3.16_contiguous", "stored3.16_hessian", "stored3.16_hessian_sim",
-                      "stored3.16_mi", "stored3.16_corr_hessian", "stored3.16_mi_hessian_minmax",
+SETS = {  # the rows of issue-sized studies, in the order they are run (most needed first)
+    "stored": ["fp16", "gptq_w3_g128_ao_mse", "stored3.16_mi_hessian", "gptq_w3_g128_ao", "stored2.5_mi_hessian",
+               "gptq_w2_g128_ao_mse", "gptq_w3_g64_ao_mse", "stored3.5_mi_hessian"],
+    "sparse": ["sparsegpt_50_w4_g128_ao_mse", "sparse50_stored4.0_mi_hessian", "sparse50_stored4.0_mi",
+               "sparsegpt_50"],
+    "decomposition": ["stored3.16_hessian_sim", "stored3.16_random", "stored3.16_mi", "stored3.16_corr_hessian",
+                      "stored3.16_mi_hessian_minmax", "stored3.16_hessian", "stored3.16_contiguous",
                       "stored3.16_mi_hessian_k10"],
     "second_model": ["fp16", "gptq_w3_g128_ao_mse", "stored3.16_mi_hessian", "gptq_w3_g128_ao"],
 }
@@ -200,11 +201,14 @@ def main() -> None:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     results = []
-    for seed in args.seeds:
-        windows = get_loaders(args.calib, tok, args.nsamples, seed, args.seqlen)
-        for name in names:
+    windows_of: dict[int, list] = {}
+    for name in names:  # row after row, every seed of a row together: a cut-short run keeps whole rows
+        for seed in args.seeds:
             if name == "fp16" and seed != args.seeds[0]:
                 continue  # nothing calibrated: the same for every seed
+            if seed not in windows_of:
+                windows_of[seed] = get_loaders(args.calib, tok, args.nsamples, seed, args.seqlen)
+            windows = windows_of[seed]
             model.load_state_dict(original)
             cfg = CompressConfig(**ROWS[name], seed=seed)
             torch.manual_seed(0)
