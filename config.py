@@ -34,7 +34,7 @@ class CompressConfig:
     seed: int = 0
     bits_budget: str = "weight"   # what --target_avg_bits bounds: "weight" bits, or everything "stored"
     n_groups_max: int = 32        # the most clusters --n_groups auto (n_groups 0) considers
-    clip: str = "minmax"          # grid range: "minmax", or "mse" (clipping search)
+    clip: str = "mse"             # grid range: "mse" (clipping search), or "minmax"
 
     @property
     def mixed(self) -> bool:

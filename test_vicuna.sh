@@ -4,6 +4,7 @@
 #
 #   bash test_vicuna.sh                                  # the defaults below
 #   MODEL=meta-llama/Llama-2-7b-hf TARGET=3.5 NGROUPS=15 SPARSITY=0 bash test_vicuna.sh
+#   BUDGET=stored TARGET=3.16 SPARSITY=0 bash test_vicuna.sh   # everything the packed file holds <= 3.16 bits
 #   bash test_vicuna.sh --eval wikitext2 --fwd_batch 1   # extra arguments go to vicuna_mi.py
 #   bash test_vicuna.sh --resume                         # continue an interrupted run (same settings)
 #
@@ -22,10 +23,11 @@ DATASET=${DATASET:-c4}                  # calibration: wikitext2, ptb, c4, or a 
 SPARSITY=${SPARSITY:-0.5}     # unstructured sparsity per output row (0 = quantize only)
 WBITS=${WBITS:-4}             # below 16 switches quantization on; MI mode takes widths from TARGET
 TARGET=${TARGET:-4.0}         # average bits per weight of every linear (MI mode)
+BUDGET=${BUDGET:-weight}      # what TARGET bounds: weight bits, or everything the packed file stores
 MI=${MI:-1}                   # 1: MI-grouped mixed precision; 0: uniform SparseGPT/GPTQ at WBITS
-NGROUPS=${NGROUPS:-10}        # channel clusters per linear
+if [ "$BUDGET" = stored ]; then NGROUPS=${NGROUPS:-auto}; else NGROUPS=${NGROUPS:-10}; fi  # clusters per linear
 NSAMPLES=${NSAMPLES:-128}     # calibration windows of 2048 tokens
-SAVE=${SAVE:-out/$(basename "${MODEL%.gguf}")-s${SPARSITY}-t${TARGET}-k${NGROUPS}}
+SAVE=${SAVE:-out/$(basename "${MODEL%.gguf}")-s${SPARSITY}-t${TARGET}${BUDGET#weight}-k${NGROUPS}}
 LOG_DIR=${LOG_DIR:-logs}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -37,6 +39,7 @@ python "$HERE/vicuna_mi.py" "$MODEL" "$DATASET" \
     --sparsity "$SPARSITY" \
     --wbits "$WBITS" \
     --target_avg_bits "$TARGET" \
+    --bits_budget "$BUDGET" \
     --use_mi_grouping "$MI" \
     --n_groups "$NGROUPS" \
     --nsamples "$NSAMPLES" \
