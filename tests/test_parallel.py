@@ -155,11 +155,16 @@ def test_merge_refuses_shares_that_disagree():
 
 
 # ---------------------------------------------------------------- the pipeline on three devices
+# min-max grids: the MSE clipping search picks one of a few discrete ranges per (row, group), and
+# weights that differ by float rounding (a Hessian summed in another order) can tip that choice,
+# which then cascades through the later linears of the layer; "mi_sparse50_mse" checks that case
+# at the level of the model's output
 CONFIGS = {
-    "mi_sparse50": dict(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4),
-    "mi_nm24": dict(prunen=2, prunem=4, wbits=4, target_avg_bits=3.0, n_groups=4),
-    "gptq_w4_g32": dict(use_mi_grouping=False, wbits=4, groupsize=32),
+    "mi_sparse50": dict(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4, clip="minmax"),
+    "mi_nm24": dict(prunen=2, prunem=4, wbits=4, target_avg_bits=3.0, n_groups=4, clip="minmax"),
+    "gptq_w4_g32": dict(use_mi_grouping=False, wbits=4, groupsize=32, clip="minmax"),
     "sparse50_block_scope": dict(use_mi_grouping=False, sparsity=0.5, mask_scope="block"),
+    "mi_sparse50_mse": dict(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4, clip="mse"),
 }
 
 
@@ -196,9 +201,12 @@ def test_three_devices_equal_one(case, tiny_models, text_files, monkeypatch):
         if n == 3:  # every forward pass ran on one replica's own share: 8 windows as 3 + 3 + 2 (eval: 6 as 2 + 2 + 2)
             assert {s for _, s in seen} <= {3, 2} and len({i for i, _ in seen}) >= 3
     (sd1, rep1, ppl1), (sd3, rep3, ppl3) = results[1], results[3]
-    assert ppl3 == pytest.approx(ppl1, rel=1e-4)
-    for k in sd1:
-        torch.testing.assert_close(sd3[k], sd1[k], rtol=0, atol=2e-4, msg=k)
+    if cfg.clip == "mse":  # see CONFIGS: only the model's output is compared
+        assert ppl3 == pytest.approx(ppl1, rel=1e-3)
+    else:
+        assert ppl3 == pytest.approx(ppl1, rel=1e-4)
+        for k in sd1:
+            torch.testing.assert_close(sd3[k], sd1[k], rtol=0, atol=2e-4, msg=k)
     for name, r in rep1.items():
         assert rep3[name].avg_bits == r.avg_bits and rep3[name].sparsity == pytest.approx(r.sparsity)
         assert [g["bits"] for g in rep3[name].groups] == [g["bits"] for g in r.groups]
