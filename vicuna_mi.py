@@ -418,7 +418,7 @@ def load(args, model_cfg, spec, dtype, devs):
     """(model, files): a streamed skeleton and its safetensors files where the checkpoint allows
     (streaming.py), else the whole model in host memory and None."""
     from model_io import load_model
-    from streaming import StreamError, TensorFiles, load_skeleton, local_checkpoint
+    from streaming import StreamError, TensorFiles, bound_host_memory, load_skeleton, local_checkpoint
     where = f"{args.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers)"
     compute = f"compressing on {', '.join(map(str, devs))}"
     folder = None if args.no_stream else local_checkpoint(args.model)
@@ -427,6 +427,7 @@ def load(args, model_cfg, spec, dtype, devs):
         try:
             model = load_skeleton(folder, files, dtype, spec, args.trust_remote_code)
             print(f"streaming {where} from {folder}: one decoder layer at a time in {dtype}; {compute}", flush=True)
+            bound_host_memory()
             return model, files
         except StreamError as e:
             print(f"note: {e}; loading the whole model instead", flush=True)
