@@ -107,12 +107,13 @@ def build_model(folder: Path, layers: int, dev, shape: str) -> dict:
 
     def rand(*shape):
         return (torch.randn(*shape, device=dev, generator=gen) * 0.02).half().cpu()
+    with torch.device("meta"):  # names and shapes only
+        shapes = {k: v.shape for k, v in LlamaDecoderLayer(cfg, 0).state_dict().items()}
     for i in range(layers):
-        layer = LlamaDecoderLayer(cfg, i)
-        state = {f"model.layers.{i}.{k}": rand(*v.shape) if v.dim() == 2 else torch.ones(v.shape, dtype=torch.float16)
-                 for k, v in layer.state_dict().items()}
+        state = {f"model.layers.{i}.{k}": rand(*shape) if len(shape) == 2 else torch.ones(shape, dtype=torch.float16)
+                 for k, shape in shapes.items()}
         shards.write(i, state)
-        del layer, state
+        del state
     shards.write(layers, {"model.embed_tokens.weight": rand(cfg.vocab_size, cfg.hidden_size),
                           "model.norm.weight": torch.ones(cfg.hidden_size, dtype=torch.float16),
                           "lm_head.weight": rand(cfg.vocab_size, cfg.hidden_size)})
