@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quant import fit_grid, quantize
+from quant import fit_grid, quantize, row_pieces
 
 GROUPING_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim", "random", "contiguous", "hessian")
 AFFINITY_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim")  # spectral clustering of an affinity
@@ -165,13 +165,14 @@ def group_channels(method: str, k: int, mi: torch.Tensor | None = None, diag: to
 
 
 def sensitivity_weighted(mi: torch.Tensor, diag: torch.Tensor, inplace: bool = False,
-                         chunk: int = 1024) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Affinity MI_ij * exp(-(l_i - l_j)^2 / (2 s^2)), l = log diag(H), s = std(l): channels are
     grouped when they are mutually informative AND about as sensitive, so that one bit width
     suits the whole group."""
     A = mi if (inplace and mi.dtype == torch.float32) else mi.float().clone()
     ld = torch.log(diag.float().clamp(min=1e-12))
     s2 = 2 * ld.var().clamp(min=1e-12)
+    chunk = chunk or row_pieces(A.shape[0])
     for r0 in range(0, A.shape[0], chunk):  # row chunks: no second C x C buffer
         A[r0:r0 + chunk].mul_(torch.exp(-(ld[r0:r0 + chunk, None] - ld[None, :]) ** 2 / s2))
     return A

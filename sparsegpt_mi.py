@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant import accumulate_xtx, fit_grid, quantize
+from quant import accumulate_xtx, fit_grid, quantize, row_pieces
 
 
 @dataclass
@@ -302,18 +302,20 @@ class LinearSolver:
         self.xsum = None
 
 
-def permute_symmetric(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+def permute_symmetric(H: torch.Tensor, perm: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """H[perm][:, perm], built a piece of rows at a time: one C x C buffer besides H instead of
     two (the gathers are the same, so is the result)."""
+    rows = rows or row_pieces(H.shape[0])
     out = torch.empty_like(H)
     for r0 in range(0, H.shape[0], rows):
         out[r0:r0 + rows] = H[perm[r0:r0 + rows]][:, perm]
     return out
 
 
-def all_finite(t: torch.Tensor, rows: int = 1024) -> bool:
+def all_finite(t: torch.Tensor, rows: int | None = None) -> bool:
     """torch.isfinite(t).all(), a piece of rows at a time (isfinite makes several full-size
     temporaries), with one wait for the device."""
+    rows = rows or row_pieces(t.shape[0])
     ok = torch.ones((), dtype=torch.bool, device=t.device)
     for r0 in range(0, t.shape[0], rows):
         ok &= torch.isfinite(t[r0:r0 + rows]).all()
