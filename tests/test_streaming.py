@@ -95,6 +95,29 @@ def test_streamed_run_saves_what_the_whole_model_run_saves(case, tiny_models, sh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"], "no temporary folder is left"
 
 
+def test_hub_models_stream_from_their_download_and_gguf_loads_whole(tiny_models, tmp_path, monkeypatch):
+    """A hub id streams from its snapshot (configuration and safetensors only, downloaded once into
+    the hub cache); a failed download, a folder without safetensors and a .gguf file take the
+    whole-model path."""
+    import huggingface_hub
+    from streaming import local_checkpoint
+    asked = []
+
+    def download(repo_id, allow_patterns=None, **kw):
+        asked.append((repo_id, allow_patterns))
+        return str(tiny_models["llama"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert local_checkpoint("someone/tiny-llama") == tiny_models["llama"]
+    assert asked == [("someone/tiny-llama", ["*.json", "*.safetensors"])]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert local_checkpoint("someone/tiny-llama") is None
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text("{}")
+    assert local_checkpoint(str(tmp_path / "bin")) is None
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert local_checkpoint(str(tmp_path / "m.gguf")) is None
+
+
 def _streamed(path: Path, writer_dir: Path | None, dtype=torch.float32):
     spec = ARCHS["llama"]
     files = TensorFiles(path)
