@@ -22,7 +22,6 @@ after every row to scale-<device>-<date>.json and .md in --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -36,7 +35,6 @@ import torch
 
 from bench import speed
 from compress import StageTimer
-from events import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [  # (shape, method, cap GiB or None), most important first
@@ -219,12 +217,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
         name = torch.cuda.get_device_name(dev).replace(" ", "-")
         rows_todo, nsamples, model_shape, seqlen = ROWS, args.nsamples, "7b", 2048
-    date = datetime.date.today().isoformat()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"scale-{name}-{date}"
-    meta = {"machine": name, "date": date, "commit": versions().get("commit"), "command": " ".join(sys.argv),
-            "versions": versions()}
+    meta, out = speed.run_meta(name, args.out)
+    stem = f"scale-{name}-{meta['date']}"
     rows: list = []
     model = None
     cost = {"70b": 16.0, "7b": 6.0, "smoke": 1.0}  # seconds a row takes, warm-up included (H200 estimates)

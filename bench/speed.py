@@ -168,6 +168,15 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: l
             "peak_gib": max(torch.cuda.max_memory_allocated(d) for d in devs) / 2 ** 30}
 
 
+def run_meta(machine: str, out: str) -> tuple[dict, Path]:
+    """What every result file says about its run (machine, date, commit, command, versions), and
+    the results folder, created."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"machine": machine, "date": datetime.date.today().isoformat(), "commit": versions().get("commit"),
+            "command": " ".join(sys.argv), "versions": versions()}, folder
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -210,12 +219,9 @@ def main() -> None:
             model_rows.append(row)
             print("7b model: " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items()), flush=True)
-    date = datetime.date.today().isoformat()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    meta, out = run_meta(name, args.out)
+    date = meta["date"]
     stem = f"speed-{name.replace(' ', '-')}-{date}{args.tag}"
-    meta = {"machine": name, "date": date, "commit": versions().get("commit"), "command": " ".join(sys.argv),
-            "versions": versions()}
     (out / f"{stem}.json").write_text(json.dumps({**meta, "gpu_count": torch.cuda.device_count(), "layers": rows,
                                                   "model_7b": model_rows}, indent=1))
     lines = [f"Machine {name} x{torch.cuda.device_count()}, {date}, commit {meta['commit']}",
