@@ -93,12 +93,15 @@ def test_killed_after_layer_1_resumes_bitwise(llama4, text_files, uninterrupted,
 
 
 def test_packed_save_after_resume_matches(tiny_models, text_files, tmp_path):
-    """Packed saves read the restored reports' qparams (perm, runs, scale, zero)."""
+    """Packed saves read the restored reports' qparams (perm, runs, scale, zero). The crashed run
+    streamed its layers; the resumed one loads the model whole and keeps the activations in host
+    memory (--max_gpu_memory): neither changes the result, so both may differ between the runs."""
     argv = [str(tiny_models["llama"]), str(text_files["calib"]), *FLAGS, "--save_format", "packed"]
     full = run_cli(argv + ["--save", str(tmp_path / "full")])
     assert full.returncode == 0, full.stdout + full.stderr
     assert run_cli(argv + ["--save", str(tmp_path / "res")], crash_after=0).returncode == 17
-    resumed = run_cli(argv + ["--save", str(tmp_path / "res"), "--resume"])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".res.tmp-")], "the crash left its partial save"
+    resumed = run_cli(argv + ["--save", str(tmp_path / "res"), "--resume", "--no_stream", "--max_gpu_memory", "1e-4"])
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "layers 0..0 restored" in resumed.stdout
     import packing
