@@ -204,6 +204,9 @@ class LayerStore:
             state = {k[len(prefix):]: v for k, v in self.files.read(prefix + k for k in layer.state_dict()).items()}
         state = {k: (v.to(self.dtype) if v.is_floating_point() else v).to(dev) for k, v in state.items()}
         layer.load_state_dict(state, assign=True)
+        left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+        if left:  # a non-persistent buffer inside the layer: its value is in no file
+            raise StreamError(f"layer {i}'s {left[0]} is not stored in the checkpoint; run with --no_stream")
         return layer
 
     def unload(self, i: int, layer: torch.nn.Module) -> None:
