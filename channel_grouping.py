@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quant import fit_grid, quantize
+from quant import fit_grid, quantize, row_pieces
 
 GROUPING_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim", "random", "contiguous", "hessian")
 AFFINITY_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim")  # spectral clustering of an affinity
@@ -165,13 +165,14 @@ def group_channels(method: str, k: int, mi: torch.Tensor | None = None, diag: to
 
 
 def sensitivity_weighted(mi: torch.Tensor, diag: torch.Tensor, inplace: bool = False,
-                         chunk: int = 4096) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Affinity MI_ij * exp(-(l_i - l_j)^2 / (2 s^2)), l = log diag(H), s = std(l): channels are
     grouped when they are mutually informative AND about as sensitive, so that one bit width
     suits the whole group."""
     A = mi if (inplace and mi.dtype == torch.float32) else mi.float().clone()
     ld = torch.log(diag.float().clamp(min=1e-12))
     s2 = 2 * ld.var().clamp(min=1e-12)
+    chunk = chunk or row_pieces(A.shape[0])
     for r0 in range(0, A.shape[0], chunk):  # row chunks: no second C x C buffer
         A[r0:r0 + chunk].mul_(torch.exp(-(ld[r0:r0 + chunk, None] - ld[None, :]) ** 2 / s2))
     return A
@@ -185,33 +186,47 @@ def order_groups(groups: list[torch.Tensor], diag: torch.Tensor) -> list[torch.T
 # ---------------------------------------------------------------- bit allocation
 def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor], candidates: list[int],
                    sparsity: float = 0.0, sym: bool = False, row_splits: list[int] | None = None,
-                   on_device: bool = False, mse: bool = False) -> torch.Tensor:
+                   on_device: bool = False, mse: bool = False, max_bytes: int = 2 ** 27) -> torch.Tensor:
     """err[g, b] = tr(E H_gg E^T), E the round-to-nearest error of W[:, g] (per-row grid) at
     width candidates[b]. With sparsity, the lowest w^2 H_jj of each row are pruned first, so
     only the kept weights count (the pruning error does not depend on the width).
     row_splits: W stacks several linears sharing H (rows per linear); then one err per
     linear comes back, (n, G, B), from a single pass. on_device: leave the result on W's device
     (nothing waits for the device) instead of moving it to the CPU. mse: the grids use the
-    clipping search, as the solver's will."""
-    W = W.float()
-    splits = row_splits or [W.shape[0]]
-    if sparsity > 0:
-        sal = W ** 2 * torch.diag(H)[None, :]
-        k = int(round(sparsity * W.shape[1]))
-        if k > 0:
-            idx = torch.topk(sal, k, dim=1, largest=False).indices
-            W = W.scatter(1, idx, 0.0)
-    err = torch.zeros(len(splits), len(groups), len(candidates), dtype=torch.float64, device=W.device)
+    clipping search, as the solver's will.
+
+    Rows are independent until the final sums, so W is worked through in pieces of at most
+    max_bytes of fp32 rows: the temporaries (the pruned copy, the saliencies and their top-k,
+    the (widths, rows, group columns) errors) stay bounded whatever the number of rows (the
+    gate/up set of a 70B layer stacks 57344 rows; 7B's gate/up, 22016 rows, took 2.3 GB in
+    one pass). The per-row errors are summed as one pass sums them: on the CPU the result is
+    bitwise that of one pass; on a GPU the matrix library may pick another kernel for another
+    number of rows, so the errors can differ in the last bits, as with rows split over GPUs."""
+    R, C = W.shape
+    splits = row_splits or [R]
+    rows = max(1, max_bytes // (4 * C))
+    dH = torch.diag(H)
+    Hgs = [H[g][:, g] for g in groups]  # (s, s) each
     maxq = (2.0 ** torch.tensor(candidates, device=W.device, dtype=torch.float32))[:, None] - 1  # (B, 1)
-    for gi, g in enumerate(groups):
-        Wg = W[:, g]  # (R, s)
-        Hg = H[g][:, g]  # (s, s)
-        kept = Wg != 0
-        scale, zero = fit_grid(Wg, maxq, sym, mse)  # every candidate width at once: (B, R) grids
-        Q = quantize(Wg[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
-        E = (Wg[None] - Q) * kept[None]
-        per_row = ((E @ Hg) * E).sum(dim=2).double()  # (B, R)
-        for li, part in enumerate(torch.split(per_row, splits, dim=1)):
+    per_row = torch.empty(len(groups), len(candidates), R, dtype=torch.float64, device=W.device)
+    k = int(round(sparsity * C)) if sparsity > 0 else 0
+    for r0 in range(0, R, rows):
+        Wc = W[r0:r0 + rows].float()
+        if k > 0:
+            idx = torch.topk(Wc ** 2 * dH[None, :], k, dim=1, largest=False).indices
+            Wc = Wc.scatter(1, idx, 0.0)
+            del idx
+        for gi, (g, Hg) in enumerate(zip(groups, Hgs)):
+            Wg = Wc[:, g]  # (r, s)
+            kept = Wg != 0
+            scale, zero = fit_grid(Wg, maxq, sym, mse)  # every candidate width at once: (B, r) grids
+            Q = quantize(Wg[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
+            E = (Wg[None] - Q) * kept[None]
+            del Q
+            per_row[gi, :, r0:r0 + rows] = ((E @ Hg) * E).sum(dim=2).double()  # (B, r)
+    err = torch.zeros(len(splits), len(groups), len(candidates), dtype=torch.float64, device=W.device)
+    for gi in range(len(groups)):
+        for li, part in enumerate(torch.split(per_row[gi], splits, dim=1)):
             err[li, gi] = part.sum(1)
     if not on_device:
         err = err.cpu()

@@ -6,24 +6,29 @@ A work folder (--work_dir, or SAVE.work beside --save) holds, each file written 
     fingerprint.json    the run's configuration (run_fingerprint); a resume must match it
     layer_0007.pt       layer 7's compressed parameters, its LinearReports (qparams
                         included) and, for layer 0 with --plot, the MI matrix
-    acts_0007.pt        the calibration activations leaving layer 7 (only the latest is
-                        kept; older ones are deleted once it is safely on disk)
+    acts_0007.safetensors  the calibration activations leaving layer 7, one tensor "acts"
+                        (only the latest is kept; older ones are deleted once it is safely
+                        on disk); written and read a batch of windows at a time, so the host
+                        never holds them whole when they live on the GPU
 
-Everything is plain dicts, lists and tensors, read back with torch.load(weights_only=True).
+The layer files are plain dicts, lists and tensors, read back with torch.load(weights_only=True).
 Layers 0..k count as done when all their layer files and acts_k exist.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import struct
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from config import CompressConfig, LinearReport, UsageError
-from model_io import ArchSpec, get_module
+
+ACTS_CHUNK = 8  # windows per piece of an activation file written or read
 
 
 def run_fingerprint(cfg: CompressConfig, args, dtype, n_devices: int = 1) -> dict:
@@ -95,31 +100,28 @@ class Checkpointer:
         if not (self.folder / self.FINGERPRINT).exists():
             self._write(self.FINGERPRINT, lambda f: f.write(json.dumps(self.fingerprint, indent=1).encode()))
 
-    def restore(self, model, spec: ArchSpec, inps: torch.Tensor | None, emit):
-        """Begin, then load the layers an interrupted run finished into the model and, where
-        compression continues, the activations after the last of them into inps (None: the
-        run needs no activations). Returns (index of the first layer to compress,
-        compress.Compression with the restored reports and layer 0's MI matrix)."""
+    def restore(self, store, inps: torch.Tensor | None, emit):
+        """Begin, then hand the layers an interrupted run finished to the store (into the model,
+        or to the save: streaming.LayerStore.finish) and, where compression continues, load the
+        activations after the last of them into inps (None: the run needs no activations).
+        Returns (index of the first layer to compress, compress.Compression with the restored
+        reports and layer 0's MI matrix)."""
         from compress import Compression
         self.begin(emit)
-        layers = get_module(model, spec.layers)
-        first = min(self.load_done(with_activations=inps is not None), len(layers))
+        n = len(store)
+        first = min(self.load_done(with_activations=inps is not None), n)
         result = Compression({})
         for i in range(first):
             state, reps, extra = self.load_layer(i)
-            layers[i].load_state_dict(state)
-            result.reports.update({f"{spec.layers}.{i}.{n}": r for n, r in reps.items()})
+            store.finish(i, state, reps)
+            result.reports.update({f"{store.spec.layers}.{i}.{name}": r for name, r in reps.items()})
             if result.mi is None and "mi" in extra:
                 result.mi = extra["mi"]
-        if first and first < len(layers) and inps is not None:
-            saved = self.load_activations(first - 1)
-            if saved.shape != inps.shape:
-                raise UsageError(f"the activations in {self.folder} have shape {tuple(saved.shape)}, "
-                                 f"this run needs {tuple(inps.shape)}; rerun without --resume")
-            inps.copy_(saved)
-            del saved
+            del state
+        if first and first < n and inps is not None:
+            self.load_activations(first - 1, inps)
         if first:
-            emit({"event": "resumed", "folder": str(self.folder), "restored": first, "total": len(layers)})
+            emit({"event": "resumed", "folder": str(self.folder), "restored": first, "total": n})
         elif self.resume:
             emit({"event": "message", "text": f"--resume: no finished layer in {self.folder}; starting from layer 0"})
         return first, result
@@ -132,7 +134,7 @@ class Checkpointer:
         while (self.folder / f"layer_{done:04d}.pt").exists():
             done += 1
         if with_activations:  # the last layer with activations bounds what can be continued
-            while done and not (self.folder / f"acts_{done - 1:04d}.pt").exists():
+            while done and not (self.folder / self.acts_name(done - 1)).exists():
                 done -= 1
         return done
 
@@ -141,19 +143,35 @@ class Checkpointer:
         d = torch.load(self.folder / f"layer_{i:04d}.pt", map_location="cpu", weights_only=True)
         return d["state"], {n: LinearReport(**r) for n, r in d["reports"].items()}, d.get("extra") or {}
 
-    def load_activations(self, i: int):
-        return torch.load(self.folder / f"acts_{i:04d}.pt", map_location="cpu", weights_only=True)
+    @staticmethod
+    def acts_name(i: int) -> str:
+        return f"acts_{i:04d}.safetensors"
 
-    def save_layer(self, i: int, layer, reports: dict[str, LinearReport], inps, extra: dict | None = None) -> None:
-        """Layer i's parameters and reports and, when given, the activations leaving it."""
-        state = {k: v.detach().to("cpu").clone() for k, v in layer.state_dict().items()}  # clone: no shared storage
-        reps = {n: {f.name: getattr(r, f.name) for f in fields(LinearReport)} for n, r in reports.items()}
-        self._write(f"layer_{i:04d}.pt", lambda f: torch.save({"state": state, "reports": reps, "extra": extra}, f))
-        if inps is not None:
-            acts = inps.detach().to("cpu")
-            self._write(f"acts_{i:04d}.pt", lambda f: torch.save(acts, f))
-            for old in self.folder.glob("acts_*.pt"):
-                if old.name != f"acts_{i:04d}.pt":
+    def load_activations(self, i: int, inps: torch.Tensor) -> None:
+        """The activations leaving layer i, copied into inps (on any device) a piece at a time."""
+        from safetensors import safe_open
+        with safe_open(str(self.folder / self.acts_name(i)), framework="pt") as f:
+            saved = f.get_slice("acts")
+            shape = tuple(saved.get_shape())
+            if shape != tuple(inps.shape):
+                raise UsageError(f"the activations in {self.folder} have shape {shape}, "
+                                 f"this run needs {tuple(inps.shape)}; rerun without --resume")
+            for w0 in range(0, shape[0], ACTS_CHUNK):
+                inps[w0:w0 + ACTS_CHUNK].copy_(saved[w0:w0 + ACTS_CHUNK])
+
+    def save_layer(self, i: int, layer, reports: dict[str, LinearReport], shares: list | None,
+                   extra: dict | None = None) -> None:
+        """Layer i's parameters and reports and, when given, the activations leaving it (the
+        devices' shares of the windows, in window order)."""
+        payload = {"state": {k: v.detach().to("cpu").clone() for k, v in layer.state_dict().items()},  # own storage
+                   "reports": {n: {f.name: getattr(r, f.name) for f in fields(LinearReport)} for n, r in reports.items()},
+                   "extra": extra}
+        self._write(f"layer_{i:04d}.pt", functools.partial(torch.save, payload))
+        del payload  # before the activations: the host holds one of them at a time
+        if shares is not None:
+            self._write(self.acts_name(i), lambda f: write_tensor_pieces(f, "acts", shares))
+            for old in self.folder.glob("acts_*"):
+                if old.name != self.acts_name(i):
                     old.unlink()
 
     def finish(self) -> None:
@@ -181,3 +199,20 @@ class Checkpointer:
                 os.close(fd)
         except OSError:
             pass
+
+
+def write_tensor_pieces(f, name: str, parts: list[torch.Tensor]) -> None:
+    """A safetensors file holding one tensor, the concatenation of parts along dim 0, written
+    ACTS_CHUNK rows at a time (each piece copied to the host only while it is written). The
+    format is safetensors' own: an 8-byte little-endian header length, the JSON header, the
+    raw little-endian bytes."""
+    code = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[parts[0].dtype]
+    shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]]
+    nbytes = sum(p.numel() for p in parts) * parts[0].element_size()
+    header = json.dumps({name: {"dtype": code, "shape": shape, "data_offsets": [0, nbytes]}},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(header)) + header)
+    for p in parts:
+        for r0 in range(0, p.shape[0], ACTS_CHUNK):
+            f.write(p[r0:r0 + ACTS_CHUNK].detach().to("cpu").contiguous().view(torch.uint8).numpy())

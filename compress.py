@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from config import CompressConfig, LinearReport
-from layerwise import StopForward, Team, capture_layer_inputs, stream_layers
+from layerwise import StopForward, Team, capture_layer_inputs, offload_activations, stream_layers
 from model_io import ArchSpec, get_module
 from parallel import device_list, interleave, launched, row_shares
 from quant import exact_matmul, group_overhead_bits, magnitude_prune, rtn_quantize
@@ -379,11 +379,14 @@ def compress_layer(team: Team, index: int, spec: ArchSpec, cfg: CompressConfig, 
 @torch.no_grad()
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, emit=_quiet,
                    fwd_batch: int = 4, timer: StageTimer = NO_TIMER, keep_mi: bool = False,
-                   checkpoint=None) -> Compression:
+                   checkpoint=None, store=None, max_gpu_memory: float | None = None) -> Compression:
     """Layer-by-layer compression of the whole model; returns a report per linear (keyed by
     module path) and, with keep_mi, layer 0's first MI matrix. checkpoint (checkpoint.py):
     each finished layer is written there; on resume the layers it holds are restored instead
-    of compressed and the next layer starts from the saved activations.
+    of compressed and the next layer starts from the saved activations. store
+    (streaming.LayerStore): where the layers are read from and where each compressed layer
+    goes (default: the model's own layers, in host memory). max_gpu_memory: GiB per device;
+    where the activations would not fit beside the work they stay in pinned host memory.
 
     Nothing here draws from the global RNGs: clustering, the binned-MI token sample and the
     random grouping each seed their own generator with cfg.seed per call, so a resumed run
@@ -391,21 +394,26 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
 
     dev: one device or a list (see parallel.py): the windows are split over the devices and
     each layer is replicated on all of them while it is compressed."""
+    from streaming import LayerStore
+    store = store or LayerStore(model, spec, dtype)
     devs = device_list(dev)
-    layers = get_module(model, spec.layers)
+    offload = False
     with exact_matmul():
         if cfg.rtn:
             devs = devs[:1]  # nothing to spread: no calibration forward passes
             inps, kwargs = torch.empty(0, 1, device=devs[0]), {}
         else:
-            inps, kwargs = capture_layer_inputs(model, spec, windows, devs[0], dtype)  # kwargs are needed on resume too
+            offload = offload_activations(model.config, len(windows), windows[0].shape[-1], dtype, devs,
+                                          max_gpu_memory)
+            # kwargs are needed on resume too
+            inps, kwargs = capture_layer_inputs(model, spec, windows, devs[0], dtype, host=offload)
         first, result = 0, Compression({})
         if checkpoint is not None:
-            first, result = checkpoint.restore(model, spec, None if cfg.rtn else inps, emit)
-        team = Team.spread(inps, kwargs, devs, fwd_batch)
+            first, result = checkpoint.restore(store, None if cfg.rtn else inps, emit)
+        team = Team.spread(inps, kwargs, devs, fwd_batch, offload)
         del inps
         start = time.perf_counter()
-        for i, layer in stream_layers(model, spec, team, first):
+        for i, layer in stream_layers(store, team, first):
             tick = time.perf_counter()
             done = compress_layer(team, i, spec, cfg, emit, timer, keep_mi and result.mi is None)
             result.reports.update({f"{spec.layers}.{i}.{n}": r for n, r in done.reports.items()})
@@ -417,9 +425,10 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
                     raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
                                              "try a larger --percdamp, more --nsamples or --dtype bfloat16")
             if checkpoint is not None:
-                checkpoint.save_layer(i, layer, done.reports, None if cfg.rtn else team.gather("cpu"),
+                checkpoint.save_layer(i, layer, done.reports, None if cfg.rtn else team.shares,
                                       {"mi": done.mi} if i == 0 and done.mi is not None else None)
+            store.finish(i, layer, done.reports)  # to the output (or kept), before the layer is unloaded
             elapsed = time.perf_counter() - start
             emit({"event": "layer", "layer": i, "seconds": time.perf_counter() - tick, "done": i + 1,
-                  "total": len(layers), "eta": elapsed / (i + 1 - first) * (len(layers) - i - 1)})
+                  "total": len(store), "eta": elapsed / (i + 1 - first) * (len(store) - i - 1)})
     return result

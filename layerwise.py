@@ -3,11 +3,14 @@
 Both compression and evaluation work the same way: the embeddings run once to capture the
 hidden states entering layer 0 for every window (with every keyword argument the model
 passes its layers), then each decoder layer in turn goes to the device(s), runs over all
-windows, and goes back to the CPU; its outputs are the next layer's inputs. So a model far
-larger than the GPU is handled, as long as one layer and the activations fit.
+windows, and goes back (to the CPU, or for a streamed model to disk: streaming.LayerStore);
+its outputs are the next layer's inputs. So a model far larger than the GPU is handled, as
+long as one layer fits. The activations stay on the device, or, where they would not fit
+under a memory cap (`offload_activations`), in pinned host memory, each batch of windows
+going to the device for its forward pass and its outputs coming back.
 
     team = Team.spread(inps, kwargs, devs, fwd_batch)
-    for i, layer in stream_layers(model, spec, team):
+    for i, layer in stream_layers(LayerStore(model, spec), team):
         team.forward(in_place=True)             # the activations become layer i's outputs
 """
 from __future__ import annotations
@@ -27,17 +30,44 @@ class StopForward(Exception):
     """Raised from a hook once it has what it needs, to skip the rest of a forward pass."""
 
 
+def host_buffer(shape: tuple, dtype, dev) -> torch.Tensor:
+    """An empty CPU tensor, pinned where dev is a GPU (asynchronous copies need page-locked memory)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=torch.device(dev).type == "cuda")
+
+
+def offload_activations(model_cfg, windows: int, seqlen: int, dtype, devs: list, cap_gib: float | None,
+                        solve: bool = True) -> bool:
+    """Whether the activations must live in host memory to stay under cap_gib per device: the
+    device would hold its share of them, one layer, a forward batch's intermediates and, when
+    compressing (solve), the solver's largest set of C x C fp32 buffers (Hessian, Cholesky
+    factor and inverse, cusolver's copy: four of the widest input). No cap: never."""
+    if cap_gib is None:
+        return False
+    hidden, inter = model_cfg.hidden_size, getattr(model_cfg, "intermediate_size", 4 * model_cfg.hidden_size)
+    size = torch.empty(0, dtype=dtype).element_size()
+    share = -(-windows // len(devs)) * seqlen * hidden * size
+    heads = model_cfg.num_attention_heads
+    kv = getattr(model_cfg, "num_key_value_heads", heads) or heads
+    layer = (2 * hidden * hidden + 2 * hidden * hidden * kv // heads + 3 * hidden * inter) * size
+    forward = 4 * 4 * seqlen * max(hidden, inter) * size  # fwd_batch 4: a few MLP intermediates
+    work = 4 * max(hidden, inter) ** 2 * 4 if solve else 0
+    return share + layer + forward + work > cap_gib * 2 ** 30
+
+
 @torch.no_grad()
-def capture_layer_inputs(model, spec: ArchSpec, windows, dev, dtype) -> tuple[torch.Tensor, dict]:
+def capture_layer_inputs(model, spec: ArchSpec, windows, dev, dtype, host: bool = False
+                         ) -> tuple[torch.Tensor, dict]:
     """Run embeddings (and rotary) on `dev` and capture the hidden states entering layer 0
     for every window (1, seqlen), together with every keyword argument the model passes
-    its decoder layers. Returns inps (N, seqlen, hidden) and the kwargs."""
+    its decoder layers. Returns inps (N, seqlen, hidden) and the kwargs. host: inps in
+    (pinned) host memory instead of on dev."""
     layers = get_module(model, spec.layers)
     parts = [get_module(model, spec.embed)] + ([get_module(model, spec.rotary)] if spec.rotary else [])
     for m in parts:
         m.to(dev)
     seqlen = windows[0].shape[-1]
-    inps = torch.empty(len(windows), seqlen, model.config.hidden_size, device=dev, dtype=dtype)
+    shape = (len(windows), seqlen, model.config.hidden_size)
+    inps = host_buffer(shape, dtype, dev) if host else torch.empty(shape, device=dev, dtype=dtype)
     state = {"i": 0, "kwargs": None}
 
     def hook(_module, args, kwargs):
@@ -77,6 +107,27 @@ def layer_steps(layer, inps, outs, kwargs: dict, batch: int):
         yield
 
 
+def staged_steps(layer, host: torch.Tensor, dev, in_place: bool, kwargs: dict, batch: int, bad: list):
+    """layer_steps for activations in host memory: each batch is copied to dev, run, and (in
+    place) its outputs copied back over its inputs, the copies asynchronous from pinned memory
+    and ordered on dev's stream. The batches and the operations are those of layer_steps, so
+    the results are bitwise the same. bad[0] becomes a device flag: some output was NaN/inf."""
+    for b0 in range(0, host.shape[0], batch):
+        x = host[b0:b0 + batch].to(dev, non_blocking=True)
+        try:
+            out = layer(x, **kwargs)
+        except StopForward:
+            out = None
+        if in_place and out is not None:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            flag = ~torch.isfinite(out).all()
+            bad[0] = flag if bad[0] is None else bad[0] | flag
+            host[b0:b0 + batch].copy_(out, non_blocking=True)
+        yield
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize(dev)  # the host copy is complete before anyone reads it
+
+
 def run_layer(layer, inps, outs, kwargs: dict, batch: int) -> None:
     """layer_steps run to the end on one device."""
     for _ in layer_steps(layer, inps, outs, kwargs, batch):
@@ -86,19 +137,30 @@ def run_layer(layer, inps, outs, kwargs: dict, batch: int) -> None:
 @dataclass
 class Team:
     """The devices one layer is spread over: device k holds shares[k] of the windows'
-    activations, the layer's keyword arguments there (kwargs[k]) and, while a layer is being
-    worked on, its replica layers[k] (layers[0] is the model's own module, on devs[0])."""
+    activations (or host memory holds them for it: offloaded), the layer's keyword arguments
+    there (kwargs[k]) and, while a layer is being worked on, its replica layers[k] (layers[0]
+    is the model's own module, on devs[0])."""
     devs: list[torch.device]
-    shares: list[torch.Tensor]   # (n_k, seqlen, hidden) each
+    shares: list[torch.Tensor]   # (n_k, seqlen, hidden) each, on devs[k] or (offloaded) on the CPU
     kwargs: list[dict]
     fwd_batch: int = 4
     layers: list[torch.nn.Module] = field(default_factory=list)
+    bad: list = field(default_factory=list)  # offloaded: per device, a flag set by NaN/inf outputs
 
     @classmethod
-    def spread(cls, inps: torch.Tensor, kwargs: dict, dev, fwd_batch: int = 4) -> "Team":
-        """Split the windows into one contiguous share per device (inps can be freed)."""
+    def spread(cls, inps: torch.Tensor, kwargs: dict, dev, fwd_batch: int = 4, offload: bool = False) -> "Team":
+        """Split the windows into one contiguous share per device (inps can be freed). offload:
+        the shares stay in host memory (inps must be there: capture_layer_inputs(host=True))."""
         devs = device_list(dev)
-        return cls(devs, scatter(inps, devs), [kwargs] + [to_device(kwargs, d) for d in devs[1:]], fwd_batch)
+        if offload:  # views of the one host buffer, a contiguous share per device
+            shares = list(inps.split(split_counts(inps.shape[0], len(devs))))
+        else:
+            shares = scatter(inps, devs)
+        return cls(devs, shares, [kwargs] + [to_device(kwargs, d) for d in devs[1:]], fwd_batch)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.shares[0].device != self.devs[0]
 
     @property
     def lead(self) -> torch.device:
@@ -111,6 +173,12 @@ class Team:
     def forward(self, in_place: bool) -> None:
         """Replica k over device k's share of the windows (in place, or outputs dropped), the
         devices' batches queued in turn so that they compute at the same time."""
+        if self.offloaded:
+            self.bad = [[None] for _ in self.devs]
+            steps = [staged_steps(layer, x, d, in_place, kw, self.fwd_batch, bad)
+                     for layer, x, d, kw, bad in zip(self.layers, self.shares, self.devs, self.kwargs, self.bad)]
+            interleave(steps, self.devs)
+            return
         if len(self.devs) == 1:
             x = self.shares[0]
             run_layer(self.layers[0], x, x if in_place else None, self.kwargs[0], self.fwd_batch)
@@ -119,34 +187,40 @@ class Team:
                     for layer, x, kw in zip(self.layers, self.shares, self.kwargs)], self.devs)
 
     def finite(self) -> bool:
+        """No NaN/inf in the activations (offloaded: in the last in-place forward's outputs,
+        checked on the devices as they were computed)."""
+        if self.offloaded:
+            return not any(bool(b[0]) for b in self.bad if b[0] is not None)
         return all(bool(torch.isfinite(x).all()) for x in self.shares)
 
     def gather(self, dev) -> torch.Tensor:
         return gather(self.shares, dev)
 
 
-def stream_layers(model, spec: ArchSpec, team: Team, start: int = 0):
-    """Each decoder layer from `start` on, moved to the team's first device and replicated on
-    the others (team.layers) while the caller works on it, then moved back to the CPU.
-    Yields (index, layer)."""
-    for i, layer in enumerate(get_module(model, spec.layers)):
-        if i < start:
-            continue
-        layer.to(team.lead)
+def stream_layers(store, team: Team, start: int = 0):
+    """Each decoder layer from `start` on, loaded onto the team's first device (store:
+    streaming.LayerStore, from host memory or from disk) and replicated on the others
+    (team.layers) while the caller works on it, then unloaded again. Yields (index, layer)."""
+    for i in range(start, len(store)):
+        layer = store.load(i, team.lead)
         team.layers = replicate(layer, team.devs)
         try:
             yield i, layer
         finally:
             team.layers = []
-            layer.to("cpu")
+            store.unload(i, layer)
 
 
 @torch.no_grad()
 def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windows: int = 0,
-               fwd_batch: int = 4) -> float:
+               fwd_batch: int = 4, store=None, max_gpu_memory: float | None = None) -> float:
     """exp(mean over non-overlapping windows of the mean token cross-entropy), streamed layer
     by layer so that a model larger than the GPU evaluates. dev: one device or a list; the
-    windows are split over them as in compression."""
+    windows are split over them as in compression. store: where the layers are
+    (streaming.LayerStore; default: in the model). max_gpu_memory: GiB per device the
+    activations may not push the run past (offload_activations)."""
+    from streaming import LayerStore
+    store = store or LayerStore(model, spec, dtype)
     devs = device_list(dev)
     n = tokens.shape[1] // seqlen
     if max_windows:
@@ -155,11 +229,12 @@ def perplexity(model, spec: ArchSpec, tokens, seqlen: int, dev, dtype, max_windo
         raise UsageError(f"evaluation text has {tokens.shape[1]} tokens, fewer than one window of {seqlen}")
     devs = devs[:n]
     windows = [tokens[:, i * seqlen:(i + 1) * seqlen] for i in range(n)]
+    offload = offload_activations(model.config, n, seqlen, dtype, devs, max_gpu_memory, solve=False)
     with exact_matmul():
-        inps, kwargs = capture_layer_inputs(model, spec, windows, devs[0], dtype)
-        team = Team.spread(inps, kwargs, devs, fwd_batch)
+        inps, kwargs = capture_layer_inputs(model, spec, windows, devs[0], dtype, offload)
+        team = Team.spread(inps, kwargs, devs, fwd_batch, offload)
         del inps
-        for _ in stream_layers(model, spec, team):
+        for _ in stream_layers(store, team):
             team.forward(in_place=True)  # one activation buffer
         values = _window_losses(model, spec, team, windows)
     return math.exp(sum(values) / len(values))
@@ -176,7 +251,7 @@ def _window_losses(model, spec: ArchSpec, team: Team, windows: list) -> list[flo
     def nlls(d, top_d, x, w0):  # one window per step; the values stay on the device until the end
         out = []
         for i in range(x.shape[0]):
-            logits = top_d[1](top_d[0](x[i:i + 1])).float()  # (1, T, V)
+            logits = top_d[1](top_d[0](x[i:i + 1].to(d))).float()  # (1, T, V)
             target = windows[w0 + i].to(d)
             out.append(torch.nn.functional.cross_entropy(logits[0, :-1], target[0, 1:]))
             yield

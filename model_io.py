@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,37 +172,28 @@ def check_save_target(save: str | Path, overwrite: bool) -> None:
 
 
 def save_model(model, tokenizer, out_dir: str, report: dict, overwrite: bool, packed: dict | None = None) -> None:
-    """Write the model (safetensors), tokenizer and report to a temporary folder beside
-    out_dir, then rename it into place: a run never leaves a half-written folder, and an
-    existing folder is replaced only when it is an earlier save of this tool (--overwrite).
-    packed: keyword arguments of packing.save_packed for --save_format packed (None: dense);
-    its disk report goes to report["disk"]. report["files"] lists what the save wrote."""
-    out = Path(out_dir).resolve()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Write a model held whole in memory the way a run writes it (streaming.SaveWriter: one
+    safetensors shard per decoder layer and one for the rest, with an index, in the model's
+    dtype) to a temporary folder beside out_dir, then rename it into place: a save never leaves
+    a half-written folder, and an existing folder is replaced only when it is an earlier save
+    of this tool (--overwrite). packed: {"reports", "nm", "pruned"} for --save_format packed
+    (None: dense); its disk report goes to report["disk"]. report["files"] lists what the
+    save wrote."""
+    from streaming import SaveWriter
+    spec = ARCHS[model.config.model_type]
+    layers = get_module(model, spec.layers)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    writer = SaveWriter(out_dir, len(layers), spec, dtype, None if packed is None else
+                        {"nm": packed.get("nm", (0, 0)), "pruned": packed.get("pruned", False)}, overwrite)
+    reports = (packed or {}).get("reports") or {}
     try:
-        if packed is None:
-            plain_model(model).save_pretrained(tmp, safe_serialization=True)
-        else:
-            import packing
-            report["disk"] = packing.save_packed(plain_model(model), tmp, tokenizer, **packed)
-        tokenizer.save_pretrained(tmp)
-        report["files"] = sorted([p.name for p in tmp.iterdir()] + [REPORT_FILE])
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
-        if out.exists():
-            try:
-                check_save_target(out, overwrite)
-            except UsageError as e:
-                raise UsageError(f"{e} (it changed during the run)") from None
-            out.rename(old)
-        tmp.rename(out)
+        for i, layer in enumerate(layers):
+            prefix = f"{spec.layers}.{i}."
+            writer.write_layer(i, layer.state_dict(), {n[len(prefix):]: r for n, r in reports.items()
+                                                       if n.startswith(prefix)})
+        writer.finish(model, tokenizer, report)
     finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
+        writer.abort()
 
 
 def write_report(folder: str | Path, report: dict) -> None:
@@ -214,16 +204,14 @@ def write_report(folder: str | Path, report: dict) -> None:
     os.replace(tmp, path)
 
 
-def plain_model(model):
-    """A model plain transformers can save: a GGUF-loaded model carries a quantization
-    config that save_pretrained refuses, so rebuild it from its config (weights shared)."""
-    from transformers import AutoModelForCausalLM
-    if getattr(model.config, "quantization_config", None) is None and not getattr(model, "hf_quantizer", None):
-        return model
-    cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
-                                            if k != "quantization_config"})
-    with torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(cfg, dtype=next(model.parameters()).dtype)
-    fresh.load_state_dict(model.state_dict(), assign=True)
-    fresh.tie_weights()
-    return fresh
+def plain_config(model, dtype: torch.dtype):
+    """The configuration a save writes, as save_pretrained writes it (dtype and architectures
+    set), without the quantization config a GGUF-loaded model carries (plain transformers
+    refuses to load a folder that has one but no quantized weights)."""
+    import copy
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.dtype = str(dtype).split(".")[1]
+    cfg.architectures = [model.__class__.__name__]
+    return cfg

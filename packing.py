@@ -310,10 +310,17 @@ def unpack_linear(tensors: dict[str, torch.Tensor], info: dict, version: int = F
 
 
 # ---------------------------------------------------------------- whole model
-def _unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """state_dict without aliases (tied weights): tensors, and alias -> kept name."""
+PACKED_PARTS = ("codes", "scale", "zero", "perm", "mask", "nm")  # the tensors of one packed linear
+
+
+def unique_state(model, skip: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict without aliases (tied weights): tensors on the CPU, and alias -> kept name.
+    skip: leave out keys with this prefix (the decoder layers of a streamed model, which are
+    written one at a time and are meta here)."""
     tensors, seen, tied = {}, {}, {}
     for k, v in model.state_dict().items():
+        if skip and k.startswith(skip):
+            continue
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
         if key in seen:
             tied[k] = seen[key]
@@ -323,63 +330,141 @@ def _unique_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, tied
 
 
-def save_packed(model, folder, tokenizer=None, reports: dict | None = None, nm: tuple[int, int] = (0, 0),
-                pruned: bool = False) -> dict:
-    """Write config, packed.safetensors and, where possible, a GPTQ-layout copy in folder/gptq.
-    reports: module path -> LinearReport (its qparams); nm: the N:M pattern if any; pruned:
-    whether weights were pruned (the GPTQ copy is written for unpruned models only).
-    Returns the disk report (bytes against 2 bytes per parameter)."""
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state, tied = _unique_state(model)
-    dtype = next(iter(state.values())).dtype if state else torch.float16
-    header: dict = {"format": "mi-packed", "version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""),
-                    "tied": tied, "linears": {}, "dense_fallback": []}
-    out: dict[str, torch.Tensor] = {}
-    qbytes = qparams_count = 0
-    for name, rep in (reports or {}).items():
+def pack_state(state: dict[str, torch.Tensor], reports: dict, nm: tuple[int, int] = (0, 0)
+               ) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """The tensors to store for `state` (full names): each quantized linear's weight (one with
+    qparams in `reports`, keyed by module path) replaced by its packed tensors. Returns them,
+    the header entries of the packed linears and the linears left dense (off their grid)."""
+    out = dict(state)
+    linears, fallback = {}, []
+    for name, rep in reports.items():
         qp = getattr(rep, "qparams", None)
         key = f"{name}.weight"
         if qp is None or key not in state:
             continue
         packed = pack_linear(state[key], qp, nm)
         if packed is None:
-            header["dense_fallback"].append(name)
+            fallback.append(name)
             continue
         tensors, info = packed
-        del state[key]
-        header["linears"][name] = info
-        for k, v in tensors.items():
-            out[f"{name}.{k}"] = v
-            qbytes += v.numel() * v.element_size()
-        qparams_count += info["shape"][0] * info["shape"][1]
-    if header["dense_fallback"]:
-        warnings.warn(f"{len(header['dense_fallback'])} quantized linear(s) are off their grid and were stored "
-                      f"dense: {', '.join(header['dense_fallback'][:3])}")
-    out.update(state)
+        del out[key]
+        linears[name] = info
+        out.update({f"{name}.{k}": v for k, v in tensors.items()})
+    return out, linears, fallback
+
+
+def packed_header(dtype: torch.dtype, tied: dict, linears: dict, fallback: list[str]) -> dict:
+    """The JSON header of a packed checkpoint (the safetensors metadata key "packing", or the
+    index's metadata for a sharded one)."""
+    return {"format": "mi-packed", "version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""),
+            "tied": tied, "linears": linears, "dense_fallback": fallback}
+
+
+def tally(tensors: dict[str, torch.Tensor], linears: dict) -> dict[str, int]:
+    """Bytes and parameters of stored tensors, split into packed linears and everything else."""
+    out = {"count": len(linears), "qbytes": 0,
+           "qparams": sum(info["shape"][0] * info["shape"][1] for info in linears.values()),
+           "other_params": 0, "other_bytes": 0}
+    for k, v in tensors.items():
+        owner, _, part = k.rpartition(".")
+        nbytes = v.numel() * v.element_size()
+        if owner in linears and part in PACKED_PARTS:
+            out["qbytes"] += nbytes
+        else:
+            out["other_params"] += v.numel()
+            out["other_bytes"] += nbytes
+    return out
+
+
+def disk_report(counts: dict[str, int], size: int, tied: dict, fallback: list[str], shards: int = 1) -> dict:
+    """The report's "disk" entry: bytes on disk (the file, or all shards and their index, which
+    holds the header) against 2 bytes per parameter, and what the quantized linears take."""
+    params = counts["qparams"] + counts["other_params"]
+    q = counts["qparams"]
+    disk = {"format": "packed", "file": PACKED_FILE, "bytes": size, "fp16_bytes": 2 * params,
+            "ratio_vs_fp16": 2 * params / size,
+            "quantized_linears": {"count": counts["count"], "params": q, "bytes": counts["qbytes"], "fp16_bytes": 2 * q,
+                                  "bits_per_weight": 8 * counts["qbytes"] / q if q else None},
+            "other_params": counts["other_params"],
+            # what is stored as it was: embeddings, lm_head, norms, biases, linears left dense (tied
+            # weights once)
+            "other_bytes": counts["other_bytes"],
+            "tied": sorted(tied), "dense_fallback": fallback}
+    if shards > 1:
+        disk["shards"] = shards
+    return disk
+
+
+def warn_fallback(fallback: list[str]) -> None:
+    if fallback:
+        warnings.warn(f"{len(fallback)} quantized linear(s) are off their grid and were stored "
+                      f"dense: {', '.join(fallback[:3])}")
+
+
+def save_packed(model, folder, tokenizer=None, reports: dict | None = None, nm: tuple[int, int] = (0, 0),
+                pruned: bool = False) -> dict:
+    """Write config, packed.safetensors (one file) and, where possible, a GPTQ-layout copy in
+    folder/gptq, from a model held whole in memory (the CLI writes the sharded form layer by
+    layer: streaming.SaveWriter). reports: module path -> LinearReport (its qparams); nm: the
+    N:M pattern if any; pruned: whether weights were pruned (the GPTQ copy is written for
+    unpruned models only). Returns the disk report (bytes against 2 bytes per parameter)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state, tied = unique_state(model)
+    dtype = next(iter(state.values())).dtype if state else torch.float16
+    out, linears, fallback = pack_state(state, reports or {}, nm)
+    warn_fallback(fallback)
     path = folder / PACKED_FILE
-    save_file(out, str(path), metadata={"packing": json.dumps(header)})
+    save_file(out, str(path), metadata={"packing": json.dumps(packed_header(dtype, tied, linears, fallback))})
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-
-    params = qparams_count + sum(v.numel() for v in state.values())
-    size = path.stat().st_size
-    disk = {"format": "packed", "file": PACKED_FILE, "bytes": size, "fp16_bytes": 2 * params,
-            "ratio_vs_fp16": 2 * params / size,
-            "quantized_linears": {"count": len(header["linears"]), "params": qparams_count, "bytes": qbytes,
-                                  "fp16_bytes": 2 * qparams_count,
-                                  "bits_per_weight": 8 * qbytes / qparams_count if qparams_count else None},
-            "other_params": params - qparams_count,
-            # what is stored as it was: embeddings, lm_head, norms, biases, linears left dense (tied
-            # weights once)
-            "other_bytes": sum(v.numel() * v.element_size() for v in state.values()),
-            "tied": sorted(tied), "dense_fallback": header["dense_fallback"]}
+    disk = disk_report(tally(out, linears), path.stat().st_size, tied, fallback)
     disk["gptq"] = save_gptq(model, folder / "gptq", reports or {}, tokenizer) if not pruned and reports \
-        else {"written": False, "reason": "pruned weights (the GPTQ layout cannot exploit sparsity)"
-              if pruned else "nothing quantized"}
+        else gptq_skipped(pruned)
     return disk
+
+
+def gptq_skipped(pruned: bool) -> dict:
+    return {"written": False, "reason": "pruned weights (the GPTQ layout cannot exploit sparsity)" if pruned
+            else "nothing quantized"}
+
+
+def read_packed(folder) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, every stored tensor) of a packed save: packed.safetensors, or the shards listed
+    by packed.safetensors.index.json (whose metadata holds the header)."""
+    from safetensors import safe_open
+    folder = Path(folder)
+    single, index = folder / PACKED_FILE, folder / (PACKED_FILE + ".index.json")
+    if single.is_file():
+        files = [single]
+        with safe_open(str(single), framework="pt") as f:
+            header = json.loads(f.metadata()["packing"])
+    elif index.is_file():
+        meta = json.loads(index.read_text())
+        header = meta["metadata"]["packing"]
+        files = [folder / name for name in sorted(set(meta["weight_map"].values()))]
+    else:
+        raise FileNotFoundError(f"no {PACKED_FILE} or {index.name} in {folder}")
+    if header.get("format") != "mi-packed" or header.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{folder} is not a packed checkpoint this code can read")
+    raw = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            raw.update({k: f.get_tensor(k) for k in f.keys()})
+    return header, raw
+
+
+def unpack_state(raw: dict[str, torch.Tensor], linears: dict, saved: torch.dtype, version: int = FORMAT_VERSION
+                 ) -> dict[str, torch.Tensor]:
+    """Stored tensors with every packed linear of `linears` (its header entries) decoded into its
+    dense weight in the saved dtype, bit for bit what the dense save holds."""
+    out = dict(raw)
+    for name, info in linears.items():
+        parts = {p: out.pop(f"{name}.{p}") for p in PACKED_PARTS if f"{name}.{p}" in out}
+        out[f"{name}.weight"] = unpack_linear(parts, info, version).to(saved)
+    return out
 
 
 def describe_disk(disk: dict) -> str:
@@ -400,32 +485,24 @@ def describe_disk(disk: dict) -> str:
 
 
 def load_packed(folder, dtype=torch.float16, device="cpu", keep_packed: bool = False):
-    """Rebuild the transformers model of a packed save: weights decoded in fp32, cast to the
-    saved dtype (as the dense save holds them), then to `dtype` (None: the saved dtype).
-    keep_packed: the packed linears become `mixed_linear.MixedBitLinear` modules that keep the
-    codes on `device` and never build the dense weight (run at the compressed size)."""
-    from safetensors import safe_open
+    """Rebuild the transformers model of a packed save (one file or sharded): weights decoded in
+    fp32, cast to the saved dtype (as the dense save holds them), then to `dtype` (None: the
+    saved dtype). keep_packed: the packed linears become `mixed_linear.MixedBitLinear` modules
+    that keep the codes on `device` and never build the dense weight (run at the compressed size)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     folder = Path(folder)
-    with safe_open(str(folder / PACKED_FILE), framework="pt") as f:
-        header = json.loads(f.metadata()["packing"])
-        raw = {k: f.get_tensor(k) for k in f.keys()}
-    if header.get("format") != "mi-packed" or header.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{folder / PACKED_FILE} is not a packed checkpoint this code can read")
+    header, raw = read_packed(folder)
     saved = getattr(torch, header["dtype"])
     dtype = dtype or saved
-    state, packed = {}, {}
-    for name, info in header["linears"].items():
-        prefix = f"{name}."
-        parts = {k[len(prefix):]: raw.pop(k) for k in list(raw) if k.startswith(prefix) and
-                 k[len(prefix):] in ("codes", "scale", "zero", "perm", "mask", "nm")}
-        version = header.get("version", 1)
-        if keep_packed:
+    version = header.get("version", 1)
+    packed = {}
+    if keep_packed:
+        for name, info in header["linears"].items():
+            parts = {p: raw.pop(f"{name}.{p}") for p in PACKED_PARTS if f"{name}.{p}" in raw}
             packed[name] = decode_parts(parts, info, version)
-        else:
-            state[f"{name}.weight"] = unpack_linear(parts, info, version).to(saved).to(dtype)
-    for k, v in raw.items():
-        state[k] = v.to(dtype) if v.is_floating_point() else v
+    else:
+        raw = unpack_state(raw, header["linears"], saved, version)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in raw.items()}
     for alias, kept in header["tied"].items():
         state[alias] = state[kept]
     cfg = AutoConfig.from_pretrained(folder)
@@ -499,32 +576,42 @@ def gptq_tensors(W: torch.Tensor, qparams: dict, bits: int, group_size: int, v2:
             "g_idx": (torch.arange(C, dtype=torch.int32) // g).to(torch.int32)}
 
 
-def save_gptq(model, folder, reports: dict, tokenizer=None) -> dict:
-    """The standard GPTQ checkpoint (HF / AutoGPTQ / GPTQModel layout, desc_act false) in
-    folder, when every linear shares one width in 2/3/4/8 and one group size, in the original
-    column order. Writes checkpoint_format "gptq" (v1: stored zero = zero - 1, what loaders
-    expect by default) unless some zero point is 0, which v1 cannot hold: then "gptq_v2"."""
-    from safetensors.torch import save_file
+def gptq_plan(reports: dict) -> dict | str:
+    """The GPTQ layout every linear of `reports` shares: bits, group_size, v2 (some zero point is
+    0, which v1's stored zero - 1 cannot hold) and sym; or why there is none."""
     shape = gptq_group_size(reports)
     if isinstance(shape, str):
-        return {"written": False, "reason": shape}
+        return shape
     bits, group_size = shape
-    state, tied = _unique_state(model)
-    v2 = any(bool((rep.qparams["zero"] == 0).any()) for rep in reports.values())
-    sym = all(bool((rep.qparams["zero"] == 2 ** (bits - 1)).all()) for rep in reports.values())
+    return {"bits": bits, "group_size": group_size,
+            "v2": any(bool((rep.qparams["zero"] == 0).any()) for rep in reports.values()),
+            "sym": all(bool((rep.qparams["zero"] == 2 ** (bits - 1)).all()) for rep in reports.values())}
+
+
+def gptq_state(state: dict[str, torch.Tensor], reports: dict, plan: dict) -> str | None:
+    """Replace, in place, the weight of each linear of `reports` found in `state` (full names)
+    by its GPTQ tensors; returns why not where one is off its grid (state is then partial)."""
     for name, rep in reports.items():
-        W = state.pop(f"{name}.weight")
+        key = f"{name}.weight"
+        if key not in state:
+            continue
+        W = state.pop(key)
         if codes_of(W, rep.qparams) is None:
-            return {"written": False, "reason": f"{name} is off its quantization grid"}
-        for k, v in gptq_tensors(W, rep.qparams, bits, group_size, v2).items():
+            return f"{name} is off its quantization grid"
+        for k, v in gptq_tensors(W, rep.qparams, plan["bits"], plan["group_size"], plan["v2"]).items():
             state[f"{name}.{k}"] = v
-    fmt = "gptq_v2" if v2 else "gptq"
+    return None
+
+
+def write_gptq_config(folder, config, plan: dict, tokenizer=None) -> dict:
+    """config.json with its quantization_config, quantize_config.json and the tokenizer of a GPTQ
+    copy (checkpoint_format "gptq", or "gptq_v2" where plan["v2"]); returns the report entry."""
+    fmt = "gptq_v2" if plan["v2"] else "gptq"
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    qcfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": sym,
-            "true_sequential": True, "static_groups": False, "format": fmt, "checkpoint_format": fmt}
-    model.config.save_pretrained(folder)
+    qcfg = {"quant_method": "gptq", "bits": plan["bits"], "group_size": plan["group_size"], "desc_act": False,
+            "sym": plan["sym"], "true_sequential": True, "static_groups": False, "format": fmt,
+            "checkpoint_format": fmt}
+    config.save_pretrained(folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["quantization_config"] = qcfg
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -532,8 +619,28 @@ def save_gptq(model, folder, reports: dict, tokenizer=None) -> dict:
         {k: v for k, v in qcfg.items() if k != "format"}, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    if v2:
+    if plan["v2"]:
         warnings.warn("some zero points are 0, which the v1 GPTQ format (zero - 1) cannot store; "
                       "the GPTQ copy is written as gptq_v2 (GPTQModel loads it; older loaders do not)")
-    return {"written": True, "folder": "gptq", "bits": bits, "group_size": group_size, "sym": sym,
-            "checkpoint_format": fmt, "bytes": (folder / "model.safetensors").stat().st_size}
+    return {"written": True, "folder": "gptq", "bits": plan["bits"], "group_size": plan["group_size"],
+            "sym": plan["sym"], "checkpoint_format": fmt}
+
+
+def save_gptq(model, folder, reports: dict, tokenizer=None) -> dict:
+    """The standard GPTQ checkpoint (HF / AutoGPTQ / GPTQModel layout, desc_act false) in
+    folder, when every linear shares one width in 2/3/4/8 and one group size, in the original
+    column order. Writes checkpoint_format "gptq" (v1: stored zero = zero - 1, what loaders
+    expect by default) unless some zero point is 0, which v1 cannot hold: then "gptq_v2"."""
+    from safetensors.torch import save_file
+    plan = gptq_plan(reports)
+    if isinstance(plan, str):
+        return {"written": False, "reason": plan}
+    state, _ = unique_state(model)
+    reason = gptq_state(state, reports, plan)
+    if reason is not None:
+        return {"written": False, "reason": reason}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    out = write_gptq_config(folder, model.config, plan, tokenizer)
+    return {**out, "bytes": (folder / "model.safetensors").stat().st_size}

@@ -128,6 +128,12 @@ def group_overhead_bits(bits: list[int], sizes: list[int], groupsize: int = -1) 
     return total / C
 
 
+def row_pieces(n: int, parts: int = 16) -> int:
+    """Rows per piece to work through an n-row matrix in about `parts` pieces, so that a
+    piece's temporaries are a small fraction of a whole-matrix buffer (at least one row)."""
+    return max(1, -(-n // parts))
+
+
 # ---------------------------------------------------------------- matrix products
 @functools.cache
 def _has_mm_out_dtype(device: torch.device) -> bool:

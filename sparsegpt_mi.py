@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant import accumulate_xtx, fit_grid, quantize
+from quant import accumulate_xtx, fit_grid, quantize, row_pieces
 
 
 @dataclass
@@ -111,6 +111,7 @@ class LinearSolver:
         mask_scope: str = "row",
         use_kernel: bool = True,
         mse: bool = False,
+        spill: bool | None = None,
     ):
         """Prune and quantize `weights` (each (out_i, C)) jointly; they share H.
 
@@ -122,6 +123,9 @@ class LinearSolver:
         reference SparseGPT. use_kernel: on CUDA, run each block's column loop as one fused
         kernel (solver_kernel.py) instead of ~15 small launches per column. mse: each grid's
         range is searched for the least |w - q|^2.4 (quant.fit_grid) instead of min-max.
+        spill: keep the damped Hessian in host memory, not on the device, while its inverse is
+        factored (one C x C buffer less at the peak; None: on CUDA where H is 1 GiB or more).
+        Nothing here changes the result: only where buffers live and when they are freed.
 
         A generator: it yields after each block of columns (its kernels queued, nothing waited
         for) and returns one SolveResult per weight, so that one thread can keep several
@@ -152,9 +156,10 @@ class LinearSolver:
         assert perm.numel() == C, "groups must partition the input channels"
         invperm = torch.argsort(perm)
         identity = torch.equal(perm, torch.arange(C, device=dev))
+        del diag
         if not identity:
             W = W[:, perm]
-            H = H[perm][:, perm]
+            H = permute_symmetric(H, perm)
 
         # per-column: group id; per (row, group): maxq. 16 bits = no quantization.
         sizes = [int(g.numel()) for g in groups]
@@ -170,8 +175,11 @@ class LinearSolver:
             c += s
         bounds = sorted(starts) + [C]
 
-        Hinv = yield from self._inverse_cholesky(H, percdamp)
+        if spill is None:
+            spill = dev.type == "cuda" and C * C * 4 >= 2 ** 30
+        box = [H]  # the factorization takes H over, so that it can free it early
         del H
+        Hinv = yield from self._inverse_cholesky(box, percdamp, spill)
         # N:M must hold on consecutive *original* columns (what sparse kernels need). When the
         # columns are permuted, the mask is chosen once up front by the OBS saliency
         # w^2 / [H^-1]_jj instead of adaptively inside the blocks.
@@ -248,29 +256,43 @@ class LinearSolver:
         return results
 
     @staticmethod
-    def _inverse_cholesky(H: torch.Tensor, percdamp: float):
+    def _inverse_cholesky(box: list, percdamp: float, spill: bool = False):
         """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); on failure
-        the damping grows tenfold (with a warning). H is damped in place. A generator (see
-        solve_steps): it yields after queueing each factorization, before its result is checked."""
+        the damping grows tenfold (with a warning). box holds H, which is damped in place and
+        freed as soon as it is no longer needed. spill: once H is factored, it waits in host
+        memory (for a retry) instead of on the device while the inverse is formed. A generator
+        (see solve_steps): it yields after queueing each factorization, before its result is
+        checked."""
+        H = box.pop()
         mean_diag = torch.mean(torch.diag(H))
         damp, added = percdamp, 0.0
+        backup = None
         # at least 6 tries, and enough for the damping to reach mean(diag H) itself
         for _ in range(max(6, math.ceil(-math.log10(max(percdamp, 1e-30))) + 1)):
+            if H is None:  # a retry after H was spilled: back from the host
+                H = backup.to(mean_diag.device)
             H.diagonal().add_(damp * mean_diag - added)
             added = damp * mean_diag
             L, info = torch.linalg.cholesky_ex(H)
             yield
             if int(info) == 0:
+                if spill:  # the copy is queued before H's memory can be reused (same stream)
+                    backup = torch.empty(H.shape, dtype=H.dtype, pin_memory=H.is_cuda)
+                    backup.copy_(H, non_blocking=True)
+                    H = None
                 Hinv = torch.cholesky_inverse(L)
                 del L
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
                 del Hinv
                 yield
-                if int(info) == 0 and torch.isfinite(U).all():
+                if int(info) == 0 and all_finite(U):
                     if damp != percdamp:
                         warnings.warn(f"Cholesky failed at percdamp {percdamp}; succeeded with damping {damp:g}"
                                       " (pass a larger --percdamp or more --nsamples to avoid this)")
+                    del H, backup
                     return U.contiguous()  # row-major: the fused kernel reads rows of it
+                if H is None and mean_diag.is_cuda:
+                    torch.cuda.synchronize(mean_diag.device)  # the backup is complete
             damp *= 10
         raise RuntimeError(f"Cholesky failed even with damping {damp / 10:g}: "
                            "the Hessian is degenerate; use more --nsamples or a larger --percdamp")
@@ -278,6 +300,26 @@ class LinearSolver:
     def free(self) -> None:
         self.H = None
         self.xsum = None
+
+
+def permute_symmetric(H: torch.Tensor, perm: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """H[perm][:, perm], built a piece of rows at a time: one C x C buffer besides H instead of
+    two (the gathers are the same, so is the result)."""
+    rows = rows or row_pieces(H.shape[0])
+    out = torch.empty_like(H)
+    for r0 in range(0, H.shape[0], rows):
+        out[r0:r0 + rows] = H[perm[r0:r0 + rows]][:, perm]
+    return out
+
+
+def all_finite(t: torch.Tensor, rows: int | None = None) -> bool:
+    """torch.isfinite(t).all(), a piece of rows at a time (isfinite makes several full-size
+    temporaries), with one wait for the device."""
+    rows = rows or row_pieces(t.shape[0])
+    ok = torch.ones((), dtype=torch.bool, device=t.device)
+    for r0 in range(0, t.shape[0], rows):
+        ok &= torch.isfinite(t[r0:r0 + rows]).all()
+    return bool(ok)
 
 
 def merge_row_shares(shares: list[list[SolveResult]], device: torch.device | None = None) -> list[SolveResult]:

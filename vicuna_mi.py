@@ -5,10 +5,13 @@ line: flags, their validation, the choice of devices, and the run from loading t
     python vicuna_mi.py MODEL DATASET --sparsity 0.5 --wbits 4 --target_avg_bits 4.0 \\
         --use_mi_grouping 1 --n_groups 10 --nsamples 128 --save DIR
 
-The model stays on the CPU; one decoder layer at a time goes to the GPU(s) with the
-calibration activations (layerwise.py), is compressed linear set by linear set in
-true-sequential order (compress.py), and its outputs feed the next layer. The compressed
-model is saved (model_io.py, packing.py) before it is evaluated.
+One decoder layer at a time goes to the GPU(s) with the calibration activations
+(layerwise.py), is compressed linear set by linear set in true-sequential order
+(compress.py), and its outputs feed the next layer. A local safetensors checkpoint (or a hub
+model's, downloaded once) is streamed: only the embeddings, norm and head are held in host
+memory, each layer is read from disk when it is its turn and written to --save as soon as it
+is compressed (streaming.py). The compressed model is saved before it is evaluated, and the
+evaluation reads the saved layers.
 """
 from __future__ import annotations
 
@@ -113,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype to compute and save in (auto: float16 on a GPU; on the CPU computes in float32 and "
                         "saves in the checkpoint's dtype, float16 for GGUF files)")
     p.add_argument("--fwd_batch", type=int, default=4, help="calibration windows per layer forward call")
+    p.add_argument("--max_gpu_memory", type=float, default=None, metavar="GIB",
+                   help="GiB of GPU memory the run may use per GPU (enforced: torch's per-process limit). Where the "
+                        "calibration or evaluation activations would not fit beside one layer and the solver's "
+                        "work, they stay in pinned host memory and pass through the GPU a batch at a time "
+                        "(results unchanged, some speed lost). Default: no cap, everything on the GPU")
+    p.add_argument("--no_stream", action="store_true",
+                   help="load the whole model into host memory, as before streaming existed, instead of "
+                        "reading one decoder layer at a time from the checkpoint's safetensors files and writing "
+                        "each compressed layer to --save at once (.gguf files and .bin-only checkpoints are "
+                        "always loaded whole)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its per-layer checkpoints in the work folder (the "
@@ -162,6 +175,8 @@ def validate(args) -> None:
     if not 1 <= args.blocksize <= 128:
         raise UsageError(f"--blocksize must be in 1..128, got {args.blocksize} (the fused solver kernel holds one "
                          "block of columns in registers)")
+    if args.max_gpu_memory is not None and not args.max_gpu_memory > 0:
+        raise UsageError(f"--max_gpu_memory must be a positive number of GiB, got {args.max_gpu_memory}")
     if args.resume and args.no_checkpoint:
         raise UsageError("--resume and --no_checkpoint exclude each other")
     if args.resume and not (args.save or args.work_dir):
@@ -289,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, DataError):
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            cap = f" under --max_gpu_memory {args.max_gpu_memory}" if args.max_gpu_memory else ""
+            print(f"error: the GPU ran out of memory{cap} ({str(e).splitlines()[0][:160]}); pass --max_gpu_memory "
+                  "below the free memory so that the activations go to host memory, or lower --fwd_batch or "
+                  "--nsamples", file=sys.stderr)
+            return 1
         raise
     finally:
         console.jlog.close()
@@ -340,27 +361,41 @@ def run(args, console: Console) -> int:
         hf_logging.disable_progress_bar()
 
     from events import JsonLog
-    from model_io import ARCHS, load_model, load_tokenizer
+    from model_io import ARCHS, load_tokenizer
     spec = ARCHS[model_cfg.model_type]
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    print(f"loading {args.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers) as {dtype} on the CPU;"
-          f" compressing on {', '.join(map(str, devs))}", flush=True)
-    model = load_model(args.model, dtype, args.trust_remote_code)
+    if args.max_gpu_memory:
+        for d in devs:  # the cap is enforced: the allocator frees its cache and retries before going past it
+            if d.type == "cuda":
+                total = torch.cuda.get_device_properties(d).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_gpu_memory * 2 ** 30 / total), d)
+    model, files = load(args, model_cfg, spec, dtype, devs)
     console.jlog = jlog = JsonLog(args.log_json)  # a no-op without --log_json
     jlog.event("start", model=args.model, dataset=args.dataset, config=vars(args))
 
-    summary, seconds, reports = compress(args, cfg, model, spec, tokenizer, devs, dtype, checkpoint, console)
-    from events import versions
-    report = {"config": vars(args), "versions": versions(), **summary, "ppl": {}, "seconds": seconds,
-              "saved_dtype": str(save_dtype).replace("torch.", ""),
-              "linears": {k: v.to_json() for k, v in reports.items()}}
-    if save_dtype != dtype:  # evaluate exactly the saved weights
-        model.to(save_dtype).to(dtype)
+    from streaming import LayerStore, SaveWriter
+    writer = None
     if args.save:
-        save(args, cfg, model, tokenizer, reports, report, save_dtype, dtype, jlog)
-        console.saved = args.save
-        if checkpoint is not None:  # the saved folder holds the result now
-            checkpoint.finish()
+        packed = None if args.save_format == "fake" else {"nm": (cfg.prunen, cfg.prunem), "pruned": cfg.prunes}
+        writer = SaveWriter(args.save, model_cfg.num_hidden_layers, spec, save_dtype, packed, args.overwrite)
+    store = LayerStore(model, spec, dtype, files, writer, save_dtype)
+    try:
+        summary, seconds, reports = compress(args, cfg, model, spec, tokenizer, devs, dtype, checkpoint, console,
+                                             store)
+        from events import versions
+        report = {"config": vars(args), "versions": versions(), **summary, "ppl": {}, "seconds": seconds,
+                  "saved_dtype": str(save_dtype).replace("torch.", ""),
+                  "linears": {k: v.to_json() for k, v in reports.items()}}
+        if save_dtype != dtype:  # evaluate exactly the saved weights (streamed layers come back from the save)
+            model.to(save_dtype).to(dtype)
+        if writer is not None:
+            save(args, store, tokenizer, report, jlog)
+            console.saved = args.save
+            if checkpoint is not None:  # the saved folder holds the result now
+                checkpoint.finish()
+    finally:
+        if writer is not None:
+            writer.abort()  # a run that did not finish its save leaves no temporary folder
 
     from datautils import get_eval_tokens
     from layerwise import perplexity
@@ -368,7 +403,7 @@ def run(args, console: Console) -> int:
     for name in evals:
         tokens = get_eval_tokens(name, tokenizer, args.seqlen)
         report["ppl"][name] = ppl = perplexity(model, spec, tokens, args.seqlen, devs, dtype, args.eval_windows,
-                                               args.fwd_batch)
+                                               args.fwd_batch, store, args.max_gpu_memory)
         print(f"{name} ppl {ppl:.3f}", flush=True)
         jlog.event("eval", dataset=name, ppl=ppl)
         if args.save:
@@ -379,7 +414,28 @@ def run(args, console: Console) -> int:
     return 0
 
 
-def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, checkpoint, console: Console):
+def load(args, model_cfg, spec, dtype, devs):
+    """(model, files): a streamed skeleton and its safetensors files where the checkpoint allows
+    (streaming.py), else the whole model in host memory and None."""
+    from model_io import load_model
+    from streaming import StreamError, TensorFiles, bound_host_memory, load_skeleton, local_checkpoint
+    where = f"{args.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers)"
+    compute = f"compressing on {', '.join(map(str, devs))}"
+    folder = None if args.no_stream else local_checkpoint(args.model)
+    if folder is not None:
+        files = TensorFiles(folder)
+        try:
+            model = load_skeleton(folder, files, dtype, spec, args.trust_remote_code)
+            print(f"streaming {where} from {folder}: one decoder layer at a time in {dtype}; {compute}", flush=True)
+            bound_host_memory()
+            return model, files
+        except StreamError as e:
+            print(f"note: {e}; loading the whole model instead", flush=True)
+    print(f"loading {where} as {dtype} on the CPU; {compute}", flush=True)
+    return load_model(args.model, dtype, args.trust_remote_code), None
+
+
+def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, checkpoint, console: Console, store):
     """The compression step of the run: (summary, seconds, reports). Without pruning or
     quantization flags there is nothing to do and the model is only evaluated."""
     from compress import compress_model
@@ -393,7 +449,8 @@ def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, che
     t0 = time.perf_counter()
     windows = get_loaders(args.dataset, tokenizer, args.nsamples, args.seed, args.seqlen) if cfg.calibrates else []
     result = compress_model(model, spec, cfg, windows, devs, dtype, console, args.fwd_batch,
-                            keep_mi=bool(args.plot), checkpoint=checkpoint)
+                            keep_mi=bool(args.plot), checkpoint=checkpoint, store=store,
+                            max_gpu_memory=args.max_gpu_memory)
     seconds = time.perf_counter() - t0
     summary = summarize(result.reports)
     print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
@@ -412,16 +469,11 @@ def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, che
     return summary, seconds, result.reports
 
 
-def save(args, cfg: CompressConfig, model, tokenizer, reports: dict, report: dict, save_dtype, dtype, jlog) -> None:
-    """Write --save in the saved dtype (the model goes back to `dtype` afterwards)."""
-    from model_io import save_model
-    packed = None if args.save_format == "fake" else \
-        {"reports": reports, "nm": (cfg.prunen, cfg.prunem), "pruned": cfg.prunes}
-    model.to(save_dtype)
-    try:
-        save_model(model, tokenizer, args.save, report, args.overwrite, packed)
-    finally:
-        model.to(dtype)
+def save(args, store, tokenizer, report: dict, jlog) -> None:
+    """Finish --save: the layers not written yet (none, unless nothing was compressed), the rest
+    of the model, the index, tokenizer and report, renamed into place (streaming.SaveWriter)."""
+    store.flush()
+    store.writer.finish(store.model, tokenizer, report)
     if "disk" in report:
         import packing
         print(packing.describe_disk(report["disk"]), flush=True)

@@ -236,17 +236,13 @@ def bench_kernels(dev, log) -> dict:
 
 # ---------------------------------------------------------------- model: memory and quality
 def file_bytes(folder: Path) -> dict[str, int]:
-    """Stored bytes per packed linear in packed.safetensors (codes, scales, zeros, perm, mask)."""
-    from safetensors import safe_open
+    """Stored bytes per packed linear of a packed save (codes, scales, zeros, perm, mask)."""
+    header, stored = packing.read_packed(folder)
     out: dict[str, int] = {}
-    with safe_open(str(folder / packing.PACKED_FILE), framework="pt") as f:
-        names = json.loads(f.metadata()["packing"])["linears"]
-        for k in f.keys():
-            name, _, part = k.rpartition(".")
-            if name in names and part in ("codes", "scale", "zero", "perm", "mask", "nm"):
-                t = f.get_slice(k)
-                n = math.prod(t.get_shape())
-                out[name] = out.get(name, 0) + n * {"U8": 1, "I16": 2, "I32": 4, "F32": 4, "F16": 2}[t.get_dtype()]
+    for k, t in stored.items():
+        name, _, part = k.rpartition(".")
+        if name in header["linears"] and part in packing.PACKED_PARTS:
+            out[name] = out.get(name, 0) + t.numel() * t.element_size()
     return out
 
 

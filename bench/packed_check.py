@@ -73,7 +73,7 @@ def check(name: str, fields: dict, args, tok, windows, tokens, dev) -> dict:
         ppl = perplexity(reloaded, ARCHS[reloaded.config.model_type], tokens, args.seqlen, dev, torch.float16,
                             args.eval_windows)
         row = {"config": name, "fields": fields, "compress_s": seconds, "ppl_packed_reload": ppl, "equal": equal,
-               "fake_bytes": folder_bytes(fake), "packed_bytes": folder_bytes(packed, packing.PACKED_FILE),
+               "fake_bytes": folder_bytes(fake), "packed_bytes": folder_bytes(packed, "packed*.safetensors*"),
                "gptq_bytes": folder_bytes(packed / "gptq") if (packed / "gptq").exists() else None,
                "disk": report["disk"], "disk_line": packing.describe_disk(report["disk"])}
     finally:

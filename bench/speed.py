@@ -63,48 +63,70 @@ def layer_inputs(cfg, nsamples: int, seqlen: int, dev):
     return inps, kwargs
 
 
-def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int, devs: list) -> dict:
+def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int, devs: list,
+               cap_gib: float | None = None, timer_cls=StageTimer) -> dict:
+    """One layer compressed `repeats` times (after a warm-up on 8 samples); medians. cap_gib: as
+    --max_gpu_memory, enforced with torch's per-process memory fraction; the activations stay
+    in pinned host memory where layerwise.offload_activations says they would not fit."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from layerwise import offload_activations
+    from parallel import split_counts
     dev = devs[0]
     cfg = llama_config(shape)
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(cfg, 0).to(dev, torch.float16)
     for p in layer.parameters():
         p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1)
-    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    original = {k: v.to("cpu", copy=True) for k, v in layer.state_dict().items()}  # not on the GPU: not in the peak
     inps, kwargs = layer_inputs(cfg, nsamples, seqlen, dev)
+    offload = offload_activations(cfg, nsamples, seqlen, torch.float16, devs, cap_gib)
+    if offload:
+        inps = inps.to("cpu").pin_memory() if dev.type == "cuda" else inps.to("cpu")
     ccfg = CompressConfig(**METHODS[method])
     spec = ARCHS["llama"]
     runs = []
     kw = [kwargs] + [to_device(kwargs, d) for d in devs[1:]]
-    for rep in range(repeats + 1):  # the first is the warm-up, on 8 samples
-        layer.load_state_dict(original)
-        shares = scatter(inps[:8] if rep == 0 else inps, devs)
-        for d in devs:
-            torch.cuda.synchronize(d)
-            torch.cuda.reset_peak_memory_stats(d)
-        timer = StageTimer(devs, enabled=True)
-        tick = time.perf_counter()
-        team = Team(devs, shares, kw, 4)
-        with timer("replicate"):
-            team.layers = replicate(layer, devs)
-        compress_layer(team, 0, spec, ccfg, timer=timer)
-        with timer("forward outputs"):  # in place, as compress_model does
-            team.forward(in_place=True)
-        for d in devs:
-            torch.cuda.synchronize(d)
-        total = time.perf_counter() - tick
-        del team, shares
-        if rep:
-            runs.append({**timer.seconds, "total": total,
-                         "peak_gib": max(torch.cuda.max_memory_allocated(d) for d in devs) / 2 ** 30})
+    cuda = [d for d in devs if d.type == "cuda"]
+    if cap_gib:
+        for d in cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(cap_gib * 2 ** 30 / torch.cuda.get_device_properties(d).total_memory, d)
+    try:
+        for rep in range(repeats + 1):  # the first is the warm-up, on 8 samples
+            layer.load_state_dict(original)
+            x = inps[:8] if rep == 0 else inps
+            shares = list(x.split(split_counts(x.shape[0], len(devs)))) if offload else scatter(x, devs)
+            for d in cuda:
+                torch.cuda.synchronize(d)
+                torch.cuda.reset_peak_memory_stats(d)
+            timer = timer_cls(devs, enabled=True)
+            tick = time.perf_counter()
+            team = Team(devs, shares, kw, 4)
+            with timer("replicate"):
+                team.layers = replicate(layer, devs)
+            compress_layer(team, 0, spec, ccfg, timer=timer)
+            with timer("forward outputs"):  # in place, as compress_model does
+                team.forward(in_place=True)
+            for d in cuda:
+                torch.cuda.synchronize(d)
+            total = time.perf_counter() - tick
+            del team, shares
+            if rep:
+                peak = timer.peak_gib() if hasattr(timer, "peak_gib") else max(
+                    (torch.cuda.max_memory_allocated(d) for d in cuda), default=0) / 2 ** 30
+                runs.append({**timer.seconds, "total": total, "peak_gib": peak,
+                             **({"stage_peak_gib": timer.peaks} if hasattr(timer, "peaks") else {})})
+    finally:
+        for d in cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, d)
     del inps, layer
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     keys = sorted({k for r in runs for k in r})
     med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
     grouping = sum(med.get(k, 0.0) for k in ("mi", "clustering", "allocation"))
     return {"shape": shape, "method": method, "gpus": len(devs), "nsamples": nsamples, "seqlen": seqlen,
-            "repeats": repeats,
+            "repeats": repeats, "cap_gib": cap_gib, "offloaded": offload,
             "median": med, "grouping_share": grouping / med["total"], "runs": runs}
 
 
@@ -144,6 +166,15 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: l
     return {"gpus": len(devs), "build_s": build, "compress_s": compress, "eval_s": evaluate,
             "total_s": compress + evaluate, "eval_windows": tokens.shape[1] // seqlen, "ppl_random_model": ppl,
             "peak_gib": max(torch.cuda.max_memory_allocated(d) for d in devs) / 2 ** 30}
+
+
+def run_meta(machine: str, out: str) -> tuple[dict, Path]:
+    """What every result file says about its run (machine, date, commit, command, versions), and
+    the results folder, created."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"machine": machine, "date": datetime.date.today().isoformat(), "commit": versions().get("commit"),
+            "command": " ".join(sys.argv), "versions": versions()}, folder
 
 
 def main() -> None:
@@ -188,12 +219,9 @@ def main() -> None:
             model_rows.append(row)
             print("7b model: " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items()), flush=True)
-    date = datetime.date.today().isoformat()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    meta, out = run_meta(name, args.out)
+    date = meta["date"]
     stem = f"speed-{name.replace(' ', '-')}-{date}{args.tag}"
-    meta = {"machine": name, "date": date, "commit": versions().get("commit"), "command": " ".join(sys.argv),
-            "versions": versions()}
     (out / f"{stem}.json").write_text(json.dumps({**meta, "gpu_count": torch.cuda.device_count(), "layers": rows,
                                                   "model_7b": model_rows}, indent=1))
     lines = [f"Machine {name} x{torch.cuda.device_count()}, {date}, commit {meta['commit']}",

@@ -47,3 +47,16 @@ def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], f"want one closing `error:` line, got:\n{proc.stderr}"
     return errors[0]
+
+
+def saved_tensors(folder: Path) -> dict:
+    """Every tensor of a dense save: model.safetensors, or the shards its index lists."""
+    from streaming import TensorFiles
+    files = TensorFiles(folder)
+    return files.read(files.where)
+
+
+def saved_weights_file(folder: Path) -> Path:
+    """The file that shows a dense save is there (its index where it is sharded)."""
+    single = Path(folder) / "model.safetensors"
+    return single if single.is_file() else Path(folder) / "model.safetensors.index.json"

@@ -63,6 +63,7 @@ def bad_cases():
         ("nsamples_0", lambda m, f, t: L(m, f, t) + ["--nsamples", "0"], ["--nsamples"]),
         ("seqlen_too_long", lambda m, f, t: L(m, f, t) + ["--seqlen", "512"], ["max_position_embeddings", "256"]),
         ("blocksize_256", lambda m, f, t: L(m, f, t) + ["--blocksize", "256"], ["--blocksize", "128"]),
+        ("max_gpu_memory_0", lambda m, f, t: L(m, f, t) + ["--max_gpu_memory", "0"], ["--max_gpu_memory", "positive"]),
     ]
 
 
@@ -118,5 +119,6 @@ def test_help_lists_every_flag():
     proc = run_cli(["--help"])
     assert proc.returncode == 0
     for flag in ("--sparsity", "--prunen", "--wbits", "--target_avg_bits", "--use_mi_grouping", "--n_groups",
-                 "--nsamples", "--seqlen", "--save", "--overwrite", "--eval", "--device"):
+                 "--nsamples", "--seqlen", "--save", "--overwrite", "--eval", "--device", "--max_gpu_memory",
+                 "--no_stream"):
         assert flag in proc.stdout

@@ -16,6 +16,7 @@ import torch
 
 import packing
 from compress import compress_model
+from helpers import saved_tensors
 from config import CompressConfig
 from model_io import ARCHS, load_model, load_tokenizer, save_model
 from quant import magnitude_prune
@@ -62,9 +63,7 @@ def save_both(model, tok, reports, cfg, root: Path) -> tuple[Path, Path, dict]:
 
 
 def header(folder: Path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(folder / packing.PACKED_FILE), framework="pt") as f:
-        return json.loads(f.metadata()["packing"])
+    return packing.read_packed(folder)[0]
 
 
 @pytest.mark.parametrize("case,mask", [("mi_sparse50", "bitmask"), ("mi_nm24", "nm"),
@@ -73,7 +72,7 @@ def test_packed_logits_equal_fake_save(compressed, tmp_path, case, mask):
     from transformers import AutoModelForCausalLM
     model, tok, reports, cfg = compressed(case)
     fake, packed, report = save_both(model, tok, reports, cfg, tmp_path)
-    assert not (packed / "model.safetensors").exists()  # no dense copy beside the packed one
+    assert not list(packed.glob("model*.safetensors*"))  # no dense copy beside the packed one
     h = header(packed)
     assert len(h["linears"]) == len(reports) and not h["dense_fallback"]
     assert {info["mask"] for info in h["linears"].values()} == {mask}
@@ -89,7 +88,7 @@ def test_packed_logits_equal_fake_save(compressed, tmp_path, case, mask):
         with torch.no_grad():
             assert torch.equal(a(ids).logits, b(ids).logits)
     disk = report["disk"]
-    assert disk["bytes"] == (packed / packing.PACKED_FILE).stat().st_size
+    assert disk["bytes"] == sum(p.stat().st_size for p in packed.glob("packed*.safetensors*"))
     assert json.loads((packed / "compression_report.json").read_text())["disk"] == json.loads(json.dumps(disk))
 
 
@@ -97,9 +96,7 @@ def test_nm_mask_holds_on_original_columns(compressed, tmp_path):
     """The stored N:M pattern is hardware N:M: every 4 consecutive original columns keep 2."""
     model, tok, reports, cfg = compressed("mi_nm24")
     _, packed, _ = save_both(model, tok, reports, cfg, tmp_path)
-    h = header(packed)
-    from safetensors.torch import load_file
-    t = load_file(str(packed / packing.PACKED_FILE))
+    h, t = packing.read_packed(packed)
     for name, info in h["linears"].items():
         R, C = info["shape"]
         slots = packing._nm_decode(t[f"{name}.nm"], 2, 4, R, C)
@@ -200,15 +197,14 @@ def decode_gptq(t: dict, bits: int, v2: bool) -> tuple[np.ndarray, np.ndarray, n
 
 @pytest.mark.parametrize("case,bits,group_size", [("gptq_w4_g32", 4, 32), ("rtn_w3", 3, -1)])
 def test_gptq_copy_decodes_to_the_fake_weights(compressed, tmp_path, case, bits, group_size):
-    from safetensors.torch import load_file
     model, tok, reports, cfg = compressed(case)
     fake, packed, report = save_both(model, tok, reports, cfg, tmp_path)
     assert report["disk"]["gptq"]["written"]
     qc = json.loads((packed / "gptq" / "quantize_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["desc_act"], qc["sym"]) == (bits, group_size, False, False)
     assert json.loads((packed / "gptq" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
-    t = load_file(str(packed / "gptq" / "model.safetensors"))
-    dense = load_file(str(fake / "model.safetensors"))
+    t = saved_tensors(packed / "gptq")
+    dense = saved_tensors(fake)
     v2 = qc["checkpoint_format"] == "gptq_v2"
     for name, rep in reports.items():
         parts = {k: t[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}

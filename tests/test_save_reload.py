@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import vicuna_mi as vm
+from helpers import saved_tensors
 from compress import compress_model
 from layerwise import perplexity
 from model_io import ARCHS, load_config, load_model, load_tokenizer, save_model
@@ -72,7 +72,7 @@ def test_save_reload_matches_memory(arch, tiny_models, text_files, tmp_path):
             assert got.dtype == torch.float32
             assert torch.equal(got, expected), f"{folder.name}: max diff {(got - expected).abs().max():.3g}"
     # the subprocess and the in-process run compressed bit for bit the same
-    saved = load_file(cli_dir / "model.safetensors")
+    saved = saved_tensors(cli_dir)
     state = model.state_dict()
     for name, t in saved.items():
         assert torch.equal(t, state[name]), name

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from compress import compress_model
+from helpers import saved_tensors
 from config import CompressConfig
 from events import summarize
 from layerwise import perplexity
@@ -115,7 +115,7 @@ def test_cli_end_to_end(smol, prose, tmp_path):
     assert target - 0.1 <= report["avg_bits"] <= target + 0.01
     assert len(report["linears"]) == 30 * 7
 
-    saved = load_file(save / "model.safetensors")
+    saved = saved_tensors(save)
     for name, rep in report["linears"].items():
         W = saved[name + ".weight"]
         assert rep["sparsity"] == pytest.approx(0.5, abs=1e-12), name

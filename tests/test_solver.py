@@ -267,3 +267,64 @@ def test_singular_hessian_falls_back(percdamp):
     assert torch.isfinite(res.weight).all()
     assert res.sparsity == 0.5
     check_grid(res, [4], [torch.arange(64)])
+
+
+# ---------------------------------------------------------------- memory: same results, fewer buffers
+def _same(a, b) -> bool:
+    return all(torch.equal(x.weight, y.weight) and x.loss == y.loss and torch.equal(x.scale, y.scale)
+               and torch.equal(x.zero, y.zero) and torch.equal(x.perm, y.perm) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("percdamp", [0.01, 1e-12])
+def test_spilled_hessian_gives_the_same_solve(percdamp, monkeypatch):
+    """spill=True (the damped H waits in host memory while its inverse is formed) returns what
+    the plain solve returns, also when the factor of the inverse fails and the damping is raised:
+    then H comes back from the host copy (forced here by failing the first finiteness check)."""
+    import sparsegpt_mi
+    X = calibration(C=96) if percdamp > 1e-8 else 100 * torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
+    Ws = [weights(24, 96, 1), weights(16, 96, 2)]
+    groups = group_channels("random", 3, columns=96)
+    args = (Ws, groups, [[4, 3, 2], [2, 3, 4]])
+    kw = dict(sparsity=0.5, act_order=True, percdamp=percdamp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = solver_for(X).solve(*args, **kw, spill=False)
+        assert _same(plain, solver_for(X).solve(*args, **kw, spill=True))
+        real, calls = sparsegpt_mi.all_finite, []
+
+        def fail_first(t):  # the first check of each solve fails
+            calls.append(1)
+            return len(calls) % 2 == 0 and real(t)
+        monkeypatch.setattr(sparsegpt_mi, "all_finite", fail_first)
+        retried = [solver_for(X).solve(*args, **kw, spill=s) for s in (False, True)]
+        assert len(calls) == 4  # each solve retried once
+    assert _same(*retried)
+    assert not _same(plain, retried[0])  # the retry did raise the damping
+
+
+def test_permute_symmetric_and_all_finite_in_pieces():
+    from sparsegpt_mi import all_finite, permute_symmetric
+    X = calibration(C=70)
+    H = X.t() @ X
+    perm = torch.randperm(70, generator=torch.Generator().manual_seed(3))
+    for rows in (1, 8, 1024):
+        assert torch.equal(permute_symmetric(H, perm, rows), H[perm][:, perm])
+    assert all_finite(H, 8)
+    for bad in (float("nan"), float("inf")):
+        G = H.clone()
+        G[69, 3] = bad
+        assert not all_finite(G, 8)
+
+
+def test_cluster_errors_in_row_pieces_equal_one_pass():
+    """The allocation errors worked through a few rows at a time (max_bytes) equal one pass bit for
+    bit, pruned or not, one linear or several stacked."""
+    X = calibration(C=64)
+    H = X.t() @ X / X.shape[0]
+    W = torch.cat([weights(40, 64, 1), weights(23, 64, 2)])
+    groups = group_channels("random", 4, columns=64)
+    for sparsity, splits in ((0.0, None), (0.5, [40, 23])):
+        one = cluster_errors(W, H, groups, [2, 3, 4, 8], sparsity, row_splits=splits)
+        for rows in (1, 7, 40):
+            assert torch.equal(cluster_errors(W, H, groups, [2, 3, 4, 8], sparsity, row_splits=splits,
+                                              max_bytes=4 * 64 * rows), one)

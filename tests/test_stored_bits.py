@@ -4,12 +4,10 @@ search, and --n_groups auto."""
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 import packing
 from channel_grouping import allocate_stored, pruned_per_group
@@ -44,12 +42,10 @@ def packed(tiny_models, text_files, tmp_path_factory):
         folder = tmp_path_factory.mktemp(case) / "out"
         save_model(model, tok, str(folder), {}, overwrite=False,
                    packed={"reports": reports, "nm": (cfg.prunen, cfg.prunem), "pruned": cfg.prunes})
-        with safe_open(str(folder / packing.PACKED_FILE), framework="pt") as f:
-            header = json.loads(f.metadata()["packing"])
-            nbytes = {name: sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
-                                if k.startswith(name + ".") and k[len(name) + 1:] in
-                                ("codes", "scale", "zero", "perm", "mask", "nm"))
-                      for name in header["linears"]}
+        header, stored = packing.read_packed(folder)
+        nbytes = {name: sum(t.numel() * t.element_size() for k, t in stored.items()
+                            if k.startswith(name + ".") and k[len(name) + 1:] in packing.PACKED_PARTS)
+                  for name in header["linears"]}
         out[case] = reports, nbytes, cfg, header
     return out
 

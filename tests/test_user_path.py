@@ -12,9 +12,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from helpers import ROOT, cli_command, one_error_line, run_cli
+from helpers import ROOT, cli_command, one_error_line, run_cli, saved_tensors, saved_weights_file
 
 QUICK = ["--device", "cpu", "--nsamples", "4", "--seqlen", "64"]
 MI = ["--wbits", "4", "--target_avg_bits", "3.5", "--n_groups", "4"]
@@ -41,7 +39,7 @@ def test_saved_before_evaluation_fails(tiny_models, text_files, tmp_path):
                     "--save", str(save)])
     msg = one_error_line(proc, 2)
     assert "fewer than one window" in msg
-    assert (save / "model.safetensors").is_file() and (save / "config.json").is_file()
+    assert saved_weights_file(save).is_file() and (save / "config.json").is_file()
     report = json.loads((save / "compression_report.json").read_text())
     assert len(report["linears"]) == 14 and report["ppl"] == {}
     assert not (tmp_path / "out.work").exists(), "the checkpoints went once the model was saved"
@@ -151,11 +149,11 @@ def test_cpu_run_saves_in_the_checkpoints_dtype(fp16_llama, text_files, tmp_path
     report = json.loads((save / "compression_report.json").read_text())
     assert report["saved_dtype"] == "float16"
     if fmt == "fake":
-        tensors = load_file(save / "model.safetensors")
+        tensors = saved_tensors(save)
         assert {t.dtype for t in tensors.values()} == {torch.float16}
         model = AutoModelForCausalLM.from_pretrained(save, dtype=torch.float32)
     else:
-        tensors = load_file(save / "packed.safetensors")
+        tensors = packing.read_packed(save)[1]
         assert tensors["model.embed_tokens.weight"].dtype == torch.float16
         model = packing.load_packed(save, dtype=torch.float32)
     tok = load_tokenizer(str(fp16_llama), False)
@@ -183,7 +181,6 @@ def test_no_compression_flags_only_evaluates(tiny_models, text_files, tmp_path):
 
 
 def test_packed_save_stores_tied_weights_once_and_says_what_is_not_compressed(text_files, tmp_path):
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
     from conftest import make_tokenizer
     import packing
@@ -198,10 +195,9 @@ def test_packed_save_stores_tied_weights_once_and_says_what_is_not_compressed(te
     proc = run_cli([str(model_dir), str(text_files["calib"]), *QUICK, *MI, "--eval", "none", "--save", str(save),
                     "--save_format", "packed", "--no_checkpoint"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    with safe_open(str(save / "packed.safetensors"), framework="pt") as f:
-        keys = set(f.keys())
-        header = json.loads(f.metadata()["packing"])
-        other = sum(f.get_tensor(k).numel() * 2 for k in keys if not k.startswith(tuple(header["linears"])))
+    header, stored = packing.read_packed(save)
+    keys = set(stored)
+    other = sum(t.numel() * 2 for k, t in stored.items() if not k.startswith(tuple(header["linears"])))
     assert "lm_head.weight" not in keys and header["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     disk = json.loads((save / "compression_report.json").read_text())["disk"]
     assert disk["other_bytes"] == other  # embeddings once, norms; all fp16

@@ -1,0 +1,469 @@
+"""Weights streamed between disk and the decoder layers, one layer at a time, both ways.
+
+A 70B model does not fit in the host memory of a small machine, and nothing needs it to: the
+compression and the evaluation touch one decoder layer at a time (layerwise.stream_layers).
+So for a local safetensors checkpoint (one file, or shards listed by
+model.safetensors.index.json) the model is built as a skeleton on the meta device; only the
+parts outside the decoder layers (embeddings, final norm, head, rotary tables) are read into
+memory, and each layer's tensors are read from the files (memory-mapped, the file closed again
+at once) when that layer is worked on and dropped back to meta afterwards. Each compressed
+layer goes straight to the output (`SaveWriter`: one safetensors shard per layer plus an index,
+the transformers layout; packed saves the same way), so host memory holds about two layers,
+the embeddings and the calibration activations, whatever the model size.
+
+    files = TensorFiles.find(folder)                 # None: no safetensors here (whole-model load)
+    model = load_skeleton(folder, files, torch.float16, spec)
+    store = LayerStore(model, spec, torch.float16, files=files, writer=SaveWriter(out, ...))
+    compress_model(model, spec, cfg, windows, devs, dtype, store=store)   # each layer written when done
+    store.writer.finish(model, tokenizer, report)                          # the rest, the index, renamed
+    perplexity(model, spec, tokens, seqlen, devs, dtype, store=store)    # reads the saved layers
+
+`LayerStore` is also what a model held whole in memory goes through (files None): then a layer
+is moved to the device and back, as before streaming existed, and the writer, if any, still
+gets each layer when it is done.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from config import UsageError
+from model_io import REPORT_FILE, ArchSpec, check_save_target, get_module
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+class StreamError(Exception):
+    """The checkpoint cannot be streamed (a tensor the model needs is not in its files)."""
+
+
+# ---------------------------------------------------------------- reading
+class TensorFiles:
+    """The tensors of a safetensors checkpoint in a folder (`stem`.safetensors, or shards
+    listed by `stem`.safetensors.index.json), read by name on demand. Every read opens the
+    files it needs memory-mapped and closes them again, so nothing stays mapped (a mapped
+    file's touched pages would count as the process's resident memory)."""
+
+    def __init__(self, folder: str | Path, stem: str = "model"):
+        self.folder = Path(folder)
+        index, single = self.folder / f"{stem}{INDEX_SUFFIX}", self.folder / f"{stem}.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {k: self.folder / f for k, f in weight_map.items()}
+        elif single.is_file():
+            from safetensors import safe_open
+            with safe_open(str(single), framework="pt") as f:
+                self.where = {k: single for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"no {single.name} or {index.name} in {self.folder}")
+
+    @classmethod
+    def find(cls, folder: str | Path, stem: str = "model") -> "TensorFiles | None":
+        """The checkpoint in folder, or None where it holds no safetensors checkpoint."""
+        try:
+            return cls(folder, stem)
+        except FileNotFoundError:
+            return None
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        """CPU tensors by name, as stored (each file opened once per call)."""
+        from safetensors import safe_open
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for n in names:
+            if n not in self.where:
+                raise StreamError(f"{n} is not in the safetensors files of {self.folder}")
+            by_file[self.where[n]].append(n)
+        out = {}
+        for path, keys in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k)
+        return out
+
+
+def local_checkpoint(model: str) -> Path | None:
+    """The local folder holding `model`'s safetensors checkpoint: the folder itself, or for a
+    hub id its download (once, into the hub cache: configuration and safetensors files only);
+    None for a .gguf file, a checkpoint without safetensors, or a download that failed (the
+    whole-model loader then says why)."""
+    from model_io import model_location
+    where, extra = model_location(model)
+    if extra:  # gguf_file: dequantized by transformers as a whole
+        return None
+    folder = Path(where)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+            folder = Path(snapshot_download(where, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception:  # offline, gated, no such repository: the whole-model path reports it
+            return None
+    return folder if TensorFiles.find(folder) is not None else None
+
+
+def _tied_groups(model) -> list[list[str]]:
+    """State-dict keys that name one tensor (tied weights), in state-dict order."""
+    groups: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(v), []).append(k)
+    return list(groups.values())
+
+
+def _set_tensor(model, names: list[str], value: torch.Tensor) -> None:
+    """Put value in place of the (meta) parameter or buffer every one of `names` refers to (tied
+    names get one shared Parameter, as from_pretrained ties them)."""
+    param = None
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._parameters:
+            param = param if param is not None else torch.nn.Parameter(value, requires_grad=False)
+            module._parameters[attr] = param
+        else:
+            module._buffers[attr] = value
+
+
+def load_skeleton(folder: str | Path, files: TensorFiles, dtype: torch.dtype, spec: ArchSpec,
+                  trust_remote_code: bool = False):
+    """The model with its decoder layers on the meta device and everything else read from
+    `files` in `dtype` (as from_pretrained would cast it), in eval mode without a KV cache.
+    Raises StreamError where a tensor the model needs is not in the files."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code)
+    inside = spec.layers + "."
+    for names in _tied_groups(model):
+        if names[0].startswith(inside):
+            continue
+        stored = next((n for n in names if n in files.where), None)
+        if stored is None:
+            raise StreamError(f"{names[0]} is not in the safetensors files of {folder}")
+        t = files.read([stored])[stored]
+        t = t.to(dtype) if t.is_floating_point() else t
+        _set_tensor(model, names, t)
+    if spec.rotary:  # non-persistent buffers (inv_freq) are computed, not stored: build them on the CPU
+        rotary = get_module(model, spec.rotary)
+        owner, _, attr = spec.rotary.rpartition(".")
+        setattr(get_module(model, owner), attr, type(rotary)(config=model.config))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and not n.startswith(inside)]
+    if left:
+        raise StreamError(f"{left[0]} of {folder} could not be materialized outside the decoder layers")
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        pass
+    model.config.use_cache = False
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- where each layer lives
+class LayerStore:
+    """Where each decoder layer's weights are between uses, and where finished layers go.
+
+    files None: the model is whole in host memory; `load` moves a layer to the device and
+    `unload` back to the CPU. files given: the layers are meta; `load` reads layer i from the
+    checkpoint files (or, once it is compressed, from the writer's output, or from `kept` where
+    there is no writer) and `unload` drops it back to meta. `finish` hands a compressed layer to
+    the writer (saved in `save_dtype`); a streamed layer read back later is that saved copy cast
+    to `dtype`, exactly what the whole-model path evaluates after its save-dtype round trip."""
+
+    def __init__(self, model, spec: ArchSpec, dtype: torch.dtype | None = None, files: TensorFiles | None = None,
+                 writer: "SaveWriter | None" = None, save_dtype: torch.dtype | None = None):
+        self.model, self.spec, self.files, self.writer = model, spec, files, writer
+        self.layers = get_module(model, spec.layers)
+        self.dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.save_dtype = save_dtype or self.dtype
+        self.kept: dict[int, dict[str, torch.Tensor]] = {}  # streamed without a writer: finished layers
+
+    @property
+    def streamed(self) -> bool:
+        return self.files is not None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def load(self, i: int, dev) -> torch.nn.Module:
+        """Layer i with real weights on dev."""
+        layer = self.layers[i]
+        if not self.streamed:
+            return layer.to(dev)
+        if self.writer is not None and i in self.writer.written:
+            state = self.writer.read_layer(i)
+        elif i in self.kept:
+            state = self.kept[i]
+        else:
+            prefix = f"{self.spec.layers}.{i}."
+            state = {k[len(prefix):]: v for k, v in self.files.read(prefix + k for k in layer.state_dict()).items()}
+        state = {k: (v.to(self.dtype) if v.is_floating_point() else v).to(dev) for k, v in state.items()}
+        layer.load_state_dict(state, assign=True)
+        left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
+        if left:  # a non-persistent buffer inside the layer: its value is in no file
+            raise StreamError(f"layer {i}'s {left[0]} is not stored in the checkpoint; run with --no_stream")
+        return layer
+
+    def unload(self, i: int, layer: torch.nn.Module) -> None:
+        """Done with layer i for now: back to the CPU, or (streamed) back to meta, its host memory
+        handed back to the system."""
+        layer.to("meta" if self.streamed else "cpu")
+        if self.streamed:
+            release_host_memory()
+
+    def finish(self, i: int, layer_or_state, reports: dict | None = None) -> None:
+        """Layer i holds its final (compressed) weights: a module, or a state dict restored from a
+        checkpoint. reports: its LinearReports (keyed relative to the layer), for packed saves."""
+        state = layer_or_state if isinstance(layer_or_state, dict) else layer_or_state.state_dict()
+        if not self.streamed and isinstance(layer_or_state, dict):
+            self.layers[i].load_state_dict(state)
+        if self.writer is not None:
+            self.writer.write_layer(i, state, reports)
+        elif self.streamed:
+            self.kept[i] = {k: v.to("cpu").to(self.save_dtype) for k, v in state.items()}
+
+    def flush(self) -> None:
+        """Write every layer the writer has not had yet (a run that compressed nothing)."""
+        for i in range(len(self)):
+            if self.writer is not None and i not in self.writer.written:
+                layer = self.load(i, "cpu")
+                try:
+                    self.finish(i, layer)
+                finally:
+                    self.unload(i, layer)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def bound_host_memory(threshold: int = 1 << 20) -> None:
+    """Have malloc give every buffer of `threshold` bytes or more its own mapping, returned to
+    the system when it is freed (glibc; a no-op elsewhere). By default glibc raises this
+    threshold up to 32 MiB once such a buffer has been freed, after which layer-sized buffers
+    come from its heap, which fragments as one layer follows another: the resident memory of
+    a streamed run then crept up by a few MB per layer even with `release_host_memory`
+    (measured: 16 layers of 27 MB, 550 -> 650 MB; with this, 532 -> 541 MB). Process-wide:
+    the CLI sets it when it streams."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+def release_host_memory() -> None:
+    """Return the host memory freed since the last call to the system (glibc's malloc_trim; a
+    no-op elsewhere). Tensors of a few MB are carved from malloc's heap, and a heap fragmented
+    by one layer's buffers after another keeps growing although what is live does not: without
+    this, a streamed run's resident memory grew by about a layer per layer."""
+    if _libc() is not None:
+        _libc().malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- writing
+class Shards:
+    """Numbered safetensors shards in one folder (`stem`-00001-of-000NN.safetensors, transformers'
+    naming) and the index that maps each tensor to its shard."""
+
+    def __init__(self, folder: Path, stem: str, count: int):
+        self.folder, self.stem, self.count = folder, stem, count
+        self.weight_map: dict[str, str] = {}
+
+    def name(self, k: int) -> str:
+        return f"{self.stem}-{k + 1:05d}-of-{self.count:05d}.safetensors"
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+        save_file(tensors, str(self.folder / self.name(k)), metadata={"format": "pt"})
+        self.weight_map.update({t: self.name(k) for t in tensors})
+
+    def read(self, k: int) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        with safe_open(str(self.folder / self.name(k)), framework="pt") as f:
+            return {t: f.get_tensor(t) for t in f.keys()}
+
+    def nbytes(self) -> int:
+        return sum((self.folder / n).stat().st_size for n in set(self.weight_map.values()))
+
+    def write_index(self, metadata: dict | None = None) -> None:
+        """The index; its metadata holds total_size (the shards' bytes) and anything given."""
+        meta = {"total_size": self.nbytes(), **(metadata or {})}
+        (self.folder / f"{self.stem}{INDEX_SUFFIX}").write_text(
+            json.dumps({"metadata": meta, "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
+
+
+class SaveWriter:
+    """The --save folder, written one decoder layer at a time into a temporary folder beside it
+    (so a failed run never leaves a half-written folder) and renamed into place by `finish`.
+
+    Dense ("fake") saves: model-000NN-of-000MM.safetensors, one shard per decoder layer and a
+    last one for everything else, and model.safetensors.index.json: what save_pretrained
+    writes for a sharded model, so AutoModelForCausalLM.from_pretrained loads it. Packed saves:
+    packed-000NN-of-000MM.safetensors the same way and packed.safetensors.index.json, whose
+    metadata holds the packing header (packing.py), plus the GPTQ-layout copy in gptq/ where
+    the quantization allows one. Tensors are stored in `save_dtype`."""
+
+    def __init__(self, out_dir: str | Path, n_layers: int, spec: ArchSpec, save_dtype: torch.dtype,
+                 packed: dict | None = None, overwrite: bool = False):
+        import packing
+        self.out = Path(out_dir).expanduser().resolve()
+        self.n_layers, self.spec, self.save_dtype, self.overwrite = n_layers, spec, save_dtype, overwrite
+        self.packed = packed  # None: dense; else {"nm": (N, M), "pruned": bool}
+        self.folder = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        stem = "model" if packed is None else packing.PACKED_FILE.removesuffix(".safetensors")
+        self.shards = Shards(self.folder, stem, n_layers + 1)  # one per layer, the last for the rest
+        self.written: set[int] = set()
+        self.reports: dict = {}   # module path -> LinearReport of every layer written
+        self.linears: dict = {}   # packed header entries
+        self.fallback: list[str] = []
+        self.counts: dict[str, int] = {}  # packing.tally of what was written
+        self.finished = False
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(self.out)
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir()
+
+    def _prefix(self, i: int) -> str:
+        return f"{self.spec.layers}.{i}."
+
+    def write_layer(self, i: int, state: dict[str, torch.Tensor], reports: dict | None = None) -> None:
+        """Layer i's tensors (keys relative to the layer) into its shard, in the save dtype; for
+        packed saves the quantized linears packed (reports: relative name -> LinearReport)."""
+        prefix = self._prefix(i)
+        reps = {prefix + n: r for n, r in (reports or {}).items()}
+        self.reports.update(reps)
+        self._write(i, {prefix + k: _saved(v, self.save_dtype) for k, v in state.items()}, reps)
+        self.written.add(i)
+
+    def _write(self, k: int, tensors: dict[str, torch.Tensor], reports: dict) -> None:
+        if self.packed is not None:
+            import packing
+            tensors, linears, fallback = packing.pack_state(tensors, reports, self.packed["nm"])
+            self.linears.update(linears)
+            self.fallback += fallback
+            for key, v in packing.tally(tensors, linears).items():
+                self.counts[key] = self.counts.get(key, 0) + v
+        self.shards.write(k, tensors)
+
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """The saved tensors of layer i (keys relative to the layer, in the save dtype); packed
+        linears decoded exactly (packing.unpack_state), as load_packed decodes them."""
+        import packing
+        prefix = self._prefix(i)
+        tensors = self.shards.read(i)
+        if self.packed is not None:
+            tensors = packing.unpack_state(tensors, {n: v for n, v in self.linears.items() if n.startswith(prefix)},
+                                           self.save_dtype)
+        return {k[len(prefix):]: v for k, v in tensors.items()}
+
+    def finish(self, model, tokenizer, report: dict) -> None:
+        """Write the parts outside the decoder layers, the index, config, generation config,
+        tokenizer and report (report["files"] lists them; packed saves add report["disk"]),
+        then rename the folder into place (an existing one only if it is an earlier save of
+        this tool, with --overwrite)."""
+        import packing
+        from model_io import plain_config
+        missing = sorted(set(range(self.n_layers)) - self.written)
+        if missing:
+            raise RuntimeError(f"save: layers {missing[:5]} were never written")
+        state, tied = packing.unique_state(model, skip=self.spec.layers + ".")
+        self._write(self.n_layers, {k: _saved(v, self.save_dtype) for k, v in state.items()}, {})
+        config = plain_config(model, self.save_dtype)
+        if self.packed is None:
+            self.shards.write_index()
+        else:
+            packing.warn_fallback(self.fallback)
+            self.shards.write_index({"packing": packing.packed_header(self.save_dtype, tied, self.linears,
+                                                                      self.fallback)})
+            index = self.folder / f"{self.shards.stem}{INDEX_SUFFIX}"  # it holds the packing header
+            disk = packing.disk_report(self.counts, self.shards.nbytes() + index.stat().st_size, tied,
+                                       self.fallback, self.shards.count)
+            disk["gptq"] = self._gptq_copy(config, state, tokenizer) if self.reports and not self.packed["pruned"] \
+                else packing.gptq_skipped(self.packed["pruned"])
+            report["disk"] = disk
+        config.save_pretrained(self.folder)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(self.folder)
+        tokenizer.save_pretrained(self.folder)
+        report["files"] = sorted([p.name for p in self.folder.iterdir()] + [REPORT_FILE])
+        (self.folder / REPORT_FILE).write_text(json.dumps(report, indent=1))
+        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        try:
+            if self.out.exists():
+                try:
+                    check_save_target(self.out, self.overwrite)
+                except UsageError as e:
+                    raise UsageError(f"{e} (it changed during the run)") from None
+                self.out.rename(old)
+            self.folder.rename(self.out)
+            self.finished = True
+            self.shards.folder = self.out  # where read_layer finds the layers from now on
+        finally:
+            if old.exists():
+                shutil.rmtree(old)
+
+    def _gptq_copy(self, config, rest: dict[str, torch.Tensor], tokenizer) -> dict:
+        """gptq/: the standard GPTQ checkpoint, sharded like the save, built layer by layer from the
+        packed shards (decoded exactly), where every linear shares one GPTQ layout."""
+        import packing
+        plan = packing.gptq_plan(self.reports)
+        if isinstance(plan, str):
+            return {"written": False, "reason": plan}
+        folder = self.folder / "gptq"
+        folder.mkdir()
+        shards = Shards(folder, "model", self.shards.count)
+        for i in range(self.n_layers):
+            prefix = self._prefix(i)
+            state = {prefix + k: v for k, v in self.read_layer(i).items()}
+            reason = packing.gptq_state(state, {n: r for n, r in self.reports.items() if n.startswith(prefix)}, plan)
+            if reason is not None:
+                shutil.rmtree(folder)
+                return {"written": False, "reason": reason}
+            shards.write(i, state)
+        shards.write(self.n_layers, {k: _saved(v, self.save_dtype) for k, v in rest.items()})
+        shards.write_index()
+        return {**packing.write_gptq_config(folder, config, plan, tokenizer), "bytes": shards.nbytes()}
+
+    def abort(self) -> None:
+        """Remove the temporary folder of a run that did not finish."""
+        if not self.finished and self.folder.exists():
+            shutil.rmtree(self.folder)
+
+
+def _saved(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t on the CPU as the save holds it: floating tensors in the save dtype (cast on the CPU,
+    as the whole-model save always did), contiguous, sharing no storage."""
+    t = t.detach().to("cpu")
+    return (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary folders beside `out` that a killed run of this tool left (its process is gone)."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass

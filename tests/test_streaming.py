@@ -1,0 +1,229 @@
+"""Streamed weights (streaming.py) and activations kept in host memory (--max_gpu_memory): the
+skeleton holds what from_pretrained loads, a streamed run saves bit for bit what the whole-model
+run saves, the evaluation reads the saved layers, resident memory does not grow with the number
+of layers, and the activations passing through the device in pieces give the resident result."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress import compress_model
+from config import CompressConfig
+from datautils import get_eval_tokens, get_loaders
+from helpers import ROOT, run_cli, saved_tensors
+from layerwise import offload_activations, perplexity
+from model_io import ARCHS, load_model, load_tokenizer
+from streaming import LayerStore, SaveWriter, TensorFiles, load_skeleton
+
+MI = ["--device", "cpu", "--nsamples", "4", "--seqlen", "64", "--sparsity", "0.5", "--wbits", "4",
+      "--target_avg_bits", "3.5", "--n_groups", "4"]
+
+
+@pytest.fixture(scope="module")
+def sharded_tied(tmp_path_factory) -> Path:
+    """A tiny llama with tied embeddings, saved in float16 as several shards with an index."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from conftest import make_tokenizer
+    path = tmp_path_factory.mktemp("sharded") / "llama"
+    torch.manual_seed(1)
+    cfg = AutoConfig.for_model("llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg).half().save_pretrained(path, max_shard_size="30KB")
+    make_tokenizer(path)
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def test_skeleton_holds_what_from_pretrained_loads(tiny_models, sharded_tied):
+    for path in [*tiny_models.values(), sharded_tied]:
+        whole = load_model(str(path), torch.float32, False)
+        spec = ARCHS[whole.config.model_type]
+        files = TensorFiles(path)
+        model = load_skeleton(path, files, torch.float32, spec)
+        inside = spec.layers + "."
+        expected = {k: v for k, v in [*whole.state_dict().items(), *whole.named_buffers()] if not k.startswith(inside)}
+        got = {k: v for k, v in [*model.state_dict().items(), *model.named_buffers()] if not k.startswith(inside)}
+        assert got.keys() == expected.keys(), path
+        for k in expected:
+            assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), (path.name, k)
+        if whole.config.tie_word_embeddings:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert all(p.is_meta for p in model.model.layers.parameters()), "no layer is read before its turn"
+        store = LayerStore(model, spec, torch.float32, files)
+        for i, layer in enumerate(whole.model.layers):
+            loaded = store.load(i, "cpu")
+            assert loaded.state_dict().keys() == layer.state_dict().keys()
+            assert all(torch.equal(v, layer.state_dict()[k]) for k, v in loaded.state_dict().items())
+            store.unload(i, loaded)
+            assert all(p.is_meta for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("case", ["llama-fake", "qwen2-packed", "sharded-fake"])
+def test_streamed_run_saves_what_the_whole_model_run_saves(case, tiny_models, sharded_tied, text_files, tmp_path):
+    """The same command with and without --no_stream: every saved tensor equal, the same report
+    and perplexity (the streamed run evaluates the layers it saved)."""
+    import json
+    import packing
+    arch, fmt = case.split("-")
+    model = sharded_tied if arch == "sharded" else tiny_models[arch]
+    argv = [str(model), str(text_files["calib"]), *MI, "--eval", str(text_files["eval"]), "--eval_windows", "4",
+            "--save_format", fmt]
+    streamed = run_cli(argv + ["--save", str(tmp_path / "streamed")])
+    whole = run_cli(argv + ["--save", str(tmp_path / "whole"), "--no_stream"])
+    assert streamed.returncode == 0 and whole.returncode == 0, streamed.stdout + streamed.stderr + whole.stderr
+    assert "streaming" in streamed.stdout and "streaming" not in whole.stdout
+    if fmt == "fake":
+        a, b = saved_tensors(tmp_path / "streamed"), saved_tensors(tmp_path / "whole")
+        assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
+    else:
+        (ha, a), (hb, b) = packing.read_packed(tmp_path / "streamed"), packing.read_packed(tmp_path / "whole")
+        assert ha == hb
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ra, rb = (json.loads((tmp_path / d / "compression_report.json").read_text()) for d in ("streamed", "whole"))
+    assert ra["ppl"] == rb["ppl"] and ra["saved_dtype"] == rb["saved_dtype"]
+    assert {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in ra["linears"].items()} == \
+        {k: {f: v for f, v in r.items() if f != "seconds"} for k, r in rb["linears"].items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"], "no temporary folder is left"
+
+
+def test_hub_models_stream_from_their_download_and_gguf_loads_whole(tiny_models, tmp_path, monkeypatch):
+    """A hub id streams from its snapshot (configuration and safetensors only, downloaded once into
+    the hub cache); a failed download, a folder without safetensors and a .gguf file take the
+    whole-model path."""
+    import huggingface_hub
+    from streaming import local_checkpoint
+    asked = []
+
+    def download(repo_id, allow_patterns=None, **kw):
+        asked.append((repo_id, allow_patterns))
+        return str(tiny_models["llama"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert local_checkpoint("someone/tiny-llama") == tiny_models["llama"]
+    assert asked == [("someone/tiny-llama", ["*.json", "*.safetensors"])]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert local_checkpoint("someone/tiny-llama") is None
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text("{}")
+    assert local_checkpoint(str(tmp_path / "bin")) is None
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert local_checkpoint(str(tmp_path / "m.gguf")) is None
+
+
+def _streamed(path: Path, writer_dir: Path | None, dtype=torch.float32):
+    spec = ARCHS["llama"]
+    files = TensorFiles(path)
+    model = load_skeleton(path, files, dtype, spec)
+    writer = SaveWriter(writer_dir, model.config.num_hidden_layers, spec, dtype) if writer_dir else None
+    return model, spec, LayerStore(model, spec, dtype, files, writer)
+
+
+def test_evaluation_reads_the_saved_layers(tiny_models, text_files, tmp_path):
+    """After the save the original files are not needed: the evaluation reads the compressed
+    layers from the output (or, without a save, from memory) and gets the saved model's perplexity."""
+    from transformers import AutoModelForCausalLM
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], src)
+    tok = load_tokenizer(str(src), False)
+    windows = get_loaders(str(text_files["calib"]), tok, 4, 0, 64)
+    tokens = get_eval_tokens(str(text_files["eval"]), tok, 64)
+    cfg = CompressConfig(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4)
+    cpu = torch.device("cpu")
+
+    model, spec, store = _streamed(src, tmp_path / "out")
+    compress_model(model, spec, cfg, windows, cpu, torch.float32, store=store)
+    store.writer.finish(model, tok, {})
+    kept_model, _, kept = _streamed(src, None)  # no save: the compressed layers stay in memory
+    compress_model(kept_model, spec, cfg, windows, cpu, torch.float32, store=kept)
+    shutil.rmtree(src)  # the originals are gone
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    expected = perplexity(saved, spec, tokens, 64, cpu, torch.float32, 4)
+    assert perplexity(model, spec, tokens, 64, cpu, torch.float32, 4, store=store) == expected
+    assert perplexity(kept_model, spec, tokens, 64, cpu, torch.float32, 4, store=kept) == expected
+
+
+def test_activations_in_host_memory_give_the_resident_result(tiny_models, text_files):
+    """--max_gpu_memory too small for the activations: they stay in host memory and pass through
+    the device a batch at a time; the compressed weights, reports and perplexity are bitwise those
+    of the resident run (on the CPU both are host memory, but the staged code path runs)."""
+    tok = load_tokenizer(str(tiny_models["qwen2"]), False)
+    windows = get_loaders(str(text_files["calib"]), tok, 6, 0, 64)
+    tokens = get_eval_tokens(str(text_files["eval"]), tok, 64)
+    cfg = CompressConfig(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4)
+    cpu = torch.device("cpu")
+    runs = []
+    for cap in (None, 1e-6):
+        model = load_model(str(tiny_models["qwen2"]), torch.float32, False)
+        assert offload_activations(model.config, 6, 64, torch.float32, [cpu], cap) == (cap is not None)
+        reports = compress_model(model, ARCHS["qwen2"], cfg, windows, cpu, torch.float32, fwd_batch=4,
+                                 max_gpu_memory=cap).reports
+        ppl = perplexity(model, ARCHS["qwen2"], tokens, 64, cpu, torch.float32, 5, fwd_batch=2, max_gpu_memory=cap)
+        runs.append((model.state_dict(), reports, ppl))
+    (sa, ra, pa), (sb, rb, pb) = runs
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert {k: (r.loss, r.groups) for k, r in ra.items()} == {k: (r.loss, r.groups) for k, r in rb.items()}
+    assert pa == pb
+    assert not offload_activations(load_model(str(tiny_models["qwen2"]), torch.float32, False).config,
+                                   6, 64, torch.float32, [cpu], 1000.0)
+
+
+# ---------------------------------------------------------------- host memory
+def _random_llama(path: Path, layers: int) -> int:
+    """A random llama of `layers` layers, hidden 512 / FFN 1408 (8 MB per layer in float16),
+    saved sharded; returns one layer's bytes in float32 (what a CPU run computes in)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from conftest import make_tokenizer
+    cfg = AutoConfig.for_model("llama", vocab_size=300, hidden_size=512, intermediate_size=1408,
+                               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                               max_position_embeddings=256, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(layers)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02, generator=gen)
+    model.save_pretrained(path, max_shard_size="30MB")
+    make_tokenizer(path)
+    return 4 * sum(p.numel() for p in model.model.layers[0].parameters())
+
+
+PEAK = ("import sys, vicuna_mi; rc = vicuna_mi.main(sys.argv[1:]); "
+        "print(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM'))); sys.exit(rc)")
+
+
+def _peak_rss_mib(args: list[str]) -> float:
+    """Peak resident memory of a CLI run, read by the process itself (VmHWM: the high-water mark
+    of its own memory since it started; wait4's ru_maxrss would also count the memory of this
+    test process, which the child shares until it execs)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return int(proc.stdout.strip().splitlines()[-1].split()[1]) / 1024  # kB
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_host_memory_does_not_grow_with_the_number_of_layers(text_files, tmp_path):
+    """4 and 16 layers, each several MB, streamed from sharded safetensors and written to --save
+    (checkpoints on, as by default): the peak resident memory of the 16-layer run is that of the
+    4-layer run although the model on disk is 4x larger. Held whole (--no_stream) it grows with
+    the model: measured 607 MiB with 4 layers, 900 MiB with 16 (streamed: 489 and 499 MiB)."""
+    peaks = {}
+    for n in (4, 16):
+        layer_bytes = _random_llama(tmp_path / f"m{n}", n)
+        peaks[n] = _peak_rss_mib([str(tmp_path / f"m{n}"), str(text_files["calib"]), "--device", "cpu", "--rtn",
+                                  "--wbits", "4", "--seqlen", "64", "--eval", "none", "--save", str(tmp_path / f"o{n}")])
+        shutil.rmtree(tmp_path / f"m{n}")
+    disk = sum(p.stat().st_size for p in (tmp_path / "o16").glob("*.safetensors"))
+    assert disk > 3 * sum(p.stat().st_size for p in (tmp_path / "o4").glob("*.safetensors"))
+    grown = peaks[16] - peaks[4]  # what holding the 12 more layers would add: 12 * layer_bytes
+    assert peaks[16] < 1.3 * peaks[4] and grown < 0.25 * 12 * layer_bytes / 2 ** 20, \
+        f"peak {peaks[4]:.0f} MiB with 4 layers, {peaks[16]:.0f} MiB with 16 (a layer is {layer_bytes / 2**20:.0f} MiB)"
