@@ -3,7 +3,9 @@ GPTQ-layout copy where the quantization allows one.
 
     python -c "import packing; m = packing.load_packed('DIR')"
 
-packed.safetensors holds, for every quantized linear P (e.g. model.layers.0.self_attn.q_proj):
+A packed save holds (in packed.safetensors, or, as the CLI writes it, in the shards
+packed-000KK-of-000NN.safetensors listed by packed.safetensors.index.json), for every
+quantized linear P (e.g. model.layers.0.self_attn.q_proj):
   P.codes  uint8   the integer codes, one little-endian bit stream per run, each run at its
                    own width (2..8) and starting on a byte boundary; value i of a stream
                    occupies bits [i*b, (i+1)*b), bit k of a byte is (byte >> k) & 1
@@ -19,7 +21,8 @@ packed.safetensors holds, for every quantized linear P (e.g. model.layers.0.self
                    order, ceil(log2 C(M, M-N)) bits each (3 bits per 4 weights at 2:4) (mode "nm")
 and every other tensor (embeddings, norms, biases, lm_head, unquantized linears) as it was.
 Codes are stored for the kept positions only ("bitmask"/"nm") or for all positions ("dense"),
-row-major within a run. The safetensors metadata key "packing" holds the JSON header
+row-major within a run. The safetensors metadata key "packing" (sharded: the index's metadata
+key "packing") holds the JSON header
 (per linear: shape, runs [start, end, bits] over permuted columns, mask mode, byte counts).
 Every byte of a linear is counted in advance by `linear_nbytes`, so the compression report's
 stored bits are the file's (`stored_bytes`). Format version 1 (fp32 scales, uint8 zeros of

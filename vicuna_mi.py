@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an earlier save of this tool in --save (files it did not write are never deleted)")
     p.add_argument("--save_format", default="fake", choices=["fake", "packed"],
                    help="fake: dense safetensors holding the dequantized weights (save_pretrained); packed: "
-                        "packed.safetensors with bit-packed codes, scales, zeros, permutation and sparsity mask "
+                        "packed-*.safetensors shards with bit-packed codes, scales, zeros, permutation and sparsity mask "
                         "(load with packing.load_packed), plus a GPTQ-layout copy in gptq/ where the "
                         "quantization is uniform, unpermuted and unpruned")
     p.add_argument("--plot", default=None, metavar="DIR",

@@ -15,7 +15,7 @@
     says which). Timing: CUDA graphs of one pass over enough copies of the weights that they
     do not fit in L2 (>= 256 MB per pass), CUDA events, warm-up, median of 15 replays.
 (2) Memory: GPU bytes of a packed model loaded with keep_packed=True against fp16, and of its
-    compressed linears against their stored bytes in packed.safetensors.
+    compressed linears against their stored bytes in the packed save.
 (3) Quality: perplexity (layerwise.perplexity, windows of --seqlen tokens of --eval) and greedy
     generation (64 tokens, three prompts) of the packed runtime against the dense decode
     (`packing.load_packed(DIR)`, bit for bit the fake save).
