@@ -473,7 +473,8 @@ def unpack_state(raw: dict[str, torch.Tensor], linears: dict, saved: torch.dtype
 def describe_disk(disk: dict) -> str:
     """One line for the log."""
     q = disk["quantized_linears"]
-    line = (f"{disk['file']} {disk['bytes'] / 2**20:.2f} MiB vs fp16 {disk['fp16_bytes'] / 2**20:.2f} MiB "
+    where = f"{disk['file']} ({disk['shards']} shards)" if disk.get("shards") else disk["file"]
+    line = (f"{where} {disk['bytes'] / 2**20:.2f} MiB vs fp16 {disk['fp16_bytes'] / 2**20:.2f} MiB "
             f"({disk['ratio_vs_fp16']:.2f}x smaller)")
     if q["params"]:
         line += (f"; quantized linears {q['bytes'] / 2**20:.2f} MiB vs {q['fp16_bytes'] / 2**20:.2f} MiB, "
