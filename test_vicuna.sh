@@ -13,7 +13,8 @@
 set -euo pipefail
 
 # Which GPUs to use. The tool spreads every layer's work over all GPUs it sees (numbered from
-# cuda:0) and keeps the model itself in CPU memory. Unset, it uses every GPU of the machine
+# cuda:0) and reads the model's layers from disk one at a time (safetensors checkpoints; add
+# --max_gpu_memory GIB for a small card). Unset, it uses every GPU of the machine
 # (or DEFAULT_GPUS at the top of vicuna_mi.py); pick free ones from `nvidia-smi`, e.g.
 # CUDA_VISIBLE_DEVICES=2,3 bash test_vicuna.sh
 
