@@ -149,3 +149,13 @@ def test_mse_clipping_lowers_the_solvers_error():
         res = solver.solve([W], [torch.arange(64)], [[3]], groupsize=16, mse=mse)[0]
         loss[mse] = float(((X @ (res.weight - W).t()) ** 2).sum())
     assert loss[True] < loss[False]
+
+
+def test_quality_rows_name_their_grid():
+    """bench/quality.py's rows keep the grid they were measured with whatever CompressConfig's
+    default: "_mse" rows and the stored-budget rows search the clipping range (except the one
+    named "_minmax"); every other row uses min-max grids."""
+    from bench.quality import ROWS
+    for name, row in ROWS.items():
+        mse = name.endswith("_mse") or ("stored" in name and not name.endswith("_minmax"))
+        assert CompressConfig(**row).clip == ("mse" if mse else "minmax"), name
