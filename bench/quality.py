@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -118,6 +119,16 @@ def second_text(spec: str | None) -> Path | None:
     return path
 
 
+def cpu_name() -> str:
+    """The processor's model name and how many cores this process may use, e.g. "AMD EPYC 2 cores"."""
+    name = platform.processor() or "cpu"
+    try:
+        name = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+
+
 def medians(results: list[dict]) -> list[dict]:
     """Per row: the median over seeds of each perplexity and of the bits."""
     out = []
@@ -201,7 +212,7 @@ def main() -> None:
     eval2 = second_text(args.eval2)
     tokens2 = get_eval_tokens(str(eval2), tok, args.seqlen) if eval2 else None
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     results = []
     windows_of: dict[int, list] = {}
     for name in names:  # row after row, every seed of a row together: a cut-short run keeps whole rows
