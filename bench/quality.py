@@ -5,6 +5,7 @@ pipeline code.
     python -m bench.quality MODEL CALIB.txt EVAL.txt [--eval2 pydoc] [--set stored] [--seeds 0 1 2]
     python -m bench.quality ... --rows NAME ...          # chosen rows (see ROWS)
     python -m bench.quality ... --device cuda:0,cuda:1   # the same rows spread over two GPUs
+    python -m bench.quality --merge A.json B.json --tag=-all  # runs made in pieces, as one file
 
 Protocol of the anchors: calibration = 128 windows of 2048 tokens from CALIB tokenized as one
 string (offsets from torch.Generator().manual_seed(seed)); evaluation = the first 128
@@ -133,7 +134,7 @@ def medians(results: list[dict]) -> list[dict]:
     """Per row: the median over seeds of each perplexity and of the bits."""
     out = []
     for name in dict.fromkeys(r["row"] for r in results):
-        rs = [r for r in results if r["row"] == name]
+        rs = sorted((r for r in results if r["row"] == name), key=lambda r: r["seed"])
         row = {"row": name, "seeds": [r["seed"] for r in rs]}
         for k in ("wiki_ppl", "eval2_ppl", "avg_bits", "effective_bits", "stored_bits", "sparsity"):
             vals = [r[k] for r in rs if r.get(k) is not None]
@@ -144,24 +145,50 @@ def medians(results: list[dict]) -> list[dict]:
     return out
 
 
-def write_results(args, device_name: str, results: list[dict]) -> Path:
-    """Results so far as JSON and a markdown table (rewritten after every row)."""
-    commit = versions().get("commit")
-    date = datetime.date.today().isoformat()
-    slug = device_name.replace(" ", "-").replace("/", "-")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"quality-{slug}-{date}{args.tag}"
-    meta = {"machine": device_name, "date": date, "commit": commit, "command": " ".join(sys.argv),
-            "versions": versions(), "devices": args.device, "model": args.model, "calibration": args.calib,
-            "eval": args.eval, "eval2": args.eval2,
+def run_meta(args, device_name: str) -> dict:
+    """What a results file says about the run that made it."""
+    return {"machine": device_name, "date": datetime.date.today().isoformat(), "commit": versions().get("commit"),
+            "command": " ".join(sys.argv), "versions": versions(), "devices": args.device, "model": args.model,
+            "calibration": args.calib, "eval": args.eval, "eval2": args.eval2,
             "protocol": {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows}}
+
+
+def merge_files(paths: list[str]) -> tuple[dict, list[dict]]:
+    """Rows of several results files (runs cut into pieces: seeds on several processes or calls)
+    as one: every row keeps its file's commit and command; the files must share the machine,
+    model, texts and protocol. The merged header lists the sources."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("machine", "model", "calibration", "eval", "eval2", "protocol")
+    for p, r in zip(paths[1:], runs[1:]):
+        diff = [k for k in same if r.get(k) != runs[0].get(k)]
+        if diff:
+            sys.exit(f"{p}: {', '.join(diff)} differ from {paths[0]}; only runs of one protocol merge")
+    rows = [{**row, "commit": row.get("commit", r["commit"]), "command": row.get("command", r["command"])}
+            for r in runs for row in r["rows"]]
+    commits = sorted({row["commit"] or "?" for row in rows})
+    meta = {**{k: runs[0].get(k) for k in same}, "date": max(r["date"] for r in runs), "commit": ", ".join(commits),
+            "command": "python -m bench.quality --merge " + " ".join(Path(p).name for p in paths),
+            "versions": runs[0].get("versions"), "devices": runs[0].get("devices"),
+            "sources": [{"file": Path(p).name, "commit": r["commit"], "command": r["command"]}
+                        for p, r in zip(paths, runs)]}
+    return meta, rows
+
+
+def write_results(meta: dict, results: list[dict], out_dir: str, tag: str) -> Path:
+    """Results so far as JSON and a markdown table (rewritten after every row)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = meta["machine"].replace(" ", "-").replace("/", "-")
+    stem = f"quality-{slug}-{meta['date']}{tag}"
+    device_name, date, commit = meta["machine"], meta["date"], meta["commit"]
     med = medians(results)
     (out / f"{stem}.json").write_text(json.dumps({**meta, "rows": results, "medians": med}, indent=1))
+    sources = [f"- {x['file']}: commit {x['commit']}, `{x['command']}`" for x in meta.get("sources", [])]
 
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
-    lines = [f"Machine {device_name}, {date}, commit {commit}, devices {args.device}", f"`{meta['command']}`", "",
+    lines = [f"Machine {device_name}, {date}, commit {commit}, devices {meta['devices']}", f"`{meta['command']}`", "",
+             *(["Merged from:", *sources, ""] if sources else []),
              "Medians over the seeds (each seed's value in brackets):", "",
              "| row | wiki ppl | eval2 ppl | stored bits | weight bits | effective bits | sparsity |",
              "|---|---|---|---|---|---|---|"]
@@ -170,19 +197,23 @@ def write_results(args, device_name: str, results: list[dict]) -> Path:
                      f"| {f(r['eval2_ppl'], '.2f')} ({', '.join(f'{v:.2f}' for v in r['eval2_ppl_all'])}) "
                      f"| {f(r['stored_bits'], '.3f')} | {f(r['avg_bits'], '.3f')} | {f(r['effective_bits'], '.3f')} "
                      f"| {f(r['sparsity'], '.3f')} |")
-    lines += ["", "Every run:", "", "| row | seed | wiki ppl | eval2 ppl | stored bits | weight bits | seconds |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Every run:", "", "| row | seed | wiki ppl | eval2 ppl | stored bits | weight bits | seconds |"
+              + (" commit |" if sources else ""), "|---|---|---|---|---|---|---|" + ("---|" if sources else "")]
     lines += [f"| {r['row']} | {r['seed']} | {r['wiki_ppl']:.2f} | {f(r.get('eval2_ppl'), '.2f')} | "
-              f"{r['stored_bits']:.3f} | {r['avg_bits']:.3f} | {r['seconds']:.1f} |" for r in results]
+              f"{r['stored_bits']:.3f} | {r['avg_bits']:.3f} | {r['seconds']:.1f} |"
+              + (f" {r.get('commit')} |" if sources else "") for r in results]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return out / stem
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model")
-    p.add_argument("calib")
-    p.add_argument("eval")
+    p.add_argument("model", nargs="?")
+    p.add_argument("calib", nargs="?")
+    p.add_argument("eval", nargs="?")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="combine results files of one protocol (e.g. seeds run as separate processes) into one "
+                        "file with medians, written to --out with --tag; nothing is run")
     p.add_argument("--eval2", default=None, help="a second evaluation text: a file, or `pydoc`")
     p.add_argument("--rows", nargs="+", default=None, help="row names: " + " ".join(ROWS))
     p.add_argument("--set", nargs="+", default=None, choices=list(SETS), help="named sets of rows: " +
@@ -196,6 +227,13 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the results file name")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration seeds (one row per seed)")
     args = p.parse_args()
+    if args.merge:
+        meta, rows = merge_files(args.merge)
+        stem = write_results(meta, rows, args.out, args.tag)
+        print(f"wrote {stem}.json/.md")
+        return
+    if not (args.model and args.calib and args.eval):
+        p.error("MODEL, CALIB and EVAL are required (or --merge)")
     names = list(args.rows or []) + [r for s in (args.set or []) for r in SETS[s]]
     names = list(dict.fromkeys(names or list(ROWS)))
     unknown = [r for r in names if r not in ROWS]
@@ -213,6 +251,7 @@ def main() -> None:
     tokens2 = get_eval_tokens(str(eval2), tok, args.seqlen) if eval2 else None
     original = {k: v.clone() for k, v in model.state_dict().items()}
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    meta = run_meta(args, device_name)
     results = []
     windows_of: dict[int, list] = {}
     for name in names:  # row after row, every seed of a row together: a cut-short run keeps whole rows
@@ -243,9 +282,9 @@ def main() -> None:
             results.append(row)
             print(f"{name:32s} seed {seed} ppl {ppl:9.3f}  eval2 {ppl2 or 0:9.3f}  stored {summary['stored_bits']:.3f}  "
                   f"bits {summary['avg_bits']:.3f}  sparsity {summary['sparsity']:.3f}  {secs:6.1f}s", flush=True)
-            write_results(args, device_name, results)
+            write_results(meta, results, args.out, args.tag)
 
-    stem = write_results(args, device_name, results)
+    stem = write_results(meta, results, args.out, args.tag)
     print(f"wrote {stem}.json/.md")
 
 

@@ -159,3 +159,34 @@ def test_quality_rows_name_their_grid():
     for name, row in ROWS.items():
         mse = name.endswith("_mse") or ("stored" in name and not name.endswith("_minmax"))
         assert CompressConfig(**row).clip == ("mse" if mse else "minmax"), name
+
+
+def test_quality_merge_keeps_each_rows_commit_and_takes_medians(tmp_path):
+    """bench/quality.py --merge: seeds run as separate processes become one file whose medians
+    are over all of them, each run keeping the commit it was measured at; runs of another
+    protocol are refused."""
+    import json
+    from pathlib import Path
+    from bench.quality import merge_files, write_results
+    head = dict(machine="GPU X", model="m.gguf", calibration="c4.txt", eval="wiki.txt", eval2="pydoc",
+                protocol={"nsamples": 128, "seqlen": 2048, "eval_windows": 128}, versions={}, devices="cuda:0")
+
+    def run(commit, seed, ppl, date="2026-11-30"):
+        row = dict(row="r", seed=seed, wiki_ppl=ppl, eval2_ppl=ppl / 2, avg_bits=3.0, effective_bits=3.1,
+                   stored_bits=3.15, sparsity=0.0, seconds=1.0)
+        path = tmp_path / f"{commit}-{seed}.json"
+        path.write_text(json.dumps({**head, "date": date, "commit": commit, "command": f"run {seed}", "rows": [row]}))
+        return str(path)
+    files = [run("bbb", 2, 30.0), run("aaa", 0, 10.0), run("aaa", 1, 50.0, "2026-11-29")]
+    meta, rows = merge_files(files)
+    assert [r["commit"] for r in rows] == ["bbb", "aaa", "aaa"]
+    assert meta["commit"] == "aaa, bbb" and meta["date"] == "2026-11-30" and len(meta["sources"]) == 3
+    stem = write_results(meta, rows, str(tmp_path / "out"), "-merged")
+    med = json.loads(stem.with_suffix(".json").read_text())["medians"][0]
+    assert med["wiki_ppl"] == 30.0 and med["wiki_ppl_all"] == [10.0, 50.0, 30.0]  # in seed order
+    assert "| r | 2 | 30.00 | 15.00 | 3.150 | 3.000 | 1.0 | bbb |" in stem.with_suffix(".md").read_text()
+    other = json.loads(Path(files[0]).read_text())
+    other["eval"] = "other.txt"
+    Path(files[0]).write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="eval differ"):
+        merge_files(files)
