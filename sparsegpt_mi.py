@@ -124,7 +124,8 @@ class LinearSolver:
         kernel (solver_kernel.py) instead of ~15 small launches per column. mse: each grid's
         range is searched for the least |w - q|^2.4 (quant.fit_grid) instead of min-max.
         spill: keep the damped Hessian in host memory, not on the device, while its inverse is
-        factored (one C x C buffer less at the peak; None: on CUDA where H is 1 GiB or more).
+        factored (one C x C buffer less at the peak; None: on CUDA where H is 256 MiB or more,
+        i.e. 8192 columns or more: a 7B down_proj's 11008).
         Nothing here changes the result: only where buffers live and when they are freed.
 
         A generator: it yields after each block of columns (its kernels queued, nothing waited
@@ -176,7 +177,7 @@ class LinearSolver:
         bounds = sorted(starts) + [C]
 
         if spill is None:
-            spill = dev.type == "cuda" and C * C * 4 >= 2 ** 30
+            spill = dev.type == "cuda" and C * C * 4 >= 2 ** 28
         box = [H]  # the factorization takes H over, so that it can free it early
         del H
         Hinv = yield from self._inverse_cholesky(box, percdamp, spill)

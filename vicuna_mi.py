@@ -24,6 +24,10 @@ import warnings
 from pathlib import Path
 
 DEFAULT_GPUS = None  # GPUs used when CUDA_VISIBLE_DEVICES is unset, e.g. "2,3" as the original; None: all
+# The solver's C x C buffers change size from one linear set to the next (4096, then 11008 columns
+# at 7B); with fixed segments the cached blocks fragment, and under --max_gpu_memory a 70B layer
+# failed with 5 GiB reserved but unusable. Growable segments avoid that (set before CUDA starts).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from config import CompressConfig, UsageError  # noqa: E402
 from model_io import check_save_target  # noqa: E402

@@ -31,7 +31,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as vicuna_mi.py, before CUDA starts
+import torch  # noqa: E402
 
 from bench import speed
 from compress import StageTimer
