@@ -286,9 +286,10 @@ class Shards:
     def name(self, k: int) -> str:
         return f"{self.stem}-{k + 1:05d}-of-{self.count:05d}.safetensors"
 
-    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-        save_file(tensors, str(self.folder / self.name(k)), metadata={"format": "pt"})
+    def write(self, k: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+        """Shard k holds `tensors` (on any device; floating ones cast to `dtype` where given),
+        written one tensor at a time (write_safetensors)."""
+        write_safetensors(self.folder / self.name(k), tensors, dtype, {"format": "pt"})
         self.weight_map.update({t: self.name(k) for t in tensors})
 
     def read(self, k: int) -> dict[str, torch.Tensor]:
@@ -347,17 +348,22 @@ class SaveWriter:
         prefix = self._prefix(i)
         reps = {prefix + n: r for n, r in (reports or {}).items()}
         self.reports.update(reps)
-        self._write(i, {prefix + k: _saved(v, self.save_dtype) for k, v in state.items()}, reps)
+        self._write(i, {prefix + k: v for k, v in state.items()}, reps)
         self.written.add(i)
 
     def _write(self, k: int, tensors: dict[str, torch.Tensor], reports: dict) -> None:
-        if self.packed is not None:
-            import packing
-            tensors, linears, fallback = packing.pack_state(tensors, reports, self.packed["nm"])
-            self.linears.update(linears)
-            self.fallback += fallback
-            for key, v in packing.tally(tensors, linears).items():
-                self.counts[key] = self.counts.get(key, 0) + v
+        """tensors: on any device, not yet in the save dtype. Dense saves go to the file one tensor
+        at a time (the host never holds the layer); packed saves pack the host copy."""
+        if self.packed is None:
+            self.shards.write(k, tensors, self.save_dtype)
+            return
+        import packing
+        tensors = {n: _saved(v, self.save_dtype) for n, v in tensors.items()}
+        tensors, linears, fallback = packing.pack_state(tensors, reports, self.packed["nm"])
+        self.linears.update(linears)
+        self.fallback += fallback
+        for key, v in packing.tally(tensors, linears).items():
+            self.counts[key] = self.counts.get(key, 0) + v
         self.shards.write(k, tensors)
 
     def read_layer(self, i: int) -> dict[str, torch.Tensor]:
@@ -382,7 +388,7 @@ class SaveWriter:
         if missing:
             raise RuntimeError(f"save: layers {missing[:5]} were never written")
         state, tied = packing.unique_state(model, skip=self.spec.layers + ".")
-        self._write(self.n_layers, {k: _saved(v, self.save_dtype) for k, v in state.items()}, {})
+        self._write(self.n_layers, dict(state), {})
         config = plain_config(model, self.save_dtype)
         if self.packed is None:
             self.shards.write_index()
@@ -445,11 +451,48 @@ class SaveWriter:
             shutil.rmtree(self.folder)
 
 
-def _saved(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                      metadata: dict[str, str] | None = None) -> None:
+    """A .safetensors file written one tensor at a time: each is brought to the host, cast
+    (floating tensors to `dtype`, on the CPU, as `_saved`) and written, then dropped, so the
+    host holds one tensor at most (safetensors' save_file holds the whole layer twice: the
+    tensors and their bytes). Tensors are laid out as save_file lays them out (by element
+    size, largest first, then by name); readers see the same file."""
+    def saved_dtype(t):
+        return dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+    names = sorted(tensors, key=lambda n: (-saved_dtype(tensors[n]).itemsize, n))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for n in names:
+        t = tensors[n]
+        dt = saved_dtype(t)
+        if dt not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{n}: {dt} cannot be stored in safetensors here")
+        size = t.numel() * dt.itemsize
+        header[n] = {"dtype": _SAFETENSORS_DTYPES[dt], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for n in names:
+            t = _saved(tensors[n], saved_dtype(tensors[n]), copy=False)
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t
+
+
+def _saved(t: torch.Tensor, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
     """t on the CPU as the save holds it: floating tensors in the save dtype (cast on the CPU,
-    as the whole-model save always did), contiguous, sharing no storage."""
+    as the whole-model save always did), contiguous, sharing no storage (copy=False: it may)."""
     t = t.detach().to("cpu")
-    return (t.to(dtype) if t.is_floating_point() else t).contiguous().clone()
+    t = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return t.clone() if copy else t
 
 
 def _remove_stale_partials(out: Path) -> None:

@@ -227,3 +227,32 @@ def test_host_memory_does_not_grow_with_the_number_of_layers(text_files, tmp_pat
     grown = peaks[16] - peaks[4]  # what holding the 12 more layers would add: 12 * layer_bytes
     assert peaks[16] < 1.3 * peaks[4] and grown < 0.25 * 12 * layer_bytes / 2 ** 20, \
         f"peak {peaks[4]:.0f} MiB with 4 layers, {peaks[16]:.0f} MiB with 16 (a layer is {layer_bytes / 2**20:.0f} MiB)"
+
+
+def test_safetensors_written_tensor_by_tensor_read_as_save_file_writes_them(tmp_path):
+    """streaming.write_safetensors (the dense save's writer: one tensor on the host at a time)
+    gives files that safetensors reads back exactly, with the metadata, for every dtype the
+    saves hold, 0-d and non-contiguous tensors, and the cast that `_saved` applies."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from streaming import _saved, write_safetensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w.f32": torch.randn(5, 7, generator=g), "b.bf16": torch.randn(3, generator=g).bfloat16(),
+               "t.f16": torch.randn(4, 6, generator=g).half().t(), "scalar": torch.tensor(2.5),
+               "mask": torch.rand(9, generator=g) > 0.5, "codes": torch.randint(0, 255, (3, 4), generator=g,
+                                                                               dtype=torch.uint8),
+               "perm": torch.randperm(11, generator=g).to(torch.int16), "i64": torch.arange(3)}
+    for dtype in (None, torch.float16):
+        ours, ref = tmp_path / f"ours-{dtype}.safetensors", tmp_path / f"ref-{dtype}.safetensors"
+        write_safetensors(ours, tensors, dtype, {"format": "pt"})
+        save_file({k: _saved(v, dtype) if dtype else v.contiguous() for k, v in tensors.items()}, str(ref),
+                  metadata={"format": "pt"})
+        with safe_open(str(ours), framework="pt") as a, safe_open(str(ref), framework="pt") as b:
+            assert a.metadata() == {"format": "pt"} and sorted(a.keys()) == sorted(b.keys())
+            for k in b.keys():
+                x, y = a.get_tensor(k), b.get_tensor(k)
+                assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), k
+        assert ours.stat().st_size <= ref.stat().st_size + 8 * len(tensors)
+        if dtype is not None:
+            with safe_open(str(ours), framework="pt") as a:
+                assert a.get_tensor("w.f32").dtype == torch.float16 and a.get_tensor("mask").dtype == torch.bool
