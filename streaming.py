@@ -71,8 +71,10 @@ class TensorFiles:
         except FileNotFoundError:
             return None
 
-    def read(self, names) -> dict[str, torch.Tensor]:
-        """CPU tensors by name, as stored (each file opened once per call)."""
+    def read(self, names, convert=None) -> dict[str, torch.Tensor]:
+        """Tensors by name, as stored on the CPU, or each passed through `convert` (e.g. cast and
+        moved to a GPU) as soon as it is read, so the host holds one of them at a time (each file
+        opened once per call)."""
         from safetensors import safe_open
         by_file: dict[Path, list[str]] = defaultdict(list)
         for n in names:
@@ -83,7 +85,7 @@ class TensorFiles:
         for path, keys in by_file.items():
             with safe_open(str(path), framework="pt") as f:
                 for k in keys:
-                    out[k] = f.get_tensor(k)
+                    out[k] = f.get_tensor(k) if convert is None else convert(f.get_tensor(k))
         return out
 
 
@@ -195,14 +197,16 @@ class LayerStore:
         layer = self.layers[i]
         if not self.streamed:
             return layer.to(dev)
+        def convert(v):
+            return (v.to(self.dtype) if v.is_floating_point() else v).to(dev)
         if self.writer is not None and i in self.writer.written:
-            state = self.writer.read_layer(i)
+            state = {k: convert(v) for k, v in self.writer.read_layer(i).items()}
         elif i in self.kept:
-            state = self.kept[i]
-        else:
+            state = {k: convert(v) for k, v in self.kept[i].items()}
+        else:  # from the checkpoint, tensor by tensor to the device
             prefix = f"{self.spec.layers}.{i}."
-            state = {k[len(prefix):]: v for k, v in self.files.read(prefix + k for k in layer.state_dict()).items()}
-        state = {k: (v.to(self.dtype) if v.is_floating_point() else v).to(dev) for k, v in state.items()}
+            state = {k[len(prefix):]: v for k, v in self.files.read((prefix + k for k in layer.state_dict()),
+                                                                      convert).items()}
         layer.load_state_dict(state, assign=True)
         left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
         if left:  # a non-persistent buffer inside the layer: its value is in no file
