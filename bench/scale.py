@@ -43,6 +43,7 @@ ROWS = [  # (shape, method, cap GiB or None), most important first
     ("70b", "mi_50_t4.0_k10", 22.0), ("70b", "mi_50_t4.0_k10", 16.0),
     ("7b", "mi_50_t4.0_k10", None), ("7b", "sparsegpt_50", None), ("7b", "mi_50_t4.0_k10", 4.0),
     ("70b", "sparsegpt_50", 22.0), ("70b", "sparsegpt_50", 16.0), ("7b", "sparsegpt_50", 4.0),
+    ("70b", "mi_50_t4.0_k10", 12.0),
 ]
 SMOKE_SHAPE = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2)
 PEAK = ("import sys, time, torch, vicuna_mi; t = time.perf_counter(); rc = vicuna_mi.main(sys.argv[1:]); "
@@ -205,6 +206,10 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=240.0, help="seconds after which no new row starts")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: check the code paths")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--tag", default="", help="suffix of the results file name")
+    p.add_argument("--rows", nargs="+", default=None, metavar="SHAPE:METHOD:CAP",
+                   help="only these layer rows, e.g. 70b:mi_50_t4.0_k10:16 (CAP - for none); default: all")
+    p.add_argument("--no_model", action="store_true", help="skip the whole-model row")
     args = p.parse_args()
     start = time.perf_counter()
     torch.set_grad_enabled(False)
@@ -219,9 +224,11 @@ def main() -> None:
         name = torch.cuda.get_device_name(dev).replace(" ", "-")
         rows_todo, nsamples, model_shape, seqlen = ROWS, args.nsamples, "7b", 2048
     meta, out = speed.run_meta(name, args.out)
-    stem = f"scale-{name}-{meta['date']}"
+    stem = f"scale-{name}-{meta['date']}{args.tag}"
+    if args.rows:
+        rows_todo = [(sh, m, None if c == "-" else float(c)) for sh, m, c in (r.split(":") for r in args.rows)]
     rows: list = []
-    model = None
+    model = {"skipped": "--no_model"} if args.no_model else None
     cost = {"70b": 16.0, "7b": 6.0, "smoke": 1.0}  # seconds a row takes, warm-up included (H200 estimates)
     model_cost = 25.0 + 4.5 * args.model_layers
     for shape, method, cap in rows_todo:
