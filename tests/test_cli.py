@@ -122,3 +122,18 @@ def test_help_lists_every_flag():
                  "--nsamples", "--seqlen", "--save", "--overwrite", "--eval", "--device", "--max_gpu_memory",
                  "--no_stream"):
         assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("argv, grouping", [
+    (["--wbits", "4", "--target_avg_bits", "3.5"], "mi_hessian"),
+    (["--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "4.0"], "mi"),
+    (["--prunen", "2", "--prunem", "4", "--wbits", "4", "--target_avg_bits", "3.0"], "mi"),
+    (["--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "4.0", "--grouping", "mi_hessian"], "mi_hessian"),
+    (["--wbits", "4", "--target_avg_bits", "3.5", "--grouping", "hessian_sim"], "hessian_sim"),
+])
+def test_default_grouping_follows_pruning(argv, grouping):
+    """--grouping left out: MI alone when pruning (it measured better there), MI x Hessian
+    otherwise; an explicit choice always wins."""
+    import vicuna_mi
+    args = vicuna_mi.build_parser().parse_args(["MODEL", "DATA", *argv])
+    assert vicuna_mi.config_from_args(args).grouping == grouping
