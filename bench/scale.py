@@ -45,6 +45,7 @@ ROWS = [  # (shape, method, cap GiB or None), most important first
     ("70b", "sparsegpt_50", 22.0), ("70b", "sparsegpt_50", 16.0), ("7b", "sparsegpt_50", 4.0),
     ("70b", "mi_50_t4.0_k10", 12.0),
 ]
+LAYER_S = {"7b": 4.5, "70b": 14.0, "smoke": 4.5}  # seconds per layer of the whole-model row, files included (H200)
 SMOKE_SHAPE = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2)
 PEAK = ("import sys, time, torch, vicuna_mi; t = time.perf_counter(); rc = vicuna_mi.main(sys.argv[1:]); "
         "print('WALL', time.perf_counter() - t); "
@@ -121,7 +122,7 @@ def build_model(folder: Path, layers: int, dev, shape: str) -> dict:
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(folder)
     make_tokenizer(folder)
-    return {"layers": layers, "bytes": shards.nbytes()}
+    return {"layers": layers, "shape": shape, "bytes": shards.nbytes()}
 
 
 def model_row(layers: int, dev, shape: str, nsamples: int, seqlen: int, work: Path) -> dict:
@@ -181,7 +182,7 @@ def write(out: Path, stem: str, meta: dict, rows: list, model: dict | None) -> N
                      " | ".join(f"{m.get(k, 0.0):.2f}" for k in ("forward+hessian", "mi", "clustering", "allocation",
                                                                   "solve", "forward outputs")) + " |")
     if model:
-        lines += ["", "Whole random model streamed from sharded safetensors (50% + MI 4.0, 10 groups, --no_checkpoint, "
+        lines += ["", f"Whole random {model['model'].get('shape', '7b') if 'model' in model else ''}-shaped model streamed from sharded safetensors (50% + MI 4.0, 10 groups, --no_checkpoint, "
                   "no evaluation), in a child process:", ""]
         if "skipped" in model:
             lines.append(f"skipped: {model['skipped']}")
@@ -210,6 +211,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=None, metavar="SHAPE:METHOD:CAP",
                    help="only these layer rows, e.g. 70b:mi_50_t4.0_k10:16 (CAP - for none); default: all")
     p.add_argument("--no_model", action="store_true", help="skip the whole-model row")
+    p.add_argument("--model_shape", default="7b", choices=["7b", "70b"], help="shape of the whole-model row's layers")
     args = p.parse_args()
     start = time.perf_counter()
     torch.set_grad_enabled(False)
@@ -222,7 +224,7 @@ def main() -> None:
         dev = torch.device("cuda:0")
         torch.backends.cuda.matmul.allow_tf32 = False
         name = torch.cuda.get_device_name(dev).replace(" ", "-")
-        rows_todo, nsamples, model_shape, seqlen = ROWS, args.nsamples, "7b", 2048
+        rows_todo, nsamples, model_shape, seqlen = ROWS, args.nsamples, args.model_shape, 2048
     meta, out = speed.run_meta(name, args.out)
     stem = f"scale-{name}-{meta['date']}{args.tag}"
     if args.rows:
@@ -230,10 +232,11 @@ def main() -> None:
     rows: list = []
     model = {"skipped": "--no_model"} if args.no_model else None
     cost = {"70b": 16.0, "7b": 6.0, "smoke": 1.0}  # seconds a row takes, warm-up included (H200 estimates)
-    model_cost = 25.0 + 4.5 * args.model_layers
+    per_layer = LAYER_S[model_shape]
+    model_cost = 25.0 + per_layer * args.model_layers
     for shape, method, cap in rows_todo:
         left = args.deadline - (time.perf_counter() - start)
-        if left < cost[shape] + (0 if model is not None else min(model_cost, 25.0 + 4.5 * 4)):
+        if left < cost[shape] + (0 if model is not None else min(model_cost, 25.0 + per_layer * 4)):
             continue
         try:
             r = speed.time_layer(shape, method, nsamples, seqlen, 1, [dev], cap, PeakTimer)
@@ -260,7 +263,7 @@ def main() -> None:
 
 def run_model(args, start: float, dev, shape: str, nsamples: int, seqlen: int) -> dict | None:
     left = args.deadline - (time.perf_counter() - start)
-    layers = min(args.model_layers, int((left - 25.0) / 4.5))
+    layers = min(args.model_layers, int((left - 25.0) / LAYER_S[shape]))
     if layers < 2:
         return {"skipped": f"{left:.0f} s left before the deadline"}
     if dev.type == "cuda":
