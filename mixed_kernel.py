@@ -283,11 +283,12 @@ def dequant_kernel(qw_ptr, tile_ptr, colrun_ptr, scale_ptr, zero_ptr, out_ptr, N
     k >= K (the last tile's padding) are not written."""
     t = tl.program_id(0)
     pn = tl.program_id(1)
-    meta = tile_ptr + t * 4
+    meta = tile_ptr + t * 5
     bits = tl.load(meta)
     W0 = tl.load(meta + 1)
     nt = tl.load(meta + 2)
     tb = tl.load(meta + 3)
+    one_run = tl.load(meta + 4)  # the tile's run if all its columns share one, else -1
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     if bits == 2:
@@ -305,13 +306,19 @@ def dequant_kernel(qw_ptr, tile_ptr, colrun_ptr, scale_ptr, zero_ptr, out_ptr, N
     else:
         q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 8, BLOCK_N)
     k = t * 32 + tl.arange(0, 32)
-    run = tl.load(colrun_ptr + k).to(tl.int64)  # (32,) row of scale/zero per column (padding: any run)
-    sz = run[:, None] * N + rows[None, :]  # (32, BLOCK_N): a tile holds one run or a few
+    if one_run >= 0:  # most tiles: one (BLOCK_N,) row of scales and zeros
+        sz1 = one_run.to(tl.int64) * N + rows
+        s1 = tl.broadcast_to(tl.load(scale_ptr + sz1, mask=rmask, other=0)[None, :], (32, BLOCK_N))
+        z = tl.broadcast_to(tl.load(zero_ptr + sz1, mask=rmask, other=0).to(tl.int32)[None, :], (32, BLOCK_N))
+    else:  # a tile where runs meet: each column's own run
+        run = tl.load(colrun_ptr + k).to(tl.int64)  # (32,) (padding columns: the last run)
+        sz = run[:, None] * N + rows[None, :]
+        s1 = tl.load(scale_ptr + sz, mask=rmask[None, :], other=0)
+        z = tl.load(zero_ptr + sz, mask=rmask[None, :], other=0).to(tl.int32)
     if SCALE_F16:
-        s = tl.load(scale_ptr + sz, mask=rmask[None, :], other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        s = s1.to(tl.float16, bitcast=True).to(tl.float32)
     else:
-        s = tl.load(scale_ptr + sz, mask=rmask[None, :], other=0).to(tl.float32, bitcast=True)
-    z = tl.load(zero_ptr + sz, mask=rmask[None, :], other=0).to(tl.int32)
+        s = s1.to(tl.float32, bitcast=True)
     w = s * (q - z).to(tl.float32)  # q - z is exact in fp32: one rounding, as in dequantize()
     if SAVED == 1:
         w = w.to(tl.float16).to(tl.float32)
@@ -363,23 +370,23 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tenso
                     scale_bits: torch.Tensor, zero: torch.Tensor, saved_dtype: torch.dtype, cfg: dict) -> torch.Tensor:
     """Decode the packed codes into out (N, K) (row stride free, columns contiguous) in kernel column
     order and out's dtype, bit for bit `MixedBitLinear.dequantize()[:, kcols[:K]]` when K is
-    in_features. tiles: (n_tiles, 4) int32 bits, W0, nt, tile in block; colrun: (n_tiles*32,) int32
+    in_features. tiles: (n_tiles, 5) int32 bits, W0, nt, tile in block, run or -1; colrun: (n_tiles*32,) int32
     run (scale/zero row) of each kernel column (`MixedBitLinear.dequant_meta`)."""
     N, K = out.shape
     if out.stride(1) != 1 or K > tiles.shape[0] * 32:
         raise ValueError(f"out {tuple(out.shape)} stride {out.stride()}: columns must be contiguous and within the tiles")
-    BN = cfg.get("BLOCK_N", 128)
+    BN = cfg.get("BLOCK_N", 32)
     grid = (triton.cdiv(K, 32), triton.cdiv(N, BN))
     dequant_kernel[grid](qweight, tiles, colrun, scale_bits, zero, out, N, K, out.stride(0),
                          BLOCK_N=BN, SCALE_F16=scale_bits.dtype == torch.int16, SAVED=_SAVED[saved_dtype],
-                         OUT_BF16=out.dtype == torch.bfloat16, num_warps=cfg.get("num_warps", 4))
+                         OUT_BF16=out.dtype == torch.bfloat16, num_warps=cfg.get("num_warps", 2))
     return out
 
 
 # from this many tokens on, a linear decodes its weight (dequant_kernel) and calls cuBLAS; below
 # it runs the fused kernel. A config with DENSE=True (TUNED, or a module's `tune`) picks the former.
 DENSE_MIN_TOKENS = 32
-DENSE = dict(DENSE=True, BLOCK_N=128, num_warps=4)
+DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 rows, 2-8 warps, on an H200
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
@@ -428,6 +435,14 @@ def _warm_one(item: tuple[dict, str]) -> None:
     cfg, dtype_name = item
     dev = torch.device("cuda")
     N = K = 1024  # multiples of 16, like every real shape: the same specialisation, the same binary
+    if cfg.get("DENSE"):  # the decode, for fp16 scales and a checkpoint saved in the same dtype
+        dtype = getattr(torch, dtype_name)
+        tiles = torch.tensor([[4, 0, K // 32, t, 0] for t in range(K // 32)], dtype=torch.int32, device=dev)
+        dequantize_into(torch.empty(N, K, dtype=dtype, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
+                        tiles, torch.zeros(K, dtype=torch.int32, device=dev), torch.zeros(1, N, dtype=torch.int16, device=dev),
+                        torch.zeros(1, N, dtype=torch.uint8, device=dev), dtype, cfg)
+        torch.cuda.synchronize()
+        return
     x = torch.randn(max(1, cfg["BLOCK_M"]), K, device=dev).to(getattr(torch, dtype_name))
     units = torch.tensor([[0, 32, 4, 0, 0, K // 32, 0, 0]], dtype=torch.int32, device=dev)
     launch(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),

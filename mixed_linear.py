@@ -145,9 +145,9 @@ class MixedBitLinear(torch.nn.Module):
         return self._units[key]
 
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `mixed_kernel.dequant_kernel`: (n_tiles, 4) int32 tiles (bits, W0, nt, tile index
-        in its block) and (n_tiles * 32,) int32 run (scale/zero row) of each kernel column; the
-        padding past in_features takes the last run."""
+        """For `mixed_kernel.dequant_kernel`: (n_tiles, 5) int32 tiles (bits, W0, nt, tile index
+        in its block, the tile's run if its 32 columns share one else -1) and (n_tiles * 32,) int32
+        run (scale/zero row) of each kernel column; the padding past in_features takes the last run."""
         key = (-2, device)
         if key not in self._units:
             tiles = [[b, W0, t1 - t0, t - t0] for t0, t1, b, W0 in self.blocks for t in range(t0, t1)]
@@ -155,6 +155,8 @@ class MixedBitLinear(torch.nn.Module):
             for s, e, _, j in self.kruns:
                 colrun[s:e] = j
             colrun[self.in_features:] = self.kruns[-1][3]
+            for t, c in zip(tiles, colrun.reshape(-1, TILE).tolist()):
+                t.append(c[0] if min(c) == max(c) else -1)
             self._units[key] = torch.tensor(tiles, dtype=torch.int32, device=device)
             self._units[(-3, device)] = colrun.to(device)
         return self._units[key], self._units[(-3, device)]
