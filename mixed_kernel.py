@@ -374,7 +374,7 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tenso
     run (scale/zero row) of each kernel column (`MixedBitLinear.dequant_meta`)."""
     N, K = out.shape
     if out.stride(1) != 1 or K > tiles.shape[0] * 32:
-        raise ValueError(f"out {tuple(out.shape)} stride {out.stride()}: columns must be contiguous and within the tiles")
+        raise ValueError(f"out {tuple(out.shape)} stride {out.stride()}: columns must be contiguous, within the tiles")
     BN = cfg.get("BLOCK_N", 32)
     grid = (triton.cdiv(K, 32), triton.cdiv(N, BN))
     dequant_kernel[grid](qweight, tiles, colrun, scale_bits, zero, out, N, K, out.stride(0),
@@ -438,9 +438,10 @@ def _warm_one(item: tuple[dict, str]) -> None:
     if cfg.get("DENSE"):  # the decode, for fp16 scales and a checkpoint saved in the same dtype
         dtype = getattr(torch, dtype_name)
         tiles = torch.tensor([[4, 0, K // 32, t, 0] for t in range(K // 32)], dtype=torch.int32, device=dev)
-        dequantize_into(torch.empty(N, K, dtype=dtype, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
-                        tiles, torch.zeros(K, dtype=torch.int32, device=dev), torch.zeros(1, N, dtype=torch.int16, device=dev),
-                        torch.zeros(1, N, dtype=torch.uint8, device=dev), dtype, cfg)
+        z = dict(device=dev)
+        dequantize_into(torch.empty(N, K, dtype=dtype, **z), torch.zeros(4 * K // 32, N, dtype=torch.int32, **z), tiles,
+                        torch.zeros(K, dtype=torch.int32, **z), torch.zeros(1, N, dtype=torch.int16, **z),
+                        torch.zeros(1, N, dtype=torch.uint8, **z), dtype, cfg)
         torch.cuda.synchronize()
         return
     x = torch.randn(max(1, cfg["BLOCK_M"]), K, device=dev).to(getattr(torch, dtype_name))
