@@ -31,10 +31,23 @@ adds it atomically into an fp32 workspace, and the last program of each output t
 per tile) adds the bias, writes the output in the input's dtype and zeroes the workspace and the
 counter for the next call. So one launch per linear.
 
-Status (bench/results/inference-NVIDIA-H200-2026-11-30.md): exact to the output rounding, but slow:
-0.38x of fp16 cuBLAS at one token on a 3.5-bit LLaMA-2-7B layer, 0.04x at 128 tokens. It is bound
-by latency, not bytes: each small program runs a serial chain of ~10 dependent memory round trips
-and nothing is software-pipelined. That file says what to change.
+Many tokens: from DENSE_MIN_TOKENS tokens (32) the forward does not run that kernel. `dequant_kernel`
+decodes the codes into a dense (out, in) weight in kernel column order and x's dtype
+(bit for bit `MixedBitLinear.dequantize()`, columns permuted), in one shared per-device buffer
+(`dense_workspace`, as large as the largest linear), and cuBLAS multiplies it with x gathered into
+kernel order once. One program per (tile of 32 kernel columns, BLOCK_N rows).
+
+Status (bench/results/inference-NVIDIA-H200-2026-11-30.md): the fused kernel is exact to the output
+rounding, but slow: 0.38x of fp16 cuBLAS at one token on a 3.5-bit LLaMA-2-7B layer, 0.16x at 16
+tokens, 0.04x at 128. It is bound by latency, not bytes: each small program runs a serial chain of
+~10 dependent memory round trips and nothing is software-pipelined. That file says what to change.
+The dense path (H200, 3.5 bits, `python -m bench.dense_path`; the 7B layer table in
+bench/results/inference-NVIDIA-H200-2026-11-30-dense.md): a whole LLaMA-2-7B layer at 128 tokens
+0.34x of fp16 cuBLAS (425 vs 143 us; the fused kernel 0.04x); per linear at 128 tokens 4096x4096
+41 us against fp16's 15, 11008x4096 84 against 28. The decode alone takes 20 and 50 us of that,
+about 2.5x what its bytes need at full bandwidth: it is what to speed up next. At 16 tokens the
+dense path was already faster than the fused kernel (38 vs 78 us for 4096x4096), so
+DENSE_MIN_TOKENS may belong lower; the full token sweep with it is not measured yet.
 """
 from __future__ import annotations
 
