@@ -31,10 +31,23 @@ adds it atomically into an fp32 workspace, and the last program of each output t
 per tile) adds the bias, writes the output in the input's dtype and zeroes the workspace and the
 counter for the next call. So one launch per linear.
 
-Status (bench/results/inference-NVIDIA-H200-2026-11-30.md): exact to the output rounding, but slow:
-0.38x of fp16 cuBLAS at one token on a 3.5-bit LLaMA-2-7B layer, 0.04x at 128 tokens. It is bound
-by latency, not bytes: each small program runs a serial chain of ~10 dependent memory round trips
-and nothing is software-pipelined. That file says what to change.
+Many tokens: from DENSE_MIN_TOKENS tokens (32) the forward does not run that kernel. `dequant_kernel`
+decodes the codes into a dense (out, in) weight in kernel column order and x's dtype
+(bit for bit `MixedBitLinear.dequantize()`, columns permuted), in one shared per-device buffer
+(`dense_workspace`, as large as the largest linear), and cuBLAS multiplies it with x gathered into
+kernel order once. One program per (tile of 32 kernel columns, BLOCK_N rows).
+
+Status (bench/results/inference-NVIDIA-H200-2026-11-30.md): the fused kernel is exact to the output
+rounding, but slow: 0.38x of fp16 cuBLAS at one token on a 3.5-bit LLaMA-2-7B layer, 0.16x at 16
+tokens, 0.04x at 128. It is bound by latency, not bytes: each small program runs a serial chain of
+~10 dependent memory round trips and nothing is software-pipelined. That file says what to change.
+The dense path (H200, 3.5 bits, `python -m bench.dense_path`; the 7B layer table in
+bench/results/inference-NVIDIA-H200-2026-11-30-dense.md): a whole LLaMA-2-7B layer at 128 tokens
+0.34x of fp16 cuBLAS (425 vs 143 us; the fused kernel 0.04x); per linear at 128 tokens 4096x4096
+41 us against fp16's 15, 11008x4096 84 against 28. The decode alone takes 20 and 50 us of that,
+about 2.5x what its bytes need at full bandwidth: it is what to speed up next. At 16 tokens the
+dense path was already faster than the fused kernel (38 vs 78 us for 4096x4096), so
+DENSE_MIN_TOKENS may belong lower; the full token sweep with it is not measured yet.
 """
 from __future__ import annotations
 
@@ -234,6 +247,102 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
         tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")  # ready for the next call
 
 
+# ---------------------------------------------------------------- dequantize (many tokens)
+@triton.jit
+def _plane_tile(qw_ptr, N, rows, rmask, base, PB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(32, BLOCK_N) codes of one plane for one tile whose words start at word row `base`, in
+    column order: column l = s*PB + w sits in word w at bit s*PB (`mixed_linear._pack_plane`).
+    Each word is loaded once, (PB, BLOCK_N), and its slots are taken apart in registers."""
+    PER: tl.constexpr = 32 // PB
+    w = tl.arange(0, PB)
+    words = tl.load(qw_ptr + (base + w)[:, None].to(tl.int64) * N + rows[None, :], mask=rmask[None, :], other=0)
+    sh = tl.arange(0, PER) * PB
+    codes = (words[None, :, :] >> sh[:, None, None]) & ((1 << PB) - 1)  # (slot, word, rows)
+    return tl.reshape(codes, (32, BLOCK_N))
+
+
+@triton.jit
+def _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(32, BLOCK_N) int32 codes of tile tb (block-relative) of a width-BITS block: the planes of
+    the module docstring, plane (pb bits, off code bits below it) at word rows W0 + off*nt + tb*pb."""
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: tl.constexpr = 4 if BITS >= 5 else 2
+    P2: tl.constexpr = 1 if BITS == 7 else 0
+    q = _plane_tile(qw_ptr, N, rows, rmask, W0 + tb * P0, P0, BLOCK_N)
+    if P1 > 0:
+        q |= _plane_tile(qw_ptr, N, rows, rmask, W0 + S1 * nt + tb * P1, P1, BLOCK_N) << S1
+    if P2 > 0:
+        q |= _plane_tile(qw_ptr, N, rows, rmask, W0 + 6 * nt + tb, P2, BLOCK_N) << 6
+    return q
+
+
+@triton.jit
+def _round_bf16(w):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32, so the cast that follows is
+    exact: done on the bits because Triton's interpreter truncates fp32 -> bf16 casts (the GPU's
+    rounds to nearest even), and the tests compare the decode bit for bit on the CPU."""
+    b = w.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dequant_kernel(qw_ptr, tile_ptr, colrun_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_o,
+                   BLOCK_N: tl.constexpr, SCALE_F16: tl.constexpr, SAVED: tl.constexpr, OUT_BF16: tl.constexpr):
+    """Grid (tiles of 32 kernel columns, row tiles). out[r, k] (kernel column order) =
+    fp32 scale[run(k), r] * (q[r, k] - zero[run(k), r]), rounded to the saved dtype (SAVED: 0 fp32,
+    1 fp16, 2 bf16) and then to out's dtype: `MixedBitLinear.dequantize`'s arithmetic. Columns
+    k >= K (the last tile's padding) are not written."""
+    t = tl.program_id(0)
+    pn = tl.program_id(1)
+    meta = tile_ptr + t * 5
+    bits = tl.load(meta)
+    W0 = tl.load(meta + 1)
+    nt = tl.load(meta + 2)
+    tb = tl.load(meta + 3)
+    one_run = tl.load(meta + 4)  # the tile's run if all its columns share one, else -1
+    rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    if bits == 2:
+        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 2, BLOCK_N)
+    elif bits == 3:
+        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 3, BLOCK_N)
+    elif bits == 4:
+        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 4, BLOCK_N)
+    elif bits == 5:
+        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 5, BLOCK_N)
+    elif bits == 6:
+        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 6, BLOCK_N)
+    elif bits == 7:
+        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 7, BLOCK_N)
+    else:
+        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 8, BLOCK_N)
+    k = t * 32 + tl.arange(0, 32)
+    if one_run >= 0:  # most tiles: one (BLOCK_N,) row of scales and zeros
+        sz1 = one_run.to(tl.int64) * N + rows
+        s1 = tl.broadcast_to(tl.load(scale_ptr + sz1, mask=rmask, other=0)[None, :], (32, BLOCK_N))
+        z = tl.broadcast_to(tl.load(zero_ptr + sz1, mask=rmask, other=0).to(tl.int32)[None, :], (32, BLOCK_N))
+    else:  # a tile where runs meet: each column's own run
+        run = tl.load(colrun_ptr + k).to(tl.int64)  # (32,) (padding columns: the last run)
+        sz = run[:, None] * N + rows[None, :]
+        s1 = tl.load(scale_ptr + sz, mask=rmask[None, :], other=0)
+        z = tl.load(zero_ptr + sz, mask=rmask[None, :], other=0).to(tl.int32)
+    if SCALE_F16:
+        s = s1.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        s = s1.to(tl.float32, bitcast=True)
+    w = s * (q - z).to(tl.float32)  # q - z is exact in fp32: one rounding, as in dequantize()
+    if SAVED == 1:
+        w = w.to(tl.float16).to(tl.float32)
+    elif SAVED == 2:
+        w = _round_bf16(w)
+    if OUT_BF16:
+        w = _round_bf16(w)
+    omask = (k < K)[:, None] & rmask[None, :]
+    tl.store(out_ptr + rows[None, :].to(tl.int64) * stride_o + k[:, None], w.to(out_ptr.dtype.element_ty), mask=omask)
+
+
 # ---------------------------------------------------------------- launch
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -252,17 +361,61 @@ def workspace(device: torch.device, n_out: int, n_tiles: int) -> tuple[torch.Ten
     return ws, cnt
 
 
+_DENSE: dict[torch.device, torch.Tensor] = {}
+
+
+def dense_workspace(device: torch.device, dtype: torch.dtype, N: int, K: int) -> torch.Tensor:
+    """A (N, K) `dtype` view of the device's shared buffer for one decoded weight (the dense path),
+    grown as needed: it ends as large as the largest linear run that way. The next linear's decode
+    overwrites it, so (as for `workspace`) linears on one device run one after another."""
+    nbytes = N * K * dtype.itemsize
+    buf = _DENSE.get(device)
+    if buf is None or buf.numel() < nbytes:
+        _DENSE.pop(device, None)  # the old buffer goes before the larger one comes
+        buf = _DENSE[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return buf[:nbytes].view(dtype).view(N, K)
+
+
+_SAVED = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tensor, colrun: torch.Tensor,
+                    scale_bits: torch.Tensor, zero: torch.Tensor, saved_dtype: torch.dtype, cfg: dict) -> torch.Tensor:
+    """Decode the packed codes into out (N, K) (row stride free, columns contiguous) in kernel column
+    order and out's dtype, bit for bit `MixedBitLinear.dequantize()[:, kcols[:K]]` when K is
+    in_features. tiles: (n_tiles, 5) int32 bits, W0, nt, tile in block, run or -1; colrun: (n_tiles*32,) int32
+    run (scale/zero row) of each kernel column (`MixedBitLinear.dequant_meta`)."""
+    N, K = out.shape
+    if out.stride(1) != 1 or K > tiles.shape[0] * 32:
+        raise ValueError(f"out {tuple(out.shape)} stride {out.stride()}: columns must be contiguous, within the tiles")
+    BN = cfg.get("BLOCK_N", 32)
+    grid = (triton.cdiv(K, 32), triton.cdiv(N, BN))
+    dequant_kernel[grid](qweight, tiles, colrun, scale_bits, zero, out, N, K, out.stride(0),
+                         BLOCK_N=BN, SCALE_F16=scale_bits.dtype == torch.int16, SAVED=_SAVED[saved_dtype],
+                         OUT_BF16=out.dtype == torch.bfloat16, num_warps=cfg.get("num_warps", 2))
+    return out
+
+
+# from this many tokens on, a linear decodes its weight (dequant_kernel) and calls cuBLAS; below
+# it runs the fused kernel. A config with DENSE=True (TUNED, or a module's `tune`) picks the former.
+DENSE_MIN_TOKENS = 32
+DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 rows, 2-8 warps, on an H200
+
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
-    """Block sizes for a call: BLOCK_M (tokens per program; 1 = CUDA-core path, one token per
+    """The path and block sizes for a call. From DENSE_MIN_TOKENS tokens (unless TUNED says
+    otherwise): DENSE=True, decode the weight then cuBLAS, with the decode's BLOCK_N and num_warps.
+    Else the fused kernel's BLOCK_M (tokens per program; 1 = CUDA-core path, one token per
     program), BLOCK_N (rows), BLOCK_K (columns per step), USE_DOT (tensor cores), GATHER (x read
     through kcols inside the kernel, else gathered first), unit_k (columns per unit), num_warps."""
     hit = TUNED.get((N, K, M, dtype))
     if hit is not None:
         return hit
+    if M >= DENSE_MIN_TOKENS:
+        return dict(DENSE)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)
     if M <= 32:
@@ -295,6 +448,15 @@ def _warm_one(item: tuple[dict, str]) -> None:
     cfg, dtype_name = item
     dev = torch.device("cuda")
     N = K = 1024  # multiples of 16, like every real shape: the same specialisation, the same binary
+    if cfg.get("DENSE"):  # the decode, for fp16 scales and a checkpoint saved in the same dtype
+        dtype = getattr(torch, dtype_name)
+        tiles = torch.tensor([[4, 0, K // 32, t, 0] for t in range(K // 32)], dtype=torch.int32, device=dev)
+        z = dict(device=dev)
+        dequantize_into(torch.empty(N, K, dtype=dtype, **z), torch.zeros(4 * K // 32, N, dtype=torch.int32, **z), tiles,
+                        torch.zeros(K, dtype=torch.int32, **z), torch.zeros(1, N, dtype=torch.int16, **z),
+                        torch.zeros(1, N, dtype=torch.uint8, **z), dtype, cfg)
+        torch.cuda.synchronize()
+        return
     x = torch.randn(max(1, cfg["BLOCK_M"]), K, device=dev).to(getattr(torch, dtype_name))
     units = torch.tensor([[0, 32, 4, 0, 0, K // 32, 0, 0]], dtype=torch.int32, device=dev)
     launch(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),

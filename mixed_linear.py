@@ -5,8 +5,10 @@ checkpoint, each run of input channels at its own width (2..8 bits), without a d
     model = packing.load_packed("DIR", dtype=torch.float16, device="cuda:0", keep_packed=True)
     model.generate(...)                                  # every compressed linear is a MixedBitLinear
 
-On CUDA the forward is one fused Triton kernel (`mixed_kernel.py`, which documents the device
-layout; it is exact to the output rounding but, as measured, slower than fp16 cuBLAS). On the CPU,
+On CUDA the forward is one fused Triton kernel below `mixed_kernel.DENSE_MIN_TOKENS` tokens
+(`mixed_kernel.py`, which documents the device layout; it is exact to the output rounding but, as
+measured, slower than fp16 cuBLAS), and from there `forward_dense`: the weight decoded by a Triton
+kernel into a shared buffer, then cuBLAS. On the CPU,
 and as the reference, it decodes the weight exactly as `packing.load_packed`'s
 dense path does (fp32 `scale * (q - zero)`, cast to the saved dtype, then to `dtype`) and calls
 `torch.nn.functional.linear`, so its output equals the dense model's bit for bit.
@@ -144,6 +146,23 @@ class MixedBitLinear(torch.nn.Module):
             self._units[key] = self.kcols.to(device=device, dtype=torch.int32)
         return self._units[key]
 
+    def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `mixed_kernel.dequant_kernel`: (n_tiles, 5) int32 tiles (bits, W0, nt, tile index
+        in its block, the tile's run if its 32 columns share one else -1) and (n_tiles * 32,) int32
+        run (scale/zero row) of each kernel column; the padding past in_features takes the last run."""
+        key = (-2, device)
+        if key not in self._units:
+            tiles = [[b, W0, t1 - t0, t - t0] for t0, t1, b, W0 in self.blocks for t in range(t0, t1)]
+            colrun = torch.empty(len(tiles) * TILE, dtype=torch.int32)
+            for s, e, _, j in self.kruns:
+                colrun[s:e] = j
+            colrun[self.in_features:] = self.kruns[-1][3]
+            for t, c in zip(tiles, colrun.reshape(-1, TILE).tolist()):
+                t.append(c[0] if min(c) == max(c) else -1)
+            self._units[key] = torch.tensor(tiles, dtype=torch.int32, device=device)
+            self._units[(-3, device)] = colrun.to(device)
+        return self._units[key], self._units[(-3, device)]
+
     # ------------------------------------------------------------ decoding (reference)
     def codes_kernel_order(self) -> torch.Tensor:
         """(out, Cp) int32 codes in kernel column order, decoded from the packed words."""
@@ -189,11 +208,26 @@ class MixedBitLinear(torch.nn.Module):
             x2 = x2.contiguous()
         M = x2.shape[0]
         cfg = self.tune or mixed_kernel.pick_config(M, self.out_features, self.in_features, x.dtype)
+        if cfg.get("DENSE"):
+            return self.forward_dense(x2, cfg).reshape(*shape[:-1], self.out_features)
         xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols32(x.device))
         bias = None if self.bias is None else self.bias
         out = mixed_kernel.launch(x2, self.kcols, self.qweight, self.units(cfg["unit_k"], x.device),
                                   self.scale_bits, self.zero, bias, self.out_features, cfg, xg)
         return out.reshape(*shape[:-1], self.out_features)
+
+    def forward_dense(self, x: torch.Tensor, cfg: dict | None = None) -> torch.Tensor:
+        """The many-token path: x (M, in) gathered into kernel column order once, the weight decoded
+        by `mixed_kernel.dequant_kernel` into the device's shared (out, in) buffer in x's dtype
+        (bit for bit `dequantize(x.dtype)` with its columns in kernel order), then cuBLAS."""
+        import mixed_kernel
+        K, dev = self.in_features, x.device
+        xg = x.index_select(1, self.kcols32(dev)[:K])  # (M, K) kernel order; padding columns never used
+        tiles, colrun = self.dequant_meta(dev)
+        Wk = mixed_kernel.dense_workspace(dev, x.dtype, self.out_features, K)
+        mixed_kernel.dequantize_into(Wk, self.qweight, tiles, colrun, self.scale_bits, self.zero, self.saved_dtype,
+                                     cfg or mixed_kernel.DENSE)
+        return F.linear(xg, Wk, None if self.bias is None else self.bias.to(x.dtype))
 
     # ------------------------------------------------------------ reporting
     def packed_bytes(self) -> int:

@@ -1,18 +1,23 @@
 """Inference from packed checkpoints (mixed_linear.MixedBitLinear and its Triton kernel) against fp16.
 
     python -m bench.inference --parts warm kernels                             # (1) on a CUDA GPU
+    python -m bench.inference --parts kernels --models llama2-7b --settings 3.5 --tokens 16 32 128   # a short (1)
     python -m bench.inference --parts model --packed DIR --eval wiki.txt       # (2) and (3)
     python -m bench.inference --parts warm kernels model --packed DIR --eval wiki.txt
 
 (1) Kernels: per-linear and per-layer (the 7 linears) time of MixedBitLinear against fp16
     F.linear (cuBLAS) on LLaMA-2-7B (4096/11008) and 70B (8192/28672, k/v 1024 rows) shapes at
-    1, 4, 16 and 128 tokens, at 3.0, 3.5 and 4.0 stored bits and at 4.0 bits + 50% sparsity.
+    1, 4, 16 and 128 tokens (--tokens), at 3.0, 3.5 and 4.0 stored bits and at 4.0 bits + 50% sparsity.
+    Each call times the module as the forward runs it: below mixed_kernel.DENSE_MIN_TOKENS tokens
+    the fused kernel, from there on the dense path (dequant_kernel into a buffer, then cuBLAS);
+    the tables say which ran.
     Synthetic linears: 10 channel clusters of random sizes (0.5-1.5x the mean) in a random
     permutation; widths per target as an allocation spreads them (3.0: 2,2,2,3,3,3,3,4,4,4;
     3.5: 2,2,3,3,3,4,4,4,5,5; 4.0: 2,3,3,4,4,4,4,5,5,6), assigned to clusters so that the
-    average is closest to the target; random codes, scales and zero points. Each kernel
+    average is closest to the target; random codes, scales and zero points. The fused kernel's
     configuration is picked per shape and token count by timing a few candidates (the table
-    says which). Timing: CUDA graphs of one pass over enough copies of the weights that they
+    says which); the dense path takes pick_config's. Timing: CUDA graphs of one pass over
+    enough copies of the weights that they
     do not fit in L2 (>= 256 MB per pass), CUDA events, warm-up, median of 15 replays.
 (2) Memory: GPU bytes of a packed model loaded with keep_packed=True against fp16, and of its
     compressed linears against their stored bytes in the packed save.
@@ -152,17 +157,22 @@ def cfg_name(c: dict) -> str:
     return f"{kind} n{c['BLOCK_N']} k{c['BLOCK_K']} w{c['num_warps']} u{c['unit_k']}{'' if c['GATHER'] else ' pregather'}"
 
 
-def bench_kernels(dev, log) -> dict:
-    out: dict = {"settings": {}, "tuned": {}}
+def path_name(c: dict) -> str:
+    return "dense" if c.get("DENSE") else "fused"
+
+
+def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list[int]) -> dict:
+    out: dict = {"settings": {}, "tuned": {}, "dense_min_tokens": mixed_kernel.DENSE_MIN_TOKENS}
     dt = torch.float16
-    for model, shapes in SHAPES.items():
+    for model in models:
+        shapes = SHAPES[model]
         # fp16 baseline: random dense weights, copies so that a pass streams from HBM
         dense_layer_bytes = sum(2 * r * c for r, c in shapes.values())
         n_layers = copies_for(dense_layer_bytes)
         dense = [{n: torch.randn(r, c, device=dev, dtype=dt) * 0.02 for n, (r, c) in shapes.items()}
                  for _ in range(n_layers)]
         base: dict = {}
-        for M in TOKENS:
+        for M in tokens:
             xs = {n: torch.randn(M, c, device=dev, dtype=dt) for n, (r, c) in shapes.items()}
             row = {}
             for n in LINEARS:
@@ -176,7 +186,8 @@ def bench_kernels(dev, log) -> dict:
             log(f"{model} fp16 M={M}: layer {row['layer_seq'] * 1e6:.1f} us")
         del dense
         out.setdefault("fp16", {})[model] = base
-        for setting, (target, sparsity) in SETTINGS.items():
+        for setting in settings:
+            target, sparsity = SETTINGS[setting]
             mods = {}
             for i, (n, (r, c)) in enumerate(shapes.items()):
                 parts = synthetic_parts(r, c, target, sparsity, seed=i, device=dev)
@@ -190,13 +201,14 @@ def bench_kernels(dev, log) -> dict:
             copies = {n: [m] + [copy.deepcopy(m) for _ in range(copies_for(m.packed_bytes()) - 1)]
                       for n, (m, _) in mods.items()}
             n_layers = copies_for(layer_bytes)
-            for M in TOKENS:
+            for M in tokens:
                 xs = {n: torch.randn(M, c, device=dev, dtype=dt) for n, (r, c) in shapes.items()}
                 row = {}
                 for n in LINEARS:
                     r, c = shapes[n]
                     key = (r, c, M, dt)
-                    if key not in mixed_kernel.TUNED:  # tune once per shape and token count (first setting)
+                    # tune the fused kernel once per shape and token count (first setting), where it runs
+                    if key not in mixed_kernel.TUNED and not mixed_kernel.pick_config(M, r, c, dt).get("DENSE"):
                         trials = []
                         for cand in candidates(M):
                             for m in copies[n]:
@@ -209,23 +221,30 @@ def bench_kernels(dev, log) -> dict:
                             cfg_name(cand): round(t * 1e6, 2) for t, cand in trials}}
                     for m in copies[n]:
                         m.tune = None  # pick_config reads TUNED
+                    cfg = mixed_kernel.pick_config(M, r, c, dt)  # what the forward runs
+                    if cfg.get("DENSE"):
+                        out["tuned"][f"{r}x{c} M={M}"] = {"config": f"dense: dequant n{cfg['BLOCK_N']} "
+                                                                    f"w{cfg['num_warps']} + cuBLAS"}
                     t = graph_time([lambda m=m, x=xs[n]: m(x) for m in copies[n]]) / len(copies[n])
                     y = mods[n][0](xs[n])  # a correctness spot check against the dequantized weight
                     ref = F.linear(xs[n].float(), mods[n][0].dequantize(torch.float32))
                     err = float((y.float() - ref).norm() / ref.norm())
                     row[n] = {"us": t * 1e6, "fp16_us": base[M][n] * 1e6, "speedup": base[M][n] / t,
-                              "GBps": res["bytes"][n] / t / 1e9, "rel_err": err}
+                              "GBps": res["bytes"][n] / t / 1e9, "rel_err": err, "path": path_name(cfg)}
                 layer_copies = [{n: copies[n][i % len(copies[n])] for n in LINEARS} for i in range(n_layers)]
                 tseq = graph_time([lambda layer=layer, n=n, x=xs[n]: layer[n](x)
                                    for layer in layer_copies for n in LINEARS]) / n_layers
                 tsum = sum(row[n]["us"] for n in LINEARS)
                 fsum = sum(base[M][n] for n in LINEARS) * 1e6
-                row["layer"] = {"sum_us": tsum, "fp16_sum_us": fsum, "speedup_sum": fsum / tsum,
+                paths = sorted({row[n]["path"] for n in LINEARS})
+                row["layer"] = {"path": "+".join(paths),
+                                "sum_us": tsum, "fp16_sum_us": fsum, "speedup_sum": fsum / tsum,
                                 "seq_us": tseq * 1e6, "fp16_seq_us": base[M]["layer_seq"] * 1e6,
                                 "speedup_seq": base[M]["layer_seq"] / tseq,
                                 "GBps_seq": layer_bytes / tseq / 1e9}
                 res["tokens"][M] = row
-                log(f"{model} {setting} M={M}: layer {tseq * 1e6:.1f} us vs fp16 {base[M]['layer_seq'] * 1e6:.1f} "
+                log(f"{model} {setting} M={M} ({row['layer']['path']}): layer {tseq * 1e6:.1f} us vs fp16 "
+                    f"{base[M]['layer_seq'] * 1e6:.1f} "
                     f"({row['layer']['speedup_seq']:.2f}x; sum of linears {row['layer']['speedup_sum']:.2f}x), "
                     f"max rel err {max(row[n]['rel_err'] for n in LINEARS):.1e}")
             out["settings"].setdefault(model, {})[setting] = res
@@ -360,33 +379,43 @@ def markdown(res: dict) -> str:
         for settings in k["settings"].values():
             for r in settings.values():
                 r["tokens"] = _int_keys(r["tokens"])
+        toks = sorted(next(iter(next(iter(k["settings"].values())).values()))["tokens"])
+
+        def path(r: dict, m: int) -> str:  # runs before the dense path have no "path": fused
+            return r["tokens"][m]["layer"].get("path", "fused")
+        paths = {m: sorted({path(r, m) for st in k["settings"].values() for r in st.values()}) for m in toks}
         L += ["## Per layer (the 7 linears back to back, CUDA graph): speed-up over fp16 cuBLAS (packed vs fp16 us)",
-              "", "| model | stored bits | " + " | ".join(f"{m} tok" for m in TOKENS) + " | packed GB/s, 1 tok |",
-              "|---|---|" + "---|" * (len(TOKENS) + 1)]
+              "", "What ran, per token count (fused: the fused kernel; dense: dequant_kernel into a buffer, then "
+              "cuBLAS): " + ", ".join(f"{m} tok {'/'.join(p)}" for m, p in paths.items()), "",
+              "| model | stored bits | " + " | ".join(f"{m} tok" for m in toks) + f" | packed GB/s, {toks[0]} tok |",
+              "|---|---|" + "---|" * (len(toks) + 1)]
         for model, settings in k["settings"].items():
             for setting, r in settings.items():
                 bits = sum(r["avg_bits"][n] * r["fp16_bytes"][n] for n in LINEARS) / sum(r["fp16_bytes"].values())
                 gpu_bits = 16 * sum(r["bytes"].values()) / sum(r["fp16_bytes"].values())
                 cells = [f"{r['tokens'][m]['layer']['speedup_seq']:.2f}x ({r['tokens'][m]['layer']['seq_us']:.0f} vs "
-                         f"{r['tokens'][m]['layer']['fp16_seq_us']:.0f})" for m in TOKENS]
+                         f"{r['tokens'][m]['layer']['fp16_seq_us']:.0f}, {path(r, m)})" for m in toks]
                 L.append(f"| {model} | {setting} ({bits:.2f} weight bits, {gpu_bits:.2f} on GPU) | " + " | ".join(cells)
-                         + f" | {r['tokens'][1]['layer']['GBps_seq']:.0f} |")
+                         + f" | {r['tokens'][toks[0]]['layer']['GBps_seq']:.0f} |")
         L += ["", "Sum of the 7 per-linear medians, fp16 / packed:", "",
-              "| model | setting | " + " | ".join(f"{m} tok" for m in TOKENS) + " |", "|---|---|" + "---|" * len(TOKENS)]
+              "| model | setting | " + " | ".join(f"{m} tok" for m in toks) + " |", "|---|---|" + "---|" * len(toks)]
         for model, settings in k["settings"].items():
             for setting, r in settings.items():
                 L.append(f"| {model} | {setting} | " + " | ".join(
-                    f"{r['tokens'][m]['layer']['speedup_sum']:.2f}x" for m in TOKENS) + " |")
+                    f"{r['tokens'][m]['layer']['speedup_sum']:.2f}x" for m in toks) + " |")
         for model, settings in k["settings"].items():
-            r = settings["3.5"]
-            L += ["", f"### {model}, 3.5 bits: per linear, us (packed / fp16, speed-up, packed GB/s)", "",
-                  "| linear | shape | " + " | ".join(f"{m} tok" for m in TOKENS) + " |", "|---|---|" + "---|" * len(TOKENS)]
+            setting = "3.5" if "3.5" in settings else next(iter(settings))
+            r = settings[setting]
+            L += ["", f"### {model}, {setting} bits: per linear, us (packed / fp16, speed-up, packed GB/s, path)", "",
+                  "| linear | shape | " + " | ".join(f"{m} tok" for m in toks) + " |", "|---|---|" + "---|" * len(toks)]
             for n in LINEARS:
                 shp = "x".join(map(str, SHAPES[model][n]))
                 L.append(f"| {n} | {shp} | " + " | ".join(
                     f"{r['tokens'][m][n]['us']:.1f} / {r['tokens'][m][n]['fp16_us']:.1f}, "
-                    f"{r['tokens'][m][n]['speedup']:.2f}x, {r['tokens'][m][n]['GBps']:.0f}" for m in TOKENS) + " |")
-        L += ["", "Kernel configuration chosen per shape and token count (candidates timed):", ""]
+                    f"{r['tokens'][m][n]['speedup']:.2f}x, {r['tokens'][m][n]['GBps']:.0f}, "
+                    f"{r['tokens'][m][n].get('path', 'fused')}" for m in toks) + " |")
+        L += ["", "Configuration per shape and token count (fused: the best of the candidates timed; dense: "
+                  "pick_config's):", ""]
         L += [f"- {key}: {v['config']}" for key, v in k["tuned"].items()]
     m = res.get("model")
     if m:
@@ -424,6 +453,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="(1): layer shapes")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="(1): stored bits")
+    ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS), help="(1): token counts")
     ap.add_argument("--merge", help="a JSON of an earlier run whose parts are kept")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--tag", default="")
@@ -447,15 +479,16 @@ def main() -> None:
                                          "python": platform.python_version()})
     if "warm" in args.parts:  # compile every configuration used below and by tests_gpu, in parallel
         t0 = time.perf_counter()
-        configs = [(c, torch.float16) for M in TOKENS for c in candidates(M)]
-        configs += [(mixed_kernel.pick_config(M, 1024, 1024, d), d) for M in TOKENS
+        fused = [M for M in args.tokens if not mixed_kernel.pick_config(M, 1024, 1024, torch.float16).get("DENSE")]
+        configs = [(c, torch.float16) for M in fused for c in candidates(M)]
+        configs += [(mixed_kernel.pick_config(M, 1024, 1024, d), d) for M in set(args.tokens) | set(TOKENS) | {32}
                     for d in (torch.float16, torch.bfloat16, torch.float32)]
         mixed_kernel.warm_up(configs, processes=args.compile_processes)
         log(f"compiled the kernel configurations in {time.perf_counter() - t0:.1f} s")
         if args.parts == ["warm"]:
             return
     if "kernels" in args.parts:
-        res["kernels"] = bench_kernels(dev, log)
+        res["kernels"] = bench_kernels(dev, log, args.models, args.settings, sorted(args.tokens))
     if "model" in args.parts:
         res["model"] = bench_model(args, dev, log)
     out = Path(args.out)

@@ -221,7 +221,7 @@ def test_load_packed_keep_packed_equals_dense(tmp_path, model_type, saved, prune
 
 
 # ---------------------------------------------------------------- the Triton kernel, interpreted on the CPU
-INTERPRET_SCRIPT = r"""
+INTERPRET_PRELUDE = r"""
 import numpy as np, torch, packing, mixed_kernel
 from triton.runtime import interpreter
 from mixed_linear import MixedBitLinear
@@ -244,7 +244,9 @@ B = interpreter.InterpreterBuilder
 B.create_masked_load = checked(B.create_masked_load, 0, 1)
 B.create_masked_store = checked(B.create_masked_store, 0, 2)
 B.create_atomic_rmw = checked(B.create_atomic_rmw, 1, 3)
+"""
 
+INTERPRET_SCRIPT = INTERPRET_PRELUDE + r"""
 FMA = dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=64, USE_DOT=False)  # one token per program, 2 tiles a step
 DOT = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, USE_DOT=True)
 RUNS = {0: [(1, torch.float32, dict(FMA, unit_k=32), True), (5, torch.float16, dict(DOT, unit_k=64), True)],
@@ -282,12 +284,85 @@ print("ok")
 """
 
 
-def test_kernel_under_triton_interpreter():
+def run_interpreted(script: str) -> None:
+    """Run `script` in a subprocess under Triton's interpreter; it must print "ok" last."""
     pytest.importorskip("triton")
     import numpy as np
     if tuple(int(v) for v in np.__version__.split(".")[:2]) >= (2, 4):
         pytest.skip("Triton 3.6's interpreter needs numpy < 2.4 (int() of a 1-element array)")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", INTERPRET_SCRIPT], cwd=REPO, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_kernel_under_triton_interpreter():
+    run_interpreted(INTERPRET_SCRIPT)
+
+
+DEQUANT_SCRIPT = INTERPRET_PRELUDE + r"""
+# (case, saved dtype, module dtype, x dtype, BLOCK_N): every width 2..8 in one module or another,
+# unstructured and 2:4 pruning, GQA-like non-square shapes, row counts that BLOCK_N does not divide
+# (24, 40), an in_features not a multiple of 32 (80, 200, 37), x in another dtype than the module
+RUNS = [(0, torch.float32, torch.float32, torch.float32, 16), (0, torch.bfloat16, torch.bfloat16, torch.bfloat16, 64),
+        (1, torch.float16, torch.float16, torch.float16, 16), (2, torch.float32, torch.bfloat16, torch.bfloat16, 32),
+        (3, torch.float16, torch.float32, torch.float32, 16), (4, torch.bfloat16, torch.bfloat16, torch.float32, 16),
+        (4, torch.float32, torch.float16, torch.float16, 64), (5, torch.float16, torch.float16, torch.bfloat16, 16)]
+assert {3, 5, 6, 7, 8} <= {b for case, *_ in RUNS for b in t.CASES[case][2]}
+assert {"50%", "2:4", None} == {t.CASES[case][3] for case, *_ in RUNS}
+for case, saved, dtype, xdtype, BN in RUNS:
+    R, C, widths, prune = t.CASES[case]
+    W, (tensors, info) = t.packed_linear(R, C, widths, prune, saved, seed=case + 20)
+    bias = torch.randn(R).to(dtype)
+    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=bias, dtype=dtype, device="cpu",
+                                  saved_dtype=saved)
+    tiles, colrun = m.dequant_meta(torch.device("cpu"))
+    Kp = tiles.shape[0] * 32
+    # decode into a wider buffer (row stride Kp): columns past in_features must stay untouched
+    buf = torch.full((R, Kp), float("nan"), dtype=xdtype)
+    out = buf[:, :C]
+    BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
+                  for b in (m.qweight, tiles, colrun, m.scale_bits, m.zero, buf)]
+    mixed_kernel.dequantize_into(out, m.qweight, tiles, colrun, m.scale_bits, m.zero, m.saved_dtype,
+                                 dict(BLOCK_N=BN, num_warps=4))
+    ref = m.dequantize(xdtype)[:, m.kcols[:C].long()]
+    assert t.bits_equal(out, ref), (case, saved, dtype, xdtype, int((out != ref).sum()))
+    assert bool(buf[:, C:].isnan().all())
+    # the forward's dense path: x gathered into kernel order, the decode, F.linear with the bias
+    x = torch.randn(33, C).to(xdtype)
+    mixed_kernel.dense_workspace(x.device, xdtype, R, C)  # grown here, so its address is known
+    ws = mixed_kernel._DENSE[x.device]
+    BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
+                  for b in (m.qweight, tiles, colrun, m.scale_bits, m.zero, ws)]
+    y = m.forward_dense(x, dict(BLOCK_N=BN, num_warps=4))
+    assert mixed_kernel._DENSE[x.device] is ws  # reused, not reallocated
+    assert y.dtype == xdtype and y.shape == (33, R)
+    assert t.bits_equal(mixed_kernel.dense_workspace(x.device, xdtype, R, C), ref)  # the decode it used
+    ref_y = torch.nn.functional.linear(x.double(), m.dequantize(xdtype).double(), bias.to(xdtype).double())
+    err = float((y.double() - ref_y).abs().max() / ref_y.abs().max())
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[xdtype]  # the output rounding
+    assert err < tol, (case, xdtype, err)
+print("ok")
+"""
+
+
+def test_dequant_kernel_under_triton_interpreter():
+    """dequant_kernel decodes bit for bit what `dequantize()` builds (in kernel column order), for
+    every width, saved dtype and output dtype; the dense forward path equals F.linear with it."""
+    run_interpreted(DEQUANT_SCRIPT)
+
+
+def test_pick_config_switches_to_the_dense_path():
+    pytest.importorskip("triton")
+    import mixed_kernel
+    N, K = 4096, 4096
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert not mixed_kernel.pick_config(mixed_kernel.DENSE_MIN_TOKENS - 1, N, K, dtype).get("DENSE")
+        assert mixed_kernel.pick_config(mixed_kernel.DENSE_MIN_TOKENS, N, K, dtype)["DENSE"]
+        assert mixed_kernel.pick_config(300, N, K, dtype)["DENSE"]
+    fused = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
+    mixed_kernel.TUNED[(N, K, 128, torch.float16)] = fused  # a tuning sweep may keep the fused kernel
+    try:
+        assert mixed_kernel.pick_config(128, N, K, torch.float16) is fused
+    finally:
+        del mixed_kernel.TUNED[(N, K, 128, torch.float16)]

@@ -1,6 +1,7 @@
-"""The fused mixed-width kernel (mixed_kernel.py) against the PyTorch path of MixedBitLinear and
-an exact float64 reference, on CUDA: mixed widths 2..8, unstructured and 2:4 sparsity, GQA shapes,
-biases, 1/4/16/128 tokens, fp16 and bf16 (and fp32) inputs.
+"""The fused mixed-width kernel (mixed_kernel.py) and the many-token dense path (dequant_kernel,
+then cuBLAS) against the PyTorch path of MixedBitLinear and an exact float64 reference, on CUDA:
+mixed widths 2..8, unstructured and 2:4 sparsity, GQA shapes, biases, 1/4/16 tokens (fused) and
+32/128/300 (dense; the fused kernel forced too), fp16 and bf16 (and fp32) inputs.
 
     python -m pytest -q tests_gpu/test_mixed_kernel.py
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 
+import mixed_kernel  # noqa: E402
 import packing  # noqa: E402
 from mixed_linear import MixedBitLinear  # noqa: E402
 from test_mixed_linear import compress_tiny, packed_linear  # noqa: E402
@@ -65,9 +67,61 @@ def test_kernel_matches_reference(layers, case, M, dtype):
     err, err_torch = rel(y, exact), rel(torch_path, exact)
     assert err < TOL[dtype], (err, err_torch)
     assert err <= 2 * err_torch + 1e-7, (err, err_torch)
-    import mixed_kernel
-    ws, cnt = mixed_kernel._WORKSPACE[y.device]
-    assert not ws.any() and not cnt.any()  # the kernel leaves its workspace clean for the next call
+    if M < mixed_kernel.DENSE_MIN_TOKENS:  # the fused kernel ran
+        ws, cnt = mixed_kernel._WORKSPACE[y.device]
+        assert not ws.any() and not cnt.any()  # the kernel leaves its workspace clean for the next call
+
+
+FUSED_MANY = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
+
+
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+@pytest.mark.parametrize("M", [32, 128, 300])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_path_matches_reference(layers, case, M, dtype):
+    """From DENSE_MIN_TOKENS tokens the forward decodes W (dequant_kernel) and calls cuBLAS: the
+    decode equals dequantize() bit for bit, the output the PyTorch path's to its rounding; the
+    fused kernel, forced, still agrees at these token counts."""
+    parts, W, bias = layers[case]
+    R, C = W.shape
+    m = MixedBitLinear.from_parts(parts, bias=bias.to(dtype), dtype=dtype, device="cuda")
+    assert mixed_kernel.pick_config(M, R, C, dtype).get("DENSE")
+    x = torch.randn(M, C, device="cuda").to(dtype)
+    exact = F.linear(x.double(), W.double(), bias.to(dtype).double())
+    torch_path = F.linear(x, m.dequantize(), m.bias)
+    y = m(x)
+    assert y.dtype == dtype and y.shape == (M, R) and bool(torch.isfinite(y).all())
+    Wk = mixed_kernel.dense_workspace(y.device, dtype, R, C)  # the decode the forward used
+    assert torch.equal(Wk.view(torch.int16), m.dequantize()[:, m.kcols[:C].long()].view(torch.int16))
+    err, err_torch = rel(y, exact), rel(torch_path, exact)
+    assert err < TOL[dtype], (err, err_torch)
+    assert err <= 2 * err_torch + 1e-7, (err, err_torch)
+    m.tune = FUSED_MANY
+    err_fused = rel(m(x), exact)
+    assert err_fused < TOL[dtype] and err_fused <= 2 * err_torch + 1e-7, (err_fused, err_torch)
+
+
+def test_dense_path_fp32_3d_noncontiguous_and_cuda_graph(layers):
+    parts, W, bias = layers[2]  # in_features 1000: a padded last tile
+    m = MixedBitLinear.from_parts(parts, bias=bias, dtype=torch.float32, device="cuda", saved_dtype=torch.float32)
+    x = torch.randn(40, 3, W.shape[1], device="cuda").transpose(0, 1)  # (3, 40, C), not contiguous
+    y = m(x)
+    assert y.shape == (3, 40, W.shape[0]) and y.dtype == torch.float32
+    assert rel(y, F.linear(x.double(), W.double(), bias.double())) < TOL[torch.float32]
+    mh = MixedBitLinear.from_parts(parts, bias=bias.half(), dtype=torch.float16, device="cuda")
+    static_x = torch.randn(64, W.shape[1], device="cuda").half()
+    g = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        mh(static_x)  # warm-up outside the capture (compilation, tables, the dense buffer)
+        with torch.cuda.graph(g):
+            out = mh(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        assert rel(out, F.linear(static_x.double(), W.double(), bias.half().double())) < TOL[torch.float16]
 
 
 def test_fp32_inputs_no_bias_and_3d_noncontiguous(layers):
