@@ -123,10 +123,11 @@ class LinearSolver:
         reference SparseGPT. use_kernel: on CUDA, run each block's column loop as one fused
         kernel (solver_kernel.py) instead of ~15 small launches per column. mse: each grid's
         range is searched for the least |w - q|^2.4 (quant.fit_grid) instead of min-max.
-        spill: keep the damped Hessian in host memory, not on the device, while its inverse is
-        factored (one C x C buffer less at the peak; None: on CUDA where H is 256 MiB or more,
-        i.e. 8192 columns or more: a 7B down_proj's 11008).
-        Nothing here changes the result: only where buffers live and when they are freed.
+        spill: free the damped Hessian once it is factored and keep its factor instead (one C x C
+        buffer less at the peak, no host memory; see _inverse_cholesky; None: on CUDA where H is
+        256 MiB or more, i.e. 8192 columns or more: a 7B down_proj's 11008). Nothing here changes
+        the result, except after a failed factorization of the inverse (rare), where the retry
+        starts from the rebuilt H: equal up to float rounding.
 
         A generator: it yields after each block of columns (its kernels queued, nothing waited
         for) and returns one SolveResult per weight, so that one thread can keep several
@@ -260,40 +261,42 @@ class LinearSolver:
     def _inverse_cholesky(box: list, percdamp: float, spill: bool = False):
         """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); on failure
         the damping grows tenfold (with a warning). box holds H, which is damped in place and
-        freed as soon as it is no longer needed. spill: once H is factored, it waits in host
-        memory (for a retry) instead of on the device while the inverse is formed. A generator
-        (see solve_steps): it yields after queueing each factorization, before its result is
-        checked."""
+        freed as soon as it is no longer needed. The factor of the inverse is computed in the
+        inverse's own memory. spill: once H is factored, H is freed and its factor L kept in its
+        place, so that at most two C x C buffers are live (H and L, then L and the inverse); in
+        the rare case that the inverse cannot be factored, the damped H is rebuilt as L L^T for
+        the retry (equal to it up to float rounding). Without spill, H is kept and L freed: three
+        buffers at the peak, and a retry starts from H itself. A generator (see solve_steps): it
+        yields after queueing each factorization, before its result is checked."""
         H = box.pop()
         mean_diag = torch.mean(torch.diag(H))
         damp, added = percdamp, 0.0
-        backup = None
+        info2 = torch.empty((), dtype=torch.int32, device=H.device)
         # at least 6 tries, and enough for the damping to reach mean(diag H) itself
         for _ in range(max(6, math.ceil(-math.log10(max(percdamp, 1e-30))) + 1)):
-            if H is None:  # a retry after H was spilled: back from the host
-                H = backup.to(mean_diag.device)
             H.diagonal().add_(damp * mean_diag - added)
             added = damp * mean_diag
             L, info = torch.linalg.cholesky_ex(H)
             yield
             if int(info) == 0:
-                if spill:  # the copy is queued before H's memory can be reused (same stream)
-                    backup = torch.empty(H.shape, dtype=H.dtype, pin_memory=H.is_cuda)
-                    backup.copy_(H, non_blocking=True)
-                    H = None
+                if spill:
+                    del H
                 Hinv = torch.cholesky_inverse(L)
-                del L
-                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if not spill:
+                    L = None
+                U, _ = torch.linalg.cholesky_ex(Hinv, upper=True, out=(Hinv, info2))  # in place
                 del Hinv
                 yield
-                if int(info) == 0 and all_finite(U):
+                if int(info2) == 0 and all_finite(U):
+                    L = None  # before the row-major copy below: two buffers at most
                     if damp != percdamp:
                         warnings.warn(f"Cholesky failed at percdamp {percdamp}; succeeded with damping {damp:g}"
                                       " (pass a larger --percdamp or more --nsamples to avoid this)")
-                    del H, backup
                     return U.contiguous()  # row-major: the fused kernel reads rows of it
-                if H is None and mean_diag.is_cuda:
-                    torch.cuda.synchronize(mean_diag.device)  # the backup is complete
+                del U
+                if spill:  # the damped H back from its factor, for the retry
+                    H = L @ L.t()
+            L = None
             damp *= 10
         raise RuntimeError(f"Cholesky failed even with damping {damp / 10:g}: "
                            "the Hessian is degenerate; use more --nsamples or a larger --percdamp")

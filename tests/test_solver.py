@@ -277,9 +277,11 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("percdamp", [0.01, 1e-12])
 def test_spilled_hessian_gives_the_same_solve(percdamp, monkeypatch):
-    """spill=True (the damped H waits in host memory while its inverse is formed) returns what
-    the plain solve returns, also when the factor of the inverse fails and the damping is raised:
-    then H comes back from the host copy (forced here by failing the first finiteness check)."""
+    """spill=True (H freed once factored, its factor kept instead) returns what the plain solve
+    returns. When the factor of the inverse fails (forced here by failing the first finiteness
+    check) the damping is raised and the retry starts from H rebuilt as L L^T: on a well-posed
+    Hessian the same weights as the plain retry; on a degenerate one (8 samples, 96 channels)
+    float rounding of the rebuilt H moves the result, which stays finite and of the same error."""
     import sparsegpt_mi
     X = calibration(C=96) if percdamp > 1e-8 else 100 * torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
     Ws = [weights(24, 96, 1), weights(16, 96, 2)]
@@ -298,8 +300,13 @@ def test_spilled_hessian_gives_the_same_solve(percdamp, monkeypatch):
         monkeypatch.setattr(sparsegpt_mi, "all_finite", fail_first)
         retried = [solver_for(X).solve(*args, **kw, spill=s) for s in (False, True)]
         assert len(calls) == 4  # each solve retried once
-    assert _same(*retried)
     assert not _same(plain, retried[0])  # the retry did raise the damping
+    for x, y in zip(*retried):
+        assert torch.isfinite(y.weight).all()
+        if percdamp > 1e-8:
+            assert torch.equal(x.weight, y.weight) and y.loss == pytest.approx(x.loss, rel=1e-5)
+        else:
+            assert 0.5 < y.loss / x.loss < 2
 
 
 def test_permute_symmetric_and_all_finite_in_pieces():
