@@ -31,7 +31,7 @@ adds it atomically into an fp32 workspace, and the last program of each output t
 per tile) adds the bias, writes the output in the input's dtype and zeroes the workspace and the
 counter for the next call. So one launch per linear.
 
-Many tokens: from DENSE_MIN_TOKENS tokens (32) the forward does not run that kernel. `dequant_kernel`
+Several tokens: from DENSE_MIN_TOKENS tokens (4) the forward does not run that kernel. `dequant_kernel`
 decodes the codes into a dense (out, in) weight in kernel column order and x's dtype
 (bit for bit `MixedBitLinear.dequantize()`, columns permuted), in one shared per-device buffer
 (`dense_workspace`, as large as the largest linear), and cuBLAS multiplies it with x gathered into
@@ -46,8 +46,10 @@ bench/results/inference-NVIDIA-H200-2026-11-30-dense.md): a whole LLaMA-2-7B lay
 0.34x of fp16 cuBLAS (425 vs 143 us; the fused kernel 0.04x); per linear at 128 tokens 4096x4096
 41 us against fp16's 15, 11008x4096 84 against 28. The decode alone takes 20 and 50 us of that,
 about 2.5x what its bytes need at full bandwidth: it is what to speed up next. At 16 tokens the
-dense path was already faster than the fused kernel (38 vs 78 us for 4096x4096), so
-DENSE_MIN_TOKENS may belong lower; the full token sweep with it is not measured yet.
+dense path was already faster than the fused kernel (38 vs 78 us for 4096x4096), and at 4 and 8
+tokens too (4096x4096: 37.5 vs 54.5 and 59.8 us; 11008x4096: 82 vs 124 and 137 us;
+bench/results/dense-path-NVIDIA-H200-2026-11-30.md), so DENSE_MIN_TOKENS is 4; at one token the
+fused kernel is faster (29.7 us tuned); 2 and 3 tokens are not measured.
 """
 from __future__ import annotations
 
@@ -398,7 +400,8 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tenso
 
 # from this many tokens on, a linear decodes its weight (dequant_kernel) and calls cuBLAS; below
 # it runs the fused kernel. A config with DENSE=True (TUNED, or a module's `tune`) picks the former.
-DENSE_MIN_TOKENS = 32
+# 4: the dense path measured faster from 4 tokens (4, 8, 16 timed on an H200), the fused kernel at 1.
+DENSE_MIN_TOKENS = 4
 DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 rows, 2-8 warps, on an H200
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
