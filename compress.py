@@ -94,41 +94,52 @@ def gather_statistics(team: Team, names: tuple[str, ...], cfg: CompressConfig, t
     """Hessian (and token sample) of the input of linear set `names`: every device runs its
     replica over its share of the windows into its own solver; the shares are summed into
     the first device's. Returns (solver, sample or None)."""
+    return gather_set_statistics(team, [names], cfg, timer)[0]
+
+
+def gather_set_statistics(team: Team, sets: list[tuple[str, ...]], cfg: CompressConfig,
+                          timer: StageTimer = NO_TIMER) -> list[tuple]:
+    """gather_statistics for several linear sets of the layer in one forward pass (the pass
+    stops at the last set's input): [(solver, sample or None)] in the order of `sets`."""
     from mutual_info import TokenSample
     from sparsegpt_mi import LinearSolver
-    columns = get_module(team.layers[0], names[0]).in_features
     nwin = team.windows
-    # one solver (Hessian) and, for the binned estimator, one token sample per device; the
-    # samples split the token budget by the devices' shares of the windows
-    solvers = [LinearSolver(columns, d) for d in team.devs]
     binned = cfg.mixed and cfg.grouping.startswith("mi") and cfg.mi_method == "binned"
-    samples = [TokenSample(max(1, cfg.mi_tokens * x.shape[0] // max(nwin, 1)),
-                           max(1, cfg.mi_tokens // max(1, nwin)), cfg.seed + k) if binned else None
-               for k, x in enumerate(team.shares)]
+    # per set, one solver (Hessian) and, for the binned estimator, one token sample per device;
+    # the samples split the token budget by the devices' shares of the windows
+    solvers = [[LinearSolver(get_module(team.layers[0], names[0]).in_features, d) for d in team.devs] for names in sets]
+    samples = [[TokenSample(max(1, cfg.mi_tokens * x.shape[0] // max(nwin, 1)),
+                            max(1, cfg.mi_tokens // max(1, nwin)), cfg.seed + k) if binned else None
+                for k, x in enumerate(team.shares)] for _ in sets]
 
-    def hook_for(solver, sample):
+    def hook_for(solver, sample, last):
         def hook(_m, inp, _out):
             solver.add_batch(inp[0].detach())
             if sample is not None:
                 sample.add_batch(inp[0].detach())
-            raise StopForward
+            if last:
+                raise StopForward
         return hook
 
-    handles = [get_module(rep, names[0]).register_forward_hook(hook_for(sv, sm))
-               for rep, sv, sm in zip(team.layers, solvers, samples)]
+    handles = [get_module(rep, names[0]).register_forward_hook(hook_for(solvers[j][k], samples[j][k],
+                                                                        j == len(sets) - 1))
+               for j, names in enumerate(sets) for k, rep in enumerate(team.layers)]
     try:
         with timer("forward+hessian"):
             team.forward(in_place=False)
     finally:
         for h in handles:
             h.remove()
-    solver, sample = solvers[0], samples[0]
-    for other, other_sample in zip(solvers[1:], samples[1:]):  # gather the devices' statistics on the first
-        solver.absorb(other)
-        other.free()
-        if sample is not None:
-            sample.absorb(other_sample)
-    return solver, sample
+    out = []
+    for per_dev, per_dev_samples in zip(solvers, samples):
+        solver, sample = per_dev[0], per_dev_samples[0]
+        for other, other_sample in zip(per_dev[1:], per_dev_samples[1:]):  # the devices' shares on the first
+            solver.absorb(other)
+            other.free()
+            if sample is not None:
+                sample.absorb(other_sample)
+        out.append((solver, sample))
+    return out
 
 
 # ---------------------------------------------------------------- phase 2: groups and widths
@@ -355,7 +366,10 @@ def _check_weights(index: int, names: tuple[str, ...], layer) -> None:
 def compress_layer(team: Team, index: int, spec: ArchSpec, cfg: CompressConfig, emit=_quiet,
                    timer: StageTimer = NO_TIMER, keep_mi: bool = False) -> Compression:
     """Compress the linears of the team's current layer (team.layers) in true-sequential
-    order. keep_mi: return the layer's first MI matrix (on the CPU)."""
+    order (or, with cfg.true_sequential off, all sets from one forward pass: compress_sets_at_once).
+    keep_mi: return the layer's first MI matrix (on the CPU)."""
+    if not cfg.true_sequential and not cfg.rtn:
+        return compress_sets_at_once(team, index, spec, cfg, emit, timer, keep_mi)
     result = Compression({})
     for names in spec.groups:
         _check_weights(index, names, team.layers[0])
@@ -373,6 +387,83 @@ def compress_layer(team: Team, index: int, spec: ArchSpec, cfg: CompressConfig, 
                   "seconds": plan.seconds})
         results = solve_set(cfg, solver, weights, plan, team.devs, timer)
         result.reports.update(write_back(team, index, names, results, plan, cfg, emit))
+    return result
+
+
+def set_cost(rows: int, columns: int) -> float:
+    """A solve's relative duration: its chain of column blocks (columns) times the width of
+    each step (rows + columns: the block's rows and the lazy update's columns)."""
+    return float(columns) * (rows + columns)
+
+
+def assign_sets(costs: list[float], parts: int) -> list[int]:
+    """The device of each set: the costliest first, each onto the least loaded device."""
+    load, where = [0.0] * parts, [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: -costs[j]):
+        k = min(range(parts), key=lambda d: load[d])
+        where[j] = k
+        load[k] += costs[j]
+    return where
+
+
+def _device_solves(items: list, options: dict):
+    """One device's solves one after another, as one generator (parallel.interleave steps
+    several devices' in turn): items are (solver, weights, plan); returns their results."""
+    results = []
+    for solver, weights, plan in items:
+        results.append((yield from solver.solve_steps(weights, plan.groups, plan.bits, **options)))
+        solver.free()
+    return results
+
+
+@torch.no_grad()
+def compress_sets_at_once(team: Team, index: int, spec: ArchSpec, cfg: CompressConfig, emit=_quiet,
+                          timer: StageTimer = NO_TIMER, keep_mi: bool = False) -> Compression:
+    """--true_sequential 0: the Hessians of every linear set from one forward pass over the
+    layer as it was (as GPTQ's and SparseGPT's reference scripts do without their true-sequential
+    option), so the sets no longer wait for each other: their plans are made one after another
+    on the first device, then their solves run at the same time, each whole set on one device
+    (assign_sets balances them). Results differ from the true-sequential order (the later sets
+    do not see the earlier sets' errors). Holds every set's Hessian at once (at 7B: three of
+    4096^2 and one of 11008^2 fp32, 0.64 GiB; at 70B 3.8 GiB)."""
+    result = Compression({})
+    sets = list(spec.groups)
+    for names in sets:
+        _check_weights(index, names, team.layers[0])
+    stats = gather_set_statistics(team, sets, cfg, timer)
+    plans, todo = [], []
+    for names, (solver, sample) in zip(sets, stats):
+        weights = [get_module(team.layers[0], n).weight.data for n in names]
+        plan = choose_groups_and_bits(cfg, solver, weights, sample, team.devs, timer, keep_mi and result.mi is None)
+        if plan.mi is not None and result.mi is None:
+            result.mi = plan.mi
+        if plan.mi_stats is not None:
+            emit({"event": "mi", "layer": index, "linears": [n.split(".")[-1] for n in names],
+                  **{f"mi_{k}": v for k, v in plan.mi_stats.items()}, "groups": len(plan.groups),
+                  "seconds": plan.seconds})
+        plans.append(plan)
+        todo.append((solver, weights))
+    where = assign_sets([set_cost(sum(W.shape[0] for W in ws), sv.columns) for sv, ws in todo], len(team.devs))
+    per_dev: list[list] = [[] for _ in team.devs]
+    order: list[list[int]] = [[] for _ in team.devs]
+    for j, ((solver, weights), plan) in enumerate(zip(todo, plans)):
+        d = team.devs[where[j]]
+        if solver.device != d:
+            moved = solver.copy_to(d)
+            solver.free()
+            solver, weights = moved, [W.to(d) for W in weights]
+        per_dev[where[j]].append((solver, weights, plan))
+        order[where[j]].append(j)
+    used = [k for k in range(len(team.devs)) if per_dev[k]]
+    with timer("solve"):
+        done = interleave([_device_solves(per_dev[k], cfg.solver_options()) for k in used],
+                          [team.devs[k] for k in used])
+    results: list = [None] * len(sets)
+    for k, res in zip(used, done):
+        for j, r in zip(order[k], res):
+            results[j] = r
+    for names, res, plan in zip(sets, results, plans):
+        result.reports.update(write_back(team, index, names, res, plan, cfg, emit))
     return result
 
 

@@ -35,6 +35,7 @@ class CompressConfig:
     bits_budget: str = "weight"   # what --target_avg_bits bounds: "weight" bits, or everything "stored"
     n_groups_max: int = 32        # the most clusters --n_groups auto (n_groups 0) considers
     clip: str = "mse"             # grid range: "mse" (clipping search), or "minmax"
+    true_sequential: bool = True  # each linear set's Hessian after the earlier sets are compressed
 
     @property
     def mixed(self) -> bool:

@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baseline: round-to-nearest at --wbits/--groupsize (and magnitude pruning), no calibration")
     p.add_argument("--act_order", action="store_true",
                    help="uniform mode: process columns by descending Hessian diagonal (always on in MI mode)")
+    p.add_argument("--true_sequential", type=int, default=1, choices=[0, 1],
+                   help="1: each linear set's Hessian is gathered after the sets before it in the layer are "
+                        "compressed (q/k/v, then o, then gate/up, then down). 0: all sets' Hessians from one "
+                        "forward pass over the layer as it was, as the reference GPTQ/SparseGPT scripts do by "
+                        "default; the sets are then solved at the same time, each on one GPU (with several)")
     p.add_argument("--mi_method", default="gaussian", choices=["gaussian", "binned"],
                    help="MI estimator: Gaussian from the covariance, or equal-frequency binning on a token sample")
     p.add_argument("--grouping", default=None,
@@ -209,6 +214,7 @@ def config_from_args(args) -> CompressConfig:
     names = CompressConfig.__dataclass_fields__
     vals = {k: getattr(args, k) for k in names}
     vals["use_mi_grouping"] = bool(args.use_mi_grouping)
+    vals["true_sequential"] = bool(args.true_sequential)
     if args.grouping is None:  # with pruning the Hessian weighting measured worse (SmolLM2, 3 seeds: 52.8 vs 39.5)
         vals["grouping"] = "mi" if (args.sparsity > 0 or args.prunen) else "mi_hessian"
     if args.n_groups is None:  # auto where the budget counts the groups' metadata

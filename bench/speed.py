@@ -40,7 +40,11 @@ METHODS = {
     "sparsegpt_50": dict(use_mi_grouping=False, sparsity=0.5),
     "gptq_w4_g128": dict(use_mi_grouping=False, wbits=4, groupsize=128),
     "mi_50_t4.0_k10": dict(sparsity=0.5, wbits=4, target_avg_bits=4.0, n_groups=10),
+    # --true_sequential 0: one forward pass per layer, the sets solved at the same time (one per GPU)
+    "sparsegpt_50_one_pass": dict(use_mi_grouping=False, sparsity=0.5, true_sequential=False),
+    "mi_50_t4.0_k10_one_pass": dict(sparsity=0.5, wbits=4, target_avg_bits=4.0, n_groups=10, true_sequential=False),
 }
+DEFAULT_METHODS = ["sparsegpt_50", "gptq_w4_g128", "mi_50_t4.0_k10"]
 
 
 def llama_config(shape: str, layers: int = 1, vocab: int = 32000):
@@ -130,8 +134,10 @@ def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int
             "median": med, "grouping_share": grouping / med["total"], "runs": runs}
 
 
-def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: list) -> dict:
-    """A random 32-layer LLaMA-2-7B-shaped model: compression (50% + MI 4.0) and evaluation."""
+def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: list,
+                method: str = "mi_50_t4.0_k10") -> dict:
+    """A random 32-layer LLaMA-2-7B-shaped model: compression (`method`, by default 50% + MI 4.0)
+    and evaluation."""
     dev = devs[0]
     from transformers import LlamaForCausalLM
     from datautils import get_eval_tokens
@@ -150,7 +156,7 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: l
     print(f"7b model built in {build:.1f}s", flush=True)
     gen = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, len(tok), (1, seqlen), generator=gen) for _ in range(nsamples)]
-    ccfg = CompressConfig(**METHODS["mi_50_t4.0_k10"])
+    ccfg = CompressConfig(**METHODS[method])
     for d in devs:
         torch.cuda.reset_peak_memory_stats(d)
     tick = time.perf_counter()
@@ -163,7 +169,7 @@ def whole_model(tok_src: str, eval_txt: str, nsamples: int, seqlen: int, devs: l
     ppl = perplexity(model, ARCHS["llama"], tokens, seqlen, devs, torch.float16)
     evaluate = time.perf_counter() - tick
     del model
-    return {"gpus": len(devs), "build_s": build, "compress_s": compress, "eval_s": evaluate,
+    return {"gpus": len(devs), "method": method, "build_s": build, "compress_s": compress, "eval_s": evaluate,
             "total_s": compress + evaluate, "eval_windows": tokens.shape[1] // seqlen, "ppl_random_model": ppl,
             "peak_gib": max(torch.cuda.max_memory_allocated(d) for d in devs) / 2 ** 30}
 
@@ -180,7 +186,9 @@ def run_meta(machine: str, out: str) -> tuple[dict, Path]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(METHODS))
+    p.add_argument("--model_method", default="mi_50_t4.0_k10", choices=list(METHODS),
+                   help="method of the whole-model row (--model7b)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
@@ -215,7 +223,7 @@ def main() -> None:
     if args.model7b:
         for n in args.gpus:
             row = whole_model(args.model7b[0], args.model7b[1], args.nsamples, args.seqlen,
-                              [torch.device(f"cuda:{i}") for i in range(n)])
+                              [torch.device(f"cuda:{i}") for i in range(n)], args.model_method)
             model_rows.append(row)
             print("7b model: " + "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items()), flush=True)

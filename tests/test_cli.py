@@ -120,7 +120,7 @@ def test_help_lists_every_flag():
     assert proc.returncode == 0
     for flag in ("--sparsity", "--prunen", "--wbits", "--target_avg_bits", "--use_mi_grouping", "--n_groups",
                  "--nsamples", "--seqlen", "--save", "--overwrite", "--eval", "--device", "--max_gpu_memory",
-                 "--no_stream"):
+                 "--no_stream", "--true_sequential"):
         assert flag in proc.stdout
 
 
@@ -137,3 +137,10 @@ def test_default_grouping_follows_pruning(argv, grouping):
     import vicuna_mi
     args = vicuna_mi.build_parser().parse_args(["MODEL", "DATA", *argv])
     assert vicuna_mi.config_from_args(args).grouping == grouping
+
+
+def test_true_sequential_flag_reaches_the_config():
+    import vicuna_mi
+    parse = vicuna_mi.build_parser().parse_args
+    assert vicuna_mi.config_from_args(parse(["M", "D", "--wbits", "4"])).true_sequential is True
+    assert vicuna_mi.config_from_args(parse(["M", "D", "--wbits", "4", "--true_sequential", "0"])).true_sequential is False

@@ -165,6 +165,10 @@ CONFIGS = {
     "gptq_w4_g32": dict(use_mi_grouping=False, wbits=4, groupsize=32, clip="minmax"),
     "sparse50_block_scope": dict(use_mi_grouping=False, sparsity=0.5, mask_scope="block"),
     "mi_sparse50_mse": dict(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4, clip="mse"),
+    # --true_sequential 0: one forward pass per layer, whole sets solved on different devices
+    "mi_sparse50_one_pass": dict(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4, clip="minmax",
+                                 true_sequential=False),
+    "gptq_w4_g32_one_pass": dict(use_mi_grouping=False, wbits=4, groupsize=32, clip="minmax", true_sequential=False),
 }
 
 
@@ -228,3 +232,64 @@ def test_bad_device_lists_exit_2(device, keywords, tiny_models, text_files):
     proc = run_cli([str(tiny_models["llama"]), str(text_files["calib"]), "--device", device, "--nsamples", "2",
                     "--seqlen", "32", "--eval", "none"])
     assert_usage_error(proc, keywords)
+
+
+def _layer_team(seed: int = 0):
+    """One small LLaMA decoder layer, its calibration activations and a one-device Team over them."""
+    import copy
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from layerwise import Team
+    lc = LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                     num_hidden_layers=1)
+    lc._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    layer = LlamaDecoderLayer(lc, 0)
+    inps = torch.randn(6, 32, 64)
+    pos = torch.arange(32)[None]
+    kwargs = {"attention_mask": None, "position_ids": pos, "position_embeddings": LlamaRotaryEmbedding(lc)(inps, pos)}
+
+    def team(devs=(CPU,)):
+        own = copy.deepcopy(layer)
+        return Team(list(devs), [inps.clone()], [kwargs] * len(devs), 4, replicate(own, list(devs)))
+    return team
+
+
+@pytest.mark.parametrize("cfg", [dict(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4),
+                                 dict(use_mi_grouping=False, wbits=3, groupsize=32, act_order=True)])
+def test_one_pass_solves_every_set_against_the_layer_as_it_was(cfg):
+    """--true_sequential 0 gives, bit for bit, what each set's own statistics from the uncompressed
+    layer give (gathered set by set, nothing compressed in between), and differs from the
+    true-sequential order, where the later sets see the earlier ones' errors."""
+    from compress import (choose_groups_and_bits, compress_layer, gather_statistics, solve_set, write_back)
+    from model_io import get_module
+    spec = ARCHS["llama"]
+    team = _layer_team()
+    one_pass = compress_layer(team_a := team(), 0, spec, CompressConfig(**cfg, true_sequential=False))
+    sequential = compress_layer(team_s := team(), 0, spec, CompressConfig(**cfg))
+    ref = team()
+    ccfg = CompressConfig(**cfg)
+    stats = [gather_statistics(ref, names, ccfg) for names in spec.groups]  # all before any write-back
+    for names, (solver, sample) in zip(spec.groups, stats):
+        weights = [get_module(ref.layers[0], n).weight.data for n in names]
+        plan = choose_groups_and_bits(ccfg, solver, weights, sample, ref.devs)
+        write_back(ref, 0, names, solve_set(ccfg, solver, weights, plan, ref.devs), plan, ccfg)
+    differ = 0
+    for names in spec.groups:
+        for n in names:
+            got, want = get_module(team_a.layers[0], n).weight, get_module(ref.layers[0], n).weight
+            assert torch.equal(got, want), n
+            differ += not torch.equal(got, get_module(team_s.layers[0], n).weight)
+    assert differ >= 4  # o_proj, gate/up and down_proj saw other inputs in true-sequential order
+    assert set(one_pass.reports) == set(sequential.reports)
+
+
+def test_sets_go_to_devices_by_cost():
+    """assign_sets: the costliest first onto the least loaded device; the 7B sets on two devices
+    put down_proj and o_proj on one, gate/up and q/k/v on the other."""
+    from compress import assign_sets, set_cost
+    costs = [set_cost(3 * 4096, 4096), set_cost(4096, 4096), set_cost(2 * 11008, 4096), set_cost(4096, 11008)]
+    assert assign_sets(costs, 1) == [0, 0, 0, 0]
+    where = assign_sets(costs, 2)
+    assert where[3] != where[2] and where[1] == where[3] and where[0] == where[2]
+    assert sorted(set(assign_sets(costs, 4))) == [0, 1, 2, 3]
