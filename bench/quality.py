@@ -90,6 +90,12 @@ def _rows() -> dict[str, dict]:
         rows[f"stored3.16_{g}"] = dict(S, target_avg_bits=3.16, grouping=g)
     rows["stored3.16_mi_hessian_minmax"] = dict(S, target_avg_bits=3.16, clip="minmax")
     rows["stored3.16_mi_hessian_k10"] = dict(S, target_avg_bits=3.16, n_groups=10)
+    # --true_sequential 0 (every set's Hessian from one forward pass over the uncompressed layer)
+    rows["stored3.16_mi_hessian_one_pass"] = dict(S, target_avg_bits=3.16, true_sequential=False)
+    rows["sparse50_stored4.0_mi_one_pass"] = dict(S, sparsity=0.5, target_avg_bits=4.0, grouping="mi",
+                                                  true_sequential=False)
+    rows["gptq_w3_g128_ao_one_pass_mse"] = dict(U, **MSE, wbits=3, groupsize=128, act_order=True,
+                                                true_sequential=False)
     # every row names its grid: the rows without MSE were measured with min-max grids (the default
     # until --clip mse became it), and must not follow a later change of the default
     return {name: {"clip": "minmax", **row} for name, row in rows.items()}
@@ -105,6 +111,8 @@ SETS = {  # the rows of issue-sized studies, in the order they are run (most nee
                       "stored3.16_mi_hessian_minmax", "stored3.16_hessian", "stored3.16_contiguous",
                       "stored3.16_mi_hessian_k10"],
     "second_model": ["fp16", "gptq_w3_g128_ao_mse", "stored3.16_mi_hessian", "gptq_w3_g128_ao"],
+    "one_pass": ["stored3.16_mi_hessian", "stored3.16_mi_hessian_one_pass", "sparse50_stored4.0_mi",
+                 "sparse50_stored4.0_mi_one_pass", "gptq_w3_g128_ao_mse", "gptq_w3_g128_ao_one_pass_mse"],
 }
 
 
