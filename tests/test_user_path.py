@@ -80,7 +80,10 @@ def test_ctrl_c_says_how_to_resume(tmp_path, text_files, tiny_models):
     save = tmp_path / "out"
     argv, env = cli_command([str(tiny_models["llama"]), str(text_files["calib"]), *QUICK, *MI, "--eval", "none",
                              "--save", str(save)], pause_before=1)
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a child started from a background job inherits SIGINT ignored, and Python then never turns it
+    # into KeyboardInterrupt: give the run the terminal's default, as a user's Ctrl-C finds it
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
             if line.strip() == "paused":
