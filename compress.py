@@ -362,6 +362,19 @@ def _check_weights(index: int, names: tuple[str, ...], layer) -> None:
                                      "--dtype float32 or bfloat16, or a fresh copy of the model)")
 
 
+def _plan_set(team: Team, index: int, names: tuple[str, ...], cfg: CompressConfig, solver, weights: list,
+              sample, emit, timer: StageTimer, keep_mi: bool, result: Compression) -> Plan:
+    """Phase 2 for one set, its MI event emitted and (keep_mi) the layer's first MI matrix kept in result."""
+    plan = choose_groups_and_bits(cfg, solver, weights, sample, team.devs, timer, keep_mi and result.mi is None)
+    if plan.mi is not None and result.mi is None:
+        result.mi = plan.mi
+    if plan.mi_stats is not None:
+        emit({"event": "mi", "layer": index, "linears": [n.split(".")[-1] for n in names],
+              **{f"mi_{k}": v for k, v in plan.mi_stats.items()}, "groups": len(plan.groups),
+              "seconds": plan.seconds})
+    return plan
+
+
 @torch.no_grad()
 def compress_layer(team: Team, index: int, spec: ArchSpec, cfg: CompressConfig, emit=_quiet,
                    timer: StageTimer = NO_TIMER, keep_mi: bool = False) -> Compression:
@@ -378,13 +391,7 @@ def compress_layer(team: Team, index: int, spec: ArchSpec, cfg: CompressConfig, 
             continue
         solver, sample = gather_statistics(team, names, cfg, timer)
         weights = [get_module(team.layers[0], n).weight.data for n in names]
-        plan = choose_groups_and_bits(cfg, solver, weights, sample, team.devs, timer, keep_mi and result.mi is None)
-        if plan.mi is not None and result.mi is None:
-            result.mi = plan.mi
-        if plan.mi_stats is not None:
-            emit({"event": "mi", "layer": index, "linears": [n.split(".")[-1] for n in names],
-                  **{f"mi_{k}": v for k, v in plan.mi_stats.items()}, "groups": len(plan.groups),
-                  "seconds": plan.seconds})
+        plan = _plan_set(team, index, names, cfg, solver, weights, sample, emit, timer, keep_mi, result)
         results = solve_set(cfg, solver, weights, plan, team.devs, timer)
         result.reports.update(write_back(team, index, names, results, plan, cfg, emit))
     return result
@@ -434,13 +441,7 @@ def compress_sets_at_once(team: Team, index: int, spec: ArchSpec, cfg: CompressC
     plans, todo = [], []
     for names, (solver, sample) in zip(sets, stats):
         weights = [get_module(team.layers[0], n).weight.data for n in names]
-        plan = choose_groups_and_bits(cfg, solver, weights, sample, team.devs, timer, keep_mi and result.mi is None)
-        if plan.mi is not None and result.mi is None:
-            result.mi = plan.mi
-        if plan.mi_stats is not None:
-            emit({"event": "mi", "layer": index, "linears": [n.split(".")[-1] for n in names],
-                  **{f"mi_{k}": v for k, v in plan.mi_stats.items()}, "groups": len(plan.groups),
-                  "seconds": plan.seconds})
+        plan = _plan_set(team, index, names, cfg, solver, weights, sample, emit, timer, keep_mi, result)
         plans.append(plan)
         todo.append((solver, weights))
     where = assign_sets([set_cost(sum(W.shape[0] for W in ws), sv.columns) for sv, ws in todo], len(team.devs))
