@@ -408,16 +408,17 @@ DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 ro
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True) -> dict:
     """The path and block sizes for a call. From DENSE_MIN_TOKENS tokens (unless TUNED says
-    otherwise): DENSE=True, decode the weight then cuBLAS, with the decode's BLOCK_N and num_warps.
+    otherwise, or dense=False asks for the fused kernel at any count, as its tests and timings do):
+    DENSE=True, decode the weight then cuBLAS, with the decode's BLOCK_N and num_warps.
     Else the fused kernel's BLOCK_M (tokens per program; 1 = CUDA-core path, one token per
     program), BLOCK_N (rows), BLOCK_K (columns per step), USE_DOT (tensor cores), GATHER (x read
     through kcols inside the kernel, else gathered first), unit_k (columns per unit), num_warps."""
     hit = TUNED.get((N, K, M, dtype))
-    if hit is not None:
+    if hit is not None and (dense or not hit.get("DENSE")):
         return hit
-    if M >= DENSE_MIN_TOKENS:
+    if dense and M >= DENSE_MIN_TOKENS:
         return dict(DENSE)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)

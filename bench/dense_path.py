@@ -21,16 +21,6 @@ from bench.inference import copies_for, graph_time, synthetic_parts
 from mixed_linear import MixedBitLinear
 
 
-def fused_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
-    """pick_config's fused rule for M tokens, whatever DENSE_MIN_TOKENS is."""
-    keep = mixed_kernel.DENSE_MIN_TOKENS
-    mixed_kernel.DENSE_MIN_TOKENS = 1 << 30
-    try:
-        return mixed_kernel.pick_config(M, N, K, dtype)
-    finally:
-        mixed_kernel.DENSE_MIN_TOKENS = keep
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"], help="OUTxIN")
@@ -50,7 +40,7 @@ def main() -> None:
         for M in args.tokens:
             x = torch.randn(M, C, device=dev, dtype=dt)
             t = {"fp16": graph_time([lambda w=w: F.linear(x, w) for w in Ws]) / len(Ws)}
-            for name, cfg in (("fused", fused_config(M, R, C, dt)), ("dense", mixed_kernel.DENSE)):
+            for name, cfg in (("fused", mixed_kernel.pick_config(M, R, C, dt, dense=False)), ("dense", mixed_kernel.DENSE)):
                 for mm in mods:
                     mm.tune = cfg
                 t[name] = graph_time([lambda mm=mm: mm(x) for mm in mods]) / len(mods)

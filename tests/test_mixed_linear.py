@@ -360,6 +360,7 @@ def test_pick_config_switches_to_the_dense_path():
         assert not mixed_kernel.pick_config(mixed_kernel.DENSE_MIN_TOKENS - 1, N, K, dtype).get("DENSE")
         assert mixed_kernel.pick_config(mixed_kernel.DENSE_MIN_TOKENS, N, K, dtype)["DENSE"]
         assert mixed_kernel.pick_config(300, N, K, dtype)["DENSE"]
+        assert not mixed_kernel.pick_config(300, N, K, dtype, dense=False).get("DENSE")  # the fused kernel, asked for
     fused = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
     mixed_kernel.TUNED[(N, K, 128, torch.float16)] = fused  # a tuning sweep may keep the fused kernel
     try:
