@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from parallel import on_device
+
 UNIT_FIELDS = 8  # int32 per unit: a, e, bits, run, W0, nt, block start, (pad)
 _MAGIC = 0x4B000000  # float32 2**23: (q | MAGIC) read as float32 is 2**23 + q for 0 <= q < 2**23
 
@@ -392,9 +394,10 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tenso
         raise ValueError(f"out {tuple(out.shape)} stride {out.stride()}: columns must be contiguous, within the tiles")
     BN = cfg.get("BLOCK_N", 32)
     grid = (triton.cdiv(K, 32), triton.cdiv(N, BN))
-    dequant_kernel[grid](qweight, tiles, colrun, scale_bits, zero, out, N, K, out.stride(0),
-                         BLOCK_N=BN, SCALE_F16=scale_bits.dtype == torch.int16, SAVED=_SAVED[saved_dtype],
-                         OUT_BF16=out.dtype == torch.bfloat16, num_warps=cfg.get("num_warps", 2))
+    with on_device(out.device):  # Triton launches on the current device, which need not be out's
+        dequant_kernel[grid](qweight, tiles, colrun, scale_bits, zero, out, N, K, out.stride(0),
+                             BLOCK_N=BN, SCALE_F16=scale_bits.dtype == torch.int16, SAVED=_SAVED[saved_dtype],
+                             OUT_BF16=out.dtype == torch.bfloat16, num_warps=cfg.get("num_warps", 2))
     return out
 
 
@@ -438,11 +441,12 @@ def launch(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: t
     grid = (units.shape[0], triton.cdiv(N, BN), triton.cdiv(M, BM))
     ws, cnt = workspace(x.device, M * N, grid[1] * grid[2])
     src = x if cfg["GATHER"] else xg
-    mixed_linear_kernel[grid](
-        src, kcols, qweight, units, scale_bits, zero, bias if bias is not None else out, out, ws, cnt,
-        M, N, src.stride(0), int(bias is not None),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], USE_DOT=cfg["USE_DOT"], GATHER=cfg["GATHER"],
-        SCALE_F16=scale_bits.dtype == torch.int16, num_warps=cfg["num_warps"])
+    with on_device(x.device):  # Triton launches on the current device, which need not be x's
+        mixed_linear_kernel[grid](
+            src, kcols, qweight, units, scale_bits, zero, bias if bias is not None else out, out, ws, cnt,
+            M, N, src.stride(0), int(bias is not None),
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], USE_DOT=cfg["USE_DOT"], GATHER=cfg["GATHER"],
+            SCALE_F16=scale_bits.dtype == torch.int16, num_warps=cfg["num_warps"])
     return out
 
 

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from parallel import on_device
+
 
 @triton.jit
 def _obs_block_kernel(W, stride_w, Err, Hinv, stride_h, Mask, scale_p, zero_p, maxq_p, qon_p,
@@ -85,10 +87,11 @@ def obs_block(W: torch.Tensor, i1: int, i2: int, Hinv: torch.Tensor, mask1: torc
         m8[:, :count] = mask1
     BLOCK_R = 16
     grid = (triton.cdiv(R, BLOCK_R),)
-    _obs_block_kernel[grid](
-        W[:, i1:], W.stride(0), err, Hinv[i1:, i1:], Hinv.stride(0), m8,
-        scale.float().contiguous(), zero.float().contiguous(), maxq.float().contiguous(),
-        qon.to(torch.int8).contiguous(), R, count,
-        QUANT=quant, PRUNE_N=prunen, PRUNE_M=max(prunem, 1), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
-        num_warps=4)
+    with on_device(W.device):  # Triton launches on the current device, which need not be W's
+        _obs_block_kernel[grid](
+            W[:, i1:], W.stride(0), err, Hinv[i1:, i1:], Hinv.stride(0), m8,
+            scale.float().contiguous(), zero.float().contiguous(), maxq.float().contiguous(),
+            qon.to(torch.int8).contiguous(), R, count,
+            QUANT=quant, PRUNE_N=prunen, PRUNE_M=max(prunem, 1), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+            num_warps=4)
     return err[:, :count], m8[:, :count].bool()
