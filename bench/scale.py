@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -125,33 +126,48 @@ def build_model(folder: Path, layers: int, dev, shape: str) -> dict:
     return {"layers": layers, "shape": shape, "bytes": shards.nbytes()}
 
 
-def model_row(layers: int, dev, shape: str, nsamples: int, seqlen: int, work: Path) -> dict:
-    """Compress the random model streamed, in a child process; its peaks and time."""
+def model_row(layers: int, dev, shape: str, nsamples: int, seqlen: int, work: Path,
+              runs: list[str] | None = None) -> dict:
+    """Compress the random model streamed, in a child process per run; their peaks and times.
+    `runs`: one spec per run, DEVICES[+one_pass] (e.g. cuda:0,cuda:1+one_pass); default: `dev`."""
     from tests.conftest import make_text
     tick = time.perf_counter()
     built = build_model(work / "model", layers, dev, shape)
     build_s = time.perf_counter() - tick
     calib = work / "calib.txt"
     calib.write_text(make_text(12000, 1))
-    args = [str(work / "model"), str(calib), "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "4.0",
-            "--n_groups", "10", "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--eval", "none",
-            "--save", str(work / "out"), "--no_checkpoint", "--device", str(dev)]
+    row = {"model": built, "build_s": build_s, "runs": []}
+    for spec in runs or [str(dev)]:
+        devices, _, mode = spec.partition("+")
+        shutil.rmtree(work / "out", ignore_errors=True)  # the previous run's save
+        args = [str(work / "model"), str(calib), "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "4.0",
+                "--n_groups", "10", "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--eval", "none",
+                "--save", str(work / "out"), "--no_checkpoint", "--device", devices]
+        if mode == "one_pass":
+            args += ["--true_sequential", "0"]
+        elif mode:
+            raise SystemExit(f"unknown mode {mode!r} in model run {spec!r} (DEVICES or DEVICES+one_pass)")
+        row["runs"].append(model_run(args, work))
+        print("model run:", {k: v for k, v in row["runs"][-1].items() if k not in ("layer_s", "error")}, flush=True)
+    return row
+
+
+def model_run(args: list[str], work: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-c", PEAK, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     out = proc.stdout
-    row = {"model": built, "build_s": build_s, "command": "vicuna_mi.py MODEL calib.txt " + " ".join(args[2:]),
-           "returncode": proc.returncode}
+    run = {"command": "vicuna_mi.py MODEL calib.txt " + " ".join(args[2:]), "returncode": proc.returncode}
     if proc.returncode != 0:
-        row["error"] = (out + proc.stderr)[-3000:]
-        return row
+        run["error"] = (out + proc.stderr)[-3000:]
+        return run
     lines = out.splitlines()
-    row["wall_s"] = float(next(ln.split()[1] for ln in lines if ln.startswith("WALL")))
-    row["gpu_peak_gib"] = int(next(ln.split()[1] for ln in lines if ln.startswith("GPU_PEAK"))) / 2 ** 30
-    row["host_peak_gib"] = int(next(ln.split()[1] for ln in lines if ln.startswith("VmHWM"))) / 2 ** 20
-    row["layer_s"] = [float(ln.split(" done in ")[1].split("s")[0]) for ln in lines if " done in " in ln]
-    row["streamed"] = any(ln.startswith("streaming ") for ln in lines)
-    row["saved_bytes"] = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors"))
-    return row
+    run["wall_s"] = float(next(ln.split()[1] for ln in lines if ln.startswith("WALL")))
+    run["gpu_peak_gib"] = int(next(ln.split()[1] for ln in lines if ln.startswith("GPU_PEAK"))) / 2 ** 30
+    run["host_peak_gib"] = int(next(ln.split()[1] for ln in lines if ln.startswith("VmHWM"))) / 2 ** 20
+    run["layer_s"] = [float(ln.split(" done in ")[1].split("s")[0]) for ln in lines if " done in " in ln]
+    run["streamed"] = any(ln.startswith("streaming ") for ln in lines)
+    run["saved_bytes"] = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors"))
+    return run
 
 
 def write(out: Path, stem: str, meta: dict, rows: list, model: dict | None) -> None:
@@ -186,17 +202,19 @@ def write(out: Path, stem: str, meta: dict, rows: list, model: dict | None) -> N
                   "no evaluation), in a child process:", ""]
         if "skipped" in model:
             lines.append(f"skipped: {model['skipped']}")
-        elif "error" in model:
-            lines.append(f"error (exit {model['returncode']}): `{model['error'][-500:]}`")
         else:
             b = model["model"]
-            ls = model["layer_s"]
-            lines.append(f"- {b['layers']} layers, {b['bytes'] / 2**30:.2f} GiB on disk (fp16); streamed: "
-                         f"{model['streamed']}; peak host memory (VmHWM) {model['host_peak_gib']:.2f} GiB; peak GPU "
-                         f"memory {model['gpu_peak_gib']:.2f} GiB; wall {model['wall_s']:.1f} s, layers "
-                         f"{min(ls):.2f}-{max(ls):.2f} s (median {sorted(ls)[len(ls) // 2]:.2f} s); "
-                         f"saved {model['saved_bytes'] / 2**30:.2f} GiB")
-            lines.append(f"- command: `{model['command']}`")
+            lines.append(f"{b['layers']} layers, {b['bytes'] / 2**30:.2f} GiB on disk (fp16), built in "
+                         f"{model['build_s']:.0f} s; one child process per run:")
+            for r in model["runs"]:
+                if "error" in r:
+                    lines.append(f"- `{r['command']}`: error (exit {r['returncode']}): `{r['error'][-500:]}`")
+                    continue
+                ls = sorted(r["layer_s"]) or [0.0]
+                lines.append(f"- `{r['command']}`: streamed {r['streamed']}; peak host memory (VmHWM) "
+                             f"{r['host_peak_gib']:.2f} GiB; peak GPU memory (first device) {r['gpu_peak_gib']:.2f} GiB; "
+                             f"wall {r['wall_s']:.1f} s; layers {ls[0]:.2f}-{ls[-1]:.2f} s, median "
+                             f"{ls[len(ls) // 2]:.2f} s, sum {sum(ls):.1f} s; saved {r['saved_bytes'] / 2**30:.2f} GiB")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -211,6 +229,9 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=None, metavar="SHAPE:METHOD:CAP",
                    help="only these layer rows, e.g. 70b:mi_50_t4.0_k10:16 (CAP - for none); default: all")
     p.add_argument("--no_model", action="store_true", help="skip the whole-model row")
+    p.add_argument("--model_runs", nargs="+", default=None, metavar="DEVICES[+one_pass]",
+                   help="compress the whole-model row once per spec, e.g. cuda:0 cuda:0,cuda:1+one_pass "
+                        "(default: cuda:0, true-sequential); the model is built once")
     p.add_argument("--model_shape", default="7b", choices=["7b", "70b"], help="shape of the whole-model row's layers")
     args = p.parse_args()
     start = time.perf_counter()
@@ -263,14 +284,14 @@ def main() -> None:
 
 def run_model(args, start: float, dev, shape: str, nsamples: int, seqlen: int) -> dict | None:
     left = args.deadline - (time.perf_counter() - start)
-    layers = min(args.model_layers, int((left - 25.0) / LAYER_S[shape]))
+    runs = len(args.model_runs or [None])
+    layers = min(args.model_layers, int((left - 25.0) / (LAYER_S[shape] * runs)))
     if layers < 2:
         return {"skipped": f"{left:.0f} s left before the deadline"}
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory(dir=os.environ.get("SCALE_WORK")) as work:
-        row = model_row(layers, dev, shape, nsamples, seqlen, Path(work))
-    print("model:", {k: v for k, v in row.items() if k != "layer_s"}, flush=True)
+        row = model_row(layers, dev, shape, nsamples, seqlen, Path(work), args.model_runs)
     return row
 
 
