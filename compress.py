@@ -504,23 +504,27 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
             first, result = checkpoint.restore(store, None if cfg.rtn else inps, emit)
         team = Team.spread(inps, kwargs, devs, fwd_batch, offload)
         del inps
-        start = time.perf_counter()
-        for i, layer in stream_layers(store, team, first):
-            tick = time.perf_counter()
-            done = compress_layer(team, i, spec, cfg, emit, timer, keep_mi and result.mi is None)
-            result.reports.update({f"{spec.layers}.{i}.{n}": r for n, r in done.reports.items()})
-            result.mi = result.mi if result.mi is not None else done.mi
-            if not cfg.rtn:
-                with timer("forward outputs"):  # in place: the next layer's inputs
-                    team.forward(in_place=True)
-                if not team.finite():
-                    raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
-                                             "try a larger --percdamp, more --nsamples or --dtype bfloat16")
-            if checkpoint is not None:
-                checkpoint.save_layer(i, layer, done.reports, None if cfg.rtn else team.shares,
-                                      {"mi": done.mi} if i == 0 and done.mi is not None else None)
-            store.finish(i, layer, done.reports)  # to the output (or kept), before the layer is unloaded
-            elapsed = time.perf_counter() - start
-            emit({"event": "layer", "layer": i, "seconds": time.perf_counter() - tick, "done": i + 1,
-                  "total": len(store), "eta": elapsed / (i + 1 - first) * (len(store) - i - 1)})
+        store.park_outer()  # embeddings and head: not needed again until evaluation and save
+        try:
+            start = time.perf_counter()
+            for i, layer in stream_layers(store, team, first):
+                tick = time.perf_counter()
+                done = compress_layer(team, i, spec, cfg, emit, timer, keep_mi and result.mi is None)
+                result.reports.update({f"{spec.layers}.{i}.{n}": r for n, r in done.reports.items()})
+                result.mi = result.mi if result.mi is not None else done.mi
+                if not cfg.rtn:
+                    with timer("forward outputs"):  # in place: the next layer's inputs
+                        team.forward(in_place=True)
+                    if not team.finite():
+                        raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
+                                                 "try a larger --percdamp, more --nsamples or --dtype bfloat16")
+                if checkpoint is not None:
+                    checkpoint.save_layer(i, layer, done.reports, None if cfg.rtn else team.shares,
+                                          {"mi": done.mi} if i == 0 and done.mi is not None else None)
+                store.finish(i, layer, done.reports)  # to the output (or kept), before the layer is unloaded
+                elapsed = time.perf_counter() - start
+                emit({"event": "layer", "layer": i, "seconds": time.perf_counter() - tick, "done": i + 1,
+                      "total": len(store), "eta": elapsed / (i + 1 - first) * (len(store) - i - 1)})
+        finally:
+            store.restore_outer()
     return result

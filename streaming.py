@@ -116,6 +116,11 @@ def _tied_groups(model) -> list[list[str]]:
     return list(groups.values())
 
 
+def _is_param(model, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(owner)._parameters
+
+
 def _set_tensor(model, names: list[str], value: torch.Tensor) -> None:
     """Put value in place of the (meta) parameter or buffer every one of `names` refers to (tied
     names get one shared Parameter, as from_pretrained ties them)."""
@@ -140,15 +145,7 @@ def load_skeleton(folder: str | Path, files: TensorFiles, dtype: torch.dtype, sp
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code)
     inside = spec.layers + "."
-    for names in _tied_groups(model):
-        if names[0].startswith(inside):
-            continue
-        stored = next((n for n in names if n in files.where), None)
-        if stored is None:
-            raise StreamError(f"{names[0]} is not in the safetensors files of {folder}")
-        t = files.read([stored])[stored]
-        t = t.to(dtype) if t.is_floating_point() else t
-        _set_tensor(model, names, t)
+    read_outer(model, files, dtype, spec, folder)
     if spec.rotary:  # non-persistent buffers (inv_freq) are computed, not stored: build them on the CPU
         rotary = get_module(model, spec.rotary)
         owner, _, attr = spec.rotary.rpartition(".")
@@ -164,6 +161,24 @@ def load_skeleton(folder: str | Path, files: TensorFiles, dtype: torch.dtype, sp
     model.config.use_cache = False
     model.eval()
     return model
+
+
+def _outer_groups(model, spec: ArchSpec) -> list[list[str]]:
+    """The tied-name groups of the state dict outside the decoder layers (embeddings, final norm, head)."""
+    inside = spec.layers + "."
+    return [names for names in _tied_groups(model) if not names[0].startswith(inside)]
+
+
+def read_outer(model, files: TensorFiles, dtype: torch.dtype, spec: ArchSpec, folder="the checkpoint") -> None:
+    """Read every tensor outside the decoder layers from `files` into the model, cast to `dtype`
+    where floating point (as from_pretrained would)."""
+    for names in _outer_groups(model, spec):
+        stored = next((n for n in names if n in files.where), None)
+        if stored is None:
+            raise StreamError(f"{names[0]} is not in the safetensors files of {folder}")
+        t = files.read([stored])[stored]
+        t = t.to(dtype) if t.is_floating_point() else t
+        _set_tensor(model, names, t)
 
 
 # ---------------------------------------------------------------- where each layer lives
@@ -212,6 +227,24 @@ class LayerStore:
         if left:  # a non-persistent buffer inside the layer: its value is in no file
             raise StreamError(f"layer {i}'s {left[0]} is not stored in the checkpoint; run with --no_stream")
         return layer
+
+    def park_outer(self) -> None:
+        """Streamed: drop the embeddings, final norm and head to meta while the layers are worked
+        on (they hold 0.5 GiB of host memory at 7B, more than one 7B layer; only the capture of the
+        first layer's inputs, the evaluation and the save need them). Nothing for a whole model."""
+        if not self.streamed:
+            return
+        for names in _outer_groups(self.model, self.spec):
+            t = self.model.get_parameter(names[0]) if _is_param(self.model, names[0]) else \
+                self.model.get_buffer(names[0])
+            _set_tensor(self.model, names, torch.empty_like(t, device="meta"))
+        release_host_memory()
+
+    def restore_outer(self) -> None:
+        """Undo park_outer: the parts outside the layers read back from the checkpoint files."""
+        if self.streamed and any(t.is_meta for n, t in self.model.state_dict(keep_vars=True).items()
+                                 if not n.startswith(self.spec.layers + ".")):
+            read_outer(self.model, self.files, self.dtype, self.spec)
 
     def unload(self, i: int, layer: torch.nn.Module) -> None:
         """Done with layer i for now: back to the CPU, or (streamed) back to meta, its host memory

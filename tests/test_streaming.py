@@ -65,6 +65,43 @@ def test_skeleton_holds_what_from_pretrained_loads(tiny_models, sharded_tied):
             assert all(p.is_meta for p in loaded.parameters())
 
 
+def test_embeddings_and_head_leave_host_memory_while_the_layers_are_worked_on(tiny_models, sharded_tied,
+                                                                                text_files, monkeypatch):
+    """Streamed: while compress_model works on the layers, the parts outside them (embeddings,
+    final norm, head: 0.5 GiB at 7B) are meta, and afterwards they are back, equal to the files
+    and still tied where the model ties them; held whole, they stay."""
+    import compress
+    seen = []
+    real = compress.compress_layer
+
+    def spy(team, i, *args, **kwargs):
+        seen.append([t.is_meta for n, t in model.state_dict(keep_vars=True).items() if not n.startswith("model.layers.")])
+        return real(team, i, *args, **kwargs)
+
+    monkeypatch.setattr(compress, "compress_layer", spy)
+    cfg = CompressConfig(wbits=4, target_avg_bits=3.5, n_groups=4)
+    for path in (tiny_models["llama"], sharded_tied):
+        spec = ARCHS["llama"]
+        files = TensorFiles(path)
+        tok = load_tokenizer(str(path), False)
+        windows = get_loaders(str(text_files["calib"]), tok, 2, 0, 32)
+        for streamed in (True, False):
+            seen.clear()
+            model = load_skeleton(path, files, torch.float32, spec) if streamed else \
+                load_model(str(path), torch.float32, False)
+            store = LayerStore(model, spec, torch.float32, files if streamed else None)
+            with torch.no_grad():
+                compress_model(model, spec, cfg, windows, "cpu", torch.float32, store=store)
+            assert len(seen) == len(store) and all(all(m) if streamed else not any(m) for m in seen), path
+            outer = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+            stored = files.read([k for k in outer if k in files.where])
+            assert all(not v.is_meta for v in outer.values())
+            for k, v in stored.items():
+                assert torch.equal(outer[k], v.float()), (path.name, k)
+            if model.config.tie_word_embeddings:
+                assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 @pytest.mark.parametrize("case", ["llama-fake", "qwen2-packed", "sharded-fake"])
 def test_streamed_run_saves_what_the_whole_model_run_saves(case, tiny_models, sharded_tied, text_files, tmp_path):
     """The same command with and without --no_stream: every saved tensor equal, the same report
