@@ -116,11 +116,6 @@ def _tied_groups(model) -> list[list[str]]:
     return list(groups.values())
 
 
-def _is_param(model, name: str) -> bool:
-    owner, _, attr = name.rpartition(".")
-    return attr in model.get_submodule(owner)._parameters
-
-
 def _set_tensor(model, names: list[str], value: torch.Tensor) -> None:
     """Put value in place of the (meta) parameter or buffer every one of `names` refers to (tied
     names get one shared Parameter, as from_pretrained ties them)."""
@@ -234,10 +229,9 @@ class LayerStore:
         first layer's inputs, the evaluation and the save need them). Nothing for a whole model."""
         if not self.streamed:
             return
+        state = self.model.state_dict(keep_vars=True)
         for names in _outer_groups(self.model, self.spec):
-            t = self.model.get_parameter(names[0]) if _is_param(self.model, names[0]) else \
-                self.model.get_buffer(names[0])
-            _set_tensor(self.model, names, torch.empty_like(t, device="meta"))
+            _set_tensor(self.model, names, torch.empty_like(state[names[0]], device="meta"))
         release_host_memory()
 
     def restore_outer(self) -> None:

@@ -253,7 +253,7 @@ def main() -> None:
     rows: list = []
     model = {"skipped": "--no_model"} if args.no_model else None
     cost = {"70b": 16.0, "7b": 6.0, "smoke": 1.0}  # seconds a row takes, warm-up included (H200 estimates)
-    per_layer = LAYER_S[model_shape]
+    per_layer = model_layer_s(args, model_shape)
     model_cost = 25.0 + per_layer * args.model_layers
     for shape, method, cap in rows_todo:
         left = args.deadline - (time.perf_counter() - start)
@@ -282,10 +282,14 @@ def main() -> None:
     print(f"wrote {out / stem}.json/.md", flush=True)
 
 
+def model_layer_s(args, shape: str) -> float:
+    """Seconds the whole-model row takes per layer: LAYER_S once for each of its runs."""
+    return LAYER_S[shape] * len(args.model_runs or [None])
+
+
 def run_model(args, start: float, dev, shape: str, nsamples: int, seqlen: int) -> dict | None:
     left = args.deadline - (time.perf_counter() - start)
-    runs = len(args.model_runs or [None])
-    layers = min(args.model_layers, int((left - 25.0) / (LAYER_S[shape] * runs)))
+    layers = min(args.model_layers, int((left - 25.0) / model_layer_s(args, shape)))
     if layers < 2:
         return {"skipped": f"{left:.0f} s left before the deadline"}
     if dev.type == "cuda":
