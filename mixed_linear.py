@@ -139,6 +139,19 @@ class MixedBitLinear(torch.nn.Module):
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
         return self._units[key]
 
+    def split_units(self, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `mixed_kernel.gemv_kernel`: the work list of `units` cut at split boundaries (the
+        kernel columns in `split` equal, tile-aligned parts) and (split + 1,) int32 offsets: part p
+        is units uoff[p] .. uoff[p + 1] (possibly none)."""
+        part = -(-self.in_features // (TILE * split)) * TILE
+        units = self.units(part, device)
+        key = (-1000 - split, device)
+        if key not in self._units:
+            first = units[:, 0].cpu() // part  # units are in kernel column order
+            uoff = torch.searchsorted(first.contiguous(), torch.arange(split + 1, dtype=torch.int32))
+            self._units[key] = uoff.to(torch.int32).to(device)
+        return units, self._units[key]
+
     def kcols32(self, device: torch.device) -> torch.Tensor:
         """kcols as int32 (index_select takes no int16), for configurations that gather x first."""
         key = (-1, device)
@@ -212,6 +225,11 @@ class MixedBitLinear(torch.nn.Module):
             return self.forward_dense(x2, cfg).reshape(*shape[:-1], self.out_features)
         xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols32(x.device))
         bias = None if self.bias is None else self.bias
+        if cfg.get("GEMV"):
+            units, uoff = self.split_units(cfg["SPLIT"], x.device)
+            out = mixed_kernel.gemv(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias,
+                                    self.out_features, cfg, xg)
+            return out.reshape(*shape[:-1], self.out_features)
         out = mixed_kernel.launch(x2, self.kcols, self.qweight, self.units(cfg["unit_k"], x.device),
                                   self.scale_bits, self.zero, bias, self.out_features, cfg, xg)
         return out.reshape(*shape[:-1], self.out_features)

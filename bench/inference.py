@@ -98,7 +98,7 @@ def synthetic_parts(R: int, C: int, target: float, sparsity: float, seed: int, d
         keep = torch.rand(R, C, generator=gd, device=device) >= sparsity
         zc = torch.cat([zero[:, j:j + 1].expand(R, e - s) for j, (s, e, _) in enumerate(runs)], 1).int()
         codes = torch.where(keep, codes, zc)  # dense codes: a pruned weight is its zero point
-    scale = torch.rand(R, len(runs), generator=gd, device=device) * 2e-3 + 1e-4
+    scale = (torch.rand(R, len(runs), generator=gd, device=device) * 2e-3 + 1e-4).half().float()  # fp16, as saved
     return {"codes": codes, "keep": keep, "scale": scale, "zero": zero,
             "perm": torch.randperm(C, generator=g), "runs": runs, "avg_bits": best_avg}
 
@@ -138,10 +138,11 @@ def copies_for(nbytes: int) -> int:
 def candidates(M: int) -> list[dict]:
     """Kernel configurations tried per (shape, tokens); unit_k is a run-time choice (no recompile)."""
     fma = dict(BLOCK_M=1, BLOCK_K=64, USE_DOT=False, GATHER=True, num_warps=1)
-    if M == 1:
-        return [dict(fma, BLOCK_N=128, unit_k=256), dict(fma, BLOCK_N=128, unit_k=512),
-                dict(fma, BLOCK_N=128, unit_k=128), dict(fma, BLOCK_N=128, unit_k=256, GATHER=False),
-                dict(fma, BLOCK_N=64, unit_k=256), dict(fma, BLOCK_N=64, unit_k=128)]
+    if M == 1:  # gemv_kernel around its default, and the fused kernel's best of 2026-11-30
+        g = mixed_kernel.GEMV1
+        return [dict(g)] + [dict(g, BLOCK_N=bn, TS=ts, SPLIT=sp) for bn, ts, sp in (
+            (128, 4, 4), (128, 4, 16), (64, 4, 8), (64, 4, 16), (128, 2, 8), (256, 2, 16))] + [
+            dict(fma, BLOCK_N=64, unit_k=128)]
     dot16 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, num_warps=4)
     if M <= 16:
         out = [dict(dot16, unit_k=512), dict(dot16, unit_k=256), dict(dot16, unit_k=1024),
@@ -153,12 +154,14 @@ def candidates(M: int) -> list[dict]:
 
 
 def cfg_name(c: dict) -> str:
+    if c.get("GEMV"):
+        return f"gemv n{c['BLOCK_N']} ts{c['TS']} split{c['SPLIT']} w{c['num_warps']}"
     kind = f"dot{c['BLOCK_M']}" if c["USE_DOT"] else "fma"
     return f"{kind} n{c['BLOCK_N']} k{c['BLOCK_K']} w{c['num_warps']} u{c['unit_k']}{'' if c['GATHER'] else ' pregather'}"
 
 
 def path_name(c: dict) -> str:
-    return "dense" if c.get("DENSE") else "fused"
+    return "dense" if c.get("DENSE") else ("gemv" if c.get("GEMV") else "fused")
 
 
 def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list[int]) -> dict:
