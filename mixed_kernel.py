@@ -37,10 +37,18 @@ decodes the codes into a dense (out, in) weight in kernel column order and x's d
 (`dense_workspace`, as large as the largest linear), and cuBLAS multiplies it with x gathered into
 kernel order once. One program per (tile of 32 kernel columns, BLOCK_N rows).
 
-Status (bench/results/inference-NVIDIA-H200-2026-11-30.md): the fused kernel is exact to the output
-rounding, but slow: 0.38x of fp16 cuBLAS at one token on a 3.5-bit LLaMA-2-7B layer, 0.16x at 16
-tokens, 0.04x at 128. It is bound by latency, not bytes: each small program runs a serial chain of
-~10 dependent memory round trips and nothing is software-pipelined. That file says what to change.
+One token: `gemv_kernel` instead (the same layout and grid arithmetic): a program owns BLOCK_N
+rows and 1/SPLIT of the kernel columns, walks its units with the grid applied once per unit, loads
+the next step's words and x before this step's arithmetic, and writes the output itself (SPLIT 1)
+or through the same split-K finish. H200, 3.5 bits
+(bench/results/inference-NVIDIA-H200-2026-12-01-gemv.md): a LLaMA-2-7B layer 188 us against fp16
+cuBLAS's 131 (0.70x; the fused kernel took 354 us, 0.38x), a 70B layer 481 against 439 (0.91x).
+It reaches 400-900 GB/s; the compiled code converts each step's words into a layout with one row of
+W per thread through shared memory and uses 168-255 registers, which is what to attack next.
+
+The fused kernel (2 and 3 tokens) is exact to the output rounding, but slow: 0.16x of fp16 at 16
+tokens, 0.04x at 128, bound by latency: each small program runs a serial chain of ~10 dependent
+memory round trips and nothing is software-pipelined.
 The dense path (H200, 3.5 bits, `python -m bench.dense_path`; the 7B layer table in
 bench/results/inference-NVIDIA-H200-2026-11-30-dense.md): a whole LLaMA-2-7B layer at 128 tokens
 0.34x of fp16 cuBLAS (425 vs 143 us; the fused kernel 0.04x); per linear at 128 tokens 4096x4096
@@ -269,7 +277,9 @@ def _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a,
     """sum_k q x (BLOCK_M, BLOCK_N) and sum_k x (BLOCK_M,) over kernel columns [a, e) of one run
     in a width-BITS block, TS tiles of 32 columns a step: the step's words of every plane are
     loaded as one (TS * P0, BLOCK_N) block (rows of W contiguous: wide, coalesced loads), the
-    slots are taken apart in registers and each code meets its token's x in one fp32 FMA."""
+    slots are taken apart in registers and each code meets its token's x in one fp32 FMA.
+    gemv_kernel's path for BLOCK_M > 1 (2-4 tokens; pick_config does not choose it: at one token it
+    took 23 us against `_gemv_unit1`'s 16.4 on a 4096x4096 linear, and 2-3 tokens are not timed)."""
     P0: tl.constexpr = 4 if BITS >= 4 else 2
     P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
     S1: tl.constexpr = 4 if BITS >= 5 else 2

@@ -5,9 +5,10 @@ checkpoint, each run of input channels at its own width (2..8 bits), without a d
     model = packing.load_packed("DIR", dtype=torch.float16, device="cuda:0", keep_packed=True)
     model.generate(...)                                  # every compressed linear is a MixedBitLinear
 
-On CUDA the forward is one fused Triton kernel below `mixed_kernel.DENSE_MIN_TOKENS` tokens
-(`mixed_kernel.py`, which documents the device layout; it is exact to the output rounding but, as
-measured, slower than fp16 cuBLAS), and from there `forward_dense`: the weight decoded by a Triton
+On CUDA the forward is one Triton kernel below `mixed_kernel.DENSE_MIN_TOKENS` tokens
+(`mixed_kernel.gemv_kernel` at one token, the fused kernel at 2 and 3; `mixed_kernel.py` documents
+the device layout; both are exact to the output rounding but, as measured, slower than fp16
+cuBLAS), and from there `forward_dense`: the weight decoded by a Triton
 kernel into a shared buffer, then cuBLAS. On the CPU,
 and as the reference, it decodes the weight exactly as `packing.load_packed`'s
 dense path does (fp32 `scale * (q - zero)`, cast to the saved dtype, then to `dtype`) and calls

@@ -300,6 +300,63 @@ def test_kernel_under_triton_interpreter():
     run_interpreted(INTERPRET_SCRIPT)
 
 
+GEMV_SCRIPT = INTERPRET_PRELUDE + r"""
+# (case, tokens, x dtype, config): every width 2..8 (case 0), a padded last tile (80, 37 columns),
+# unstructured and 2:4 pruning, SPLIT 1 (direct store) and split-K with empty parts (37 columns in
+# 4 parts), one token (gemv_kernel's pipelined path) and 2-4 tokens (its slot loop), x gathered
+# in the kernel or before it
+G = dict(GEMV=True, BLOCK_N=16, num_warps=4)
+RUNS = [(0, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=1, GATHER=True)),
+        (0, 2, torch.float16, dict(G, BLOCK_M=2, TS=1, SPLIT=3, GATHER=False)),
+        (3, 3, torch.float32, dict(G, BLOCK_M=4, TS=2, SPLIT=2, GATHER=True)),
+        (4, 1, torch.float16, dict(G, BLOCK_M=1, TS=4, SPLIT=4, GATHER=True)),
+        (5, 1, torch.float32, dict(G, BLOCK_M=1, TS=1, SPLIT=4, GATHER=False))]
+for case, M, dtype, cfg in RUNS:
+    R, C, widths, prune = t.CASES[case]
+    W, (tensors, info) = t.packed_linear(R, C, widths, prune, torch.float32, seed=11)
+    bias = torch.randn(R).to(dtype)
+    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=bias, dtype=torch.float32, device="cpu")
+    x = torch.randn(M, C).to(dtype)
+    xg = x.index_select(1, m.kcols.int())
+    units, uoff = m.split_units(cfg["SPLIT"], x.device)
+    assert uoff[0] == 0 and uoff[-1] == units.shape[0] and bool((uoff[1:] >= uoff[:-1]).all())
+    part = -(-C // (32 * cfg["SPLIT"])) * 32
+    for p in range(cfg["SPLIT"]):  # part p's units lie in its columns and cover them
+        us = units[uoff[p]:uoff[p + 1]]
+        assert bool((us[:, 0] >= p * part).all() and (us[:, 1] <= (p + 1) * part).all())
+    mixed_kernel.workspace(x.device, M * R, 64)
+    ws, cnt = mixed_kernel._WORKSPACE[x.device]
+    BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
+                  for b in (x, xg, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, ws, cnt)]
+    orig_empty = torch.empty
+    def empty(*a, **k):  # gemv allocates its output: that block is allowed too
+        o = orig_empty(*a, **k)
+        BUFFERS.append((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()))
+        return o
+    torch.empty = empty
+    out = mixed_kernel.gemv(x, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, R, cfg, xg)
+    torch.empty = orig_empty
+    ref = torch.nn.functional.linear(x.double(), W.double(), bias.double())
+    err = float((out.double() - ref).abs().max() / ref.abs().max())
+    tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp32 sums; fp16 output rounding
+    assert out.dtype == dtype and out.shape == (M, R) and err < tol, (case, M, cfg, err)
+    assert not ws.any() and not cnt.any()  # left clean for the next call
+try:
+    mixed_kernel.gemv(torch.randn(2, 96), m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, None, R,
+                      dict(G, BLOCK_M=1, TS=1, SPLIT=1, GATHER=True))
+    raise SystemExit("2 tokens accepted by a BLOCK_M 1 configuration")
+except ValueError:
+    pass
+print("ok")
+"""
+
+
+def test_gemv_kernel_under_triton_interpreter():
+    """gemv_kernel (the one-token path) equals F.linear with the exact weight, for every width,
+    split-K layout and token count it takes, and leaves the shared workspace clean."""
+    run_interpreted(GEMV_SCRIPT)
+
+
 DEQUANT_SCRIPT = INTERPRET_PRELUDE + r"""
 # (case, saved dtype, module dtype, x dtype, BLOCK_N): every width 2..8 in one module or another,
 # unstructured and 2:4 pruning, GQA-like non-square shapes, row counts that BLOCK_N does not divide
@@ -358,6 +415,7 @@ def test_pick_config_switches_to_the_dense_path():
     N, K = 4096, 4096
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         assert not mixed_kernel.pick_config(mixed_kernel.DENSE_MIN_TOKENS - 1, N, K, dtype).get("DENSE")
+        assert mixed_kernel.pick_config(1, N, K, dtype).get("GEMV")  # one token: gemv_kernel
         assert mixed_kernel.pick_config(mixed_kernel.DENSE_MIN_TOKENS, N, K, dtype)["DENSE"]
         assert mixed_kernel.pick_config(300, N, K, dtype)["DENSE"]
         assert not mixed_kernel.pick_config(300, N, K, dtype, dense=False).get("DENSE")  # the fused kernel, asked for
