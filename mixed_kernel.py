@@ -43,8 +43,8 @@ the next step's words and x before this step's arithmetic, and writes the output
 or through the same split-K finish. H200, 3.5 bits
 (bench/results/inference-NVIDIA-H200-2026-12-01-gemv.md): a LLaMA-2-7B layer 188 us against fp16
 cuBLAS's 131 (0.70x; the fused kernel took 354 us, 0.38x), a 70B layer 481 against 439 (0.91x).
-It reaches 400-900 GB/s; the compiled code converts each step's words into a layout with one row of
-W per thread through shared memory and uses 168-255 registers, which is what to attack next.
+It reaches 400-900 GB/s; removing the layout conversions of the words did not help (see
+`_gemv_unit1`), its 255 registers per thread are what to attack next.
 
 The fused kernel (2 and 3 tokens) is exact to the output rounding, but slow: 0.16x of fp16 at 16
 tokens, 0.04x at 128, bound by latency: each small program runs a serial chain of ~10 dependent
@@ -361,8 +361,10 @@ def _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
     (J, PER) x, and the next step's words and x loaded before this step's arithmetic (software
     pipelining by hand: two steps of loads in flight). Measured (H200, 3.5 bits, 4096x4096):
     16.4 us against 23 us for the slot loop with the same prefetch, whose per-slot x loads sit
-    on the critical path; the 3D form costs layout conversions of the words (the generated code's
-    3D layout puts one row of W per thread), which is what to remove next."""
+    on the critical path. The generated code converts each step's words into a 3D layout with one
+    row of W per thread; loading them as (J, 1, BLOCK_N) tensors in that layout removed 19 of 29
+    conversions but no time (within 5% either way on the three 7B shapes), so conversions are not
+    what holds it back: the 255 registers (two programs per SM) are the next suspect."""
     P0: tl.constexpr = 4 if BITS >= 4 else 2
     P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
     S1: tl.constexpr = 4 if BITS >= 5 else 2
