@@ -1,8 +1,7 @@
 """The fused mixed-width kernel (mixed_kernel.py) and the many-token dense path (dequant_kernel,
 then cuBLAS) against the PyTorch path of MixedBitLinear and an exact float64 reference, on CUDA:
-mixed widths 2..8, unstructured and 2:4 sparsity, GQA shapes, biases, 1/4/16 tokens (fused) and
-32/128/300 (dense; the fused kernel forced too; one token
-runs gemv_kernel), fp16 and bf16 (and fp32) inputs.
+mixed widths 2..8, unstructured and 2:4 sparsity, GQA shapes, biases, 1 token (gemv_kernel), 4/16
+(fused) and 32/128/300 (dense; the fused kernel forced too), fp16 and bf16 (and fp32) inputs.
 
     python -m pytest -q tests_gpu/test_mixed_kernel.py
 
