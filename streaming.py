@@ -18,6 +18,9 @@ the embeddings and the calibration activations, whatever the model size.
     store.writer.finish(model, tokenizer, report)                          # the rest, the index, renamed
     perplexity(model, spec, tokens, seqlen, devs, dtype, store=store)    # reads the saved layers
 
+A .gguf file is converted once into such a checkpoint in the run's dtype (`gguf_checkpoint`, kept in
+`cache_root()`) and streamed from there.
+
 `LayerStore` is also what a model held whole in memory goes through (files None): then a layer
 is moved to the device and back, as before streaming existed, and the writer, if any, still
 gets each layer when it is done.
@@ -89,15 +92,16 @@ class TensorFiles:
         return out
 
 
-def local_checkpoint(model: str) -> Path | None:
-    """The local folder holding `model`'s safetensors checkpoint: the folder itself, or for a
-    hub id its download (once, into the hub cache: configuration and safetensors files only);
-    None for a .gguf file, a checkpoint without safetensors, or a download that failed (the
-    whole-model loader then says why)."""
+def local_checkpoint(model: str, dtype: torch.dtype | None = None) -> Path | None:
+    """The local folder holding `model`'s safetensors checkpoint: the folder itself, for a hub id
+    its download (once, into the hub cache: configuration and safetensors files only), for a
+    .gguf file its conversion to `dtype` (once, into the cache: `gguf_checkpoint`; without a
+    dtype, None); None for a checkpoint without safetensors or a download or conversion that
+    failed (the whole-model loader then says why)."""
     from model_io import model_location
     where, extra = model_location(model)
-    if extra:  # gguf_file: dequantized by transformers as a whole
-        return None
+    if extra:  # gguf_file
+        return None if dtype is None else gguf_checkpoint(Path(model).expanduser(), dtype)
     folder = Path(where)
     if not folder.is_dir():
         try:
@@ -106,6 +110,44 @@ def local_checkpoint(model: str) -> Path | None:
         except Exception:  # offline, gated, no such repository: the whole-model path reports it
             return None
     return folder if TensorFiles.find(folder) is not None else None
+
+
+CACHE_ENV = "VICUNA_MI_CACHE"
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints are kept: $VICUNA_MI_CACHE, else ~/.cache/vicuna_mi."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vicuna_mi").expanduser()
+
+
+def gguf_checkpoint(path: Path, dtype: torch.dtype) -> Path | None:
+    """A .gguf file as a safetensors checkpoint in `dtype` that the layers can be streamed from.
+    Converted once per file (name, size, modification time) and dtype into
+    cache_root()/gguf/: transformers' GGUF loader dequantizes the whole model in host memory
+    this once (as the whole-model path does on every run), it is written as shards with
+    config.json, and later runs stream it. In the run's dtype, so a streamed run computes on
+    exactly the weights the whole-model path would load. None (with a note) if the conversion
+    fails: the whole-model path then loads the file and reports why."""
+    from model_io import load_model, load_tokenizer, save_model
+    st = path.stat()
+    folder = cache_root() / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-{str(dtype).split('.')[-1]}"
+    if (folder / "config.json").is_file() and TensorFiles.find(folder) is not None:
+        return folder
+    print(f"converting {path} once to {dtype} safetensors in {folder} (this once the whole model is in "
+          f"host memory; later runs stream it; ${CACHE_ENV} moves the cache)", flush=True)
+    try:
+        model = load_model(str(path), dtype, False)
+        shutil.rmtree(folder, ignore_errors=True)  # an unreadable leftover of the same name
+        # the layout a run saves (one shard per layer, index, config, tokenizer), written to a
+        # temporary folder and renamed into place: never a half-written cache entry
+        save_model(model, load_tokenizer(str(path), False), str(folder), {"converted_from": str(path)}, False)
+        del model
+        release_host_memory()
+    except Exception as e:  # noqa: BLE001 - the whole-model path loads the file again and raises the real error
+        print(f"note: could not convert {path.name} to safetensors ({str(e).splitlines()[0] if str(e) else e!r})",
+              flush=True)
+        return None
+    return folder
 
 
 def _tied_groups(model) -> list[list[str]]:

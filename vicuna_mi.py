@@ -8,7 +8,7 @@ line: flags, their validation, the choice of devices, and the run from loading t
 One decoder layer at a time goes to the GPU(s) with the calibration activations
 (layerwise.py), is compressed linear set by linear set in true-sequential order
 (compress.py), and its outputs feed the next layer. A local safetensors checkpoint (or a hub
-model's, downloaded once) is streamed: only the embeddings, norm and head are held in host
+model's, downloaded once, or a .gguf file's conversion, made once) is streamed: only the embeddings, norm and head are held in host
 memory, each layer is read from disk when it is its turn and written to --save as soon as it
 is compressed (streaming.py). The compressed model is saved before it is evaluated, and the
 evaluation reads the saved layers.
@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_stream", action="store_true",
                    help="load the whole model into host memory, as before streaming existed, instead of "
                         "reading one decoder layer at a time from the checkpoint's safetensors files and writing "
-                        "each compressed layer to --save at once (.gguf files and .bin-only checkpoints are "
-                        "always loaded whole)")
+                        "each compressed layer to --save at once (.bin-only checkpoints are always loaded whole; "
+                        "a .gguf file is converted once to safetensors in the run's dtype, in $VICUNA_MI_CACHE or "
+                        "~/.cache/vicuna_mi, and streamed from there)")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its per-layer checkpoints in the work folder (the "
@@ -434,7 +435,7 @@ def load(args, model_cfg, spec, dtype, devs):
     from streaming import StreamError, TensorFiles, bound_host_memory, load_skeleton, local_checkpoint
     where = f"{args.model} ({model_cfg.model_type}, {model_cfg.num_hidden_layers} layers)"
     compute = f"compressing on {', '.join(map(str, devs))}"
-    folder = None if args.no_stream else local_checkpoint(args.model)
+    folder = None if args.no_stream else local_checkpoint(args.model, dtype)
     if folder is not None:
         files = TensorFiles(folder)
         try:

@@ -100,10 +100,12 @@ def test_cli_end_to_end(smol, prose, tmp_path):
          "--nsamples", "4", "--seqlen", str(SEQLEN), "--sparsity", "0.5", "--wbits", "4",
          "--target_avg_bits", str(target), "--eval", str(prose["eval"]), "--eval_windows", "8", "--save", str(save),
          "--clip", "minmax"],  # the MSE grid search costs ~0.1 s a grid on 2 cores; tests/test_stored_bits.py has it
-        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                       "VICUNA_MI_CACHE": str(tmp_path / "cache")},
         capture_output=True, text=True, timeout=1800)
     print(f"\nCLI run in {time.perf_counter() - tick:.0f}s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "converting" in proc.stdout and "\nstreaming" in proc.stdout  # the .gguf streams from its conversion
     report = json.loads((save / "compression_report.json").read_text())
 
     ppl = report["ppl"][str(prose["eval"])]
@@ -173,3 +175,35 @@ def test_mi_3bit_against_uniform_baselines(smol, prose):
     assert all(math.isfinite(p) for p in (mi_ppl, gptq_ppl, rtn_ppl))
     assert mi_ppl <= 0.6 * rtn_ppl
     assert mi_ppl <= 1.15 * gptq_ppl
+
+
+def test_gguf_is_converted_once_and_streamed(smol, tmp_path, monkeypatch):
+    """A .gguf file streams from a safetensors conversion in the run's dtype, made once into the
+    cache: the skeleton and every layer read from it equal the whole-model load of the file
+    (tied head included), a second run reuses it, and no partial folder is left."""
+    import model_io
+    from streaming import LayerStore, TensorFiles, load_skeleton, local_checkpoint
+    monkeypatch.setenv("VICUNA_MI_CACHE", str(tmp_path))
+    folder = local_checkpoint(str(GGUF), torch.float32)
+    assert folder is not None and folder.parent == tmp_path / "gguf" and folder.name.endswith("-float32")
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [folder.name]
+    whole, spec = smol["model"], smol["spec"]
+    files = TensorFiles(folder)
+    model = load_skeleton(folder, files, torch.float32, spec)
+    inside = spec.layers + "."
+    expected = {k: v for k, v in smol["state"].items() if not k.startswith(inside)}
+    got = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
+    assert got.keys() == expected.keys()
+    assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in expected.items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # SmolLM2 ties them
+    store = LayerStore(model, spec, torch.float32, files)
+    for i in range(len(whole.model.layers)):
+        loaded = store.load(i, "cpu")
+        for k, v in loaded.state_dict().items():
+            assert torch.equal(v, smol["state"][f"{inside}{i}.{k}"]), (i, k)  # q/k un-permuted as transformers does
+        store.unload(i, loaded)
+
+    def no_second_conversion(*a, **k):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(model_io, "load_model", no_second_conversion)
+    assert local_checkpoint(str(GGUF), torch.float32) == folder

@@ -132,10 +132,10 @@ def test_streamed_run_saves_what_the_whole_model_run_saves(case, tiny_models, sh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"], "no temporary folder is left"
 
 
-def test_hub_models_stream_from_their_download_and_gguf_loads_whole(tiny_models, tmp_path, monkeypatch):
+def test_hub_models_stream_from_their_download(tiny_models, tmp_path, monkeypatch):
     """A hub id streams from its snapshot (configuration and safetensors only, downloaded once into
-    the hub cache); a failed download, a folder without safetensors and a .gguf file take the
-    whole-model path."""
+    the hub cache); a failed download, a folder without safetensors and an unreadable .gguf file
+    take the whole-model path."""
     import huggingface_hub
     from streaming import local_checkpoint
     asked = []
@@ -153,6 +153,11 @@ def test_hub_models_stream_from_their_download_and_gguf_loads_whole(tiny_models,
     assert local_checkpoint(str(tmp_path / "bin")) is None
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     assert local_checkpoint(str(tmp_path / "m.gguf")) is None
+    # with the run's dtype a .gguf file is converted (tests/test_smollm2.py); one that cannot be
+    # read takes the whole-model path, which reports why, and leaves nothing in the cache
+    monkeypatch.setenv("VICUNA_MI_CACHE", str(tmp_path / "cache"))
+    assert local_checkpoint(str(tmp_path / "m.gguf"), torch.float16) is None
+    assert not any((tmp_path / "cache").rglob("*.safetensors")) and not list((tmp_path / "cache").rglob("*partial*"))
 
 
 def _streamed(path: Path, writer_dir: Path | None, dtype=torch.float32):
