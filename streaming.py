@@ -131,19 +131,25 @@ def gguf_checkpoint(path: Path, dtype: torch.dtype) -> Path | None:
     from model_io import load_model, load_tokenizer, save_model
     st = path.stat()
     folder = cache_root() / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-{str(dtype).split('.')[-1]}"
-    if (folder / "config.json").is_file() and TensorFiles.find(folder) is not None:
+
+    def ready() -> bool:
+        return (folder / "config.json").is_file() and TensorFiles.find(folder) is not None
+    if ready():
         return folder
     print(f"converting {path} once to {dtype} safetensors in {folder} (this once the whole model is in "
           f"host memory; later runs stream it; ${CACHE_ENV} moves the cache)", flush=True)
     try:
         model = load_model(str(path), dtype, False)
-        shutil.rmtree(folder, ignore_errors=True)  # an unreadable leftover of the same name
+        if folder.exists():  # an unreadable leftover of the same name
+            shutil.rmtree(folder, ignore_errors=True)
         # the layout a run saves (one shard per layer, index, config, tokenizer), written to a
         # temporary folder and renamed into place: never a half-written cache entry
         save_model(model, load_tokenizer(str(path), False), str(folder), {"converted_from": str(path)}, False)
         del model
         release_host_memory()
     except Exception as e:  # noqa: BLE001 - the whole-model path loads the file again and raises the real error
+        if ready():  # another run converted the same file meanwhile
+            return folder
         print(f"note: could not convert {path.name} to safetensors ({str(e).splitlines()[0] if str(e) else e!r})",
               flush=True)
         return None
