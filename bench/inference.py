@@ -8,8 +8,8 @@
 (1) Kernels: per-linear and per-layer (the 7 linears) time of MixedBitLinear against fp16
     F.linear (cuBLAS) on LLaMA-2-7B (4096/11008) and 70B (8192/28672, k/v 1024 rows) shapes at
     1, 4, 16 and 128 tokens (--tokens), at 3.0, 3.5 and 4.0 stored bits and at 4.0 bits + 50% sparsity.
-    Each call times the module as the forward runs it: below mixed_kernel.DENSE_MIN_TOKENS tokens
-    the fused kernel, from there on the dense path (dequant_kernel into a buffer, then cuBLAS);
+    Each call times the module as the forward runs it: at one token gemv_kernel, then below
+    mixed_kernel.DENSE_MIN_TOKENS tokens the fused kernel, from there on the dense path (dequant_kernel into a buffer, then cuBLAS);
     the tables say which ran.
     Synthetic linears: 10 channel clusters of random sizes (0.5-1.5x the mean) in a random
     permutation; widths per target as an allocation spreads them (3.0: 2,2,2,3,3,3,3,4,4,4;
@@ -388,8 +388,8 @@ def markdown(res: dict) -> str:
             return r["tokens"][m]["layer"].get("path", "fused")
         paths = {m: sorted({path(r, m) for st in k["settings"].values() for r in st.values()}) for m in toks}
         L += ["## Per layer (the 7 linears back to back, CUDA graph): speed-up over fp16 cuBLAS (packed vs fp16 us)",
-              "", "What ran, per token count (fused: the fused kernel; dense: dequant_kernel into a buffer, then "
-              "cuBLAS): " + ", ".join(f"{m} tok {'/'.join(p)}" for m, p in paths.items()), "",
+              "", "What ran, per token count (gemv: gemv_kernel; fused: the fused kernel; dense: dequant_kernel into a "
+              "buffer, then cuBLAS): " + ", ".join(f"{m} tok {'/'.join(p)}" for m, p in paths.items()), "",
               "| model | stored bits | " + " | ".join(f"{m} tok" for m in toks) + f" | packed GB/s, {toks[0]} tok |",
               "|---|---|" + "---|" * (len(toks) + 1)]
         for model, settings in k["settings"].items():
@@ -417,7 +417,7 @@ def markdown(res: dict) -> str:
                     f"{r['tokens'][m][n]['us']:.1f} / {r['tokens'][m][n]['fp16_us']:.1f}, "
                     f"{r['tokens'][m][n]['speedup']:.2f}x, {r['tokens'][m][n]['GBps']:.0f}, "
                     f"{r['tokens'][m][n].get('path', 'fused')}" for m in toks) + " |")
-        L += ["", "Configuration per shape and token count (fused: the best of the candidates timed; dense: "
+        L += ["", "Configuration per shape and token count (gemv, fused: the best of the candidates timed; dense: "
                   "pick_config's):", ""]
         L += [f"- {key}: {v['config']}" for key, v in k["tuned"].items()]
     m = res.get("model")
