@@ -159,6 +159,32 @@ def test_repeat_and_cuda_graph(layers):
         assert rel(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+@pytest.mark.parametrize("variant", [dict(SPLIT=1), dict(SPLIT=4, TS=2), dict(SPLIT=16, BLOCK_N=64),
+                                     dict(SPLIT=8, GATHER=False), dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2)])
+def test_gemv_variants(layers, case, variant):
+    """gemv_kernel's tuning space: direct store (SPLIT 1) and split-K, smaller steps and rows, x
+    gathered first, and its 2-4 token path (pick_config does not choose that one yet); graph replays
+    of the split-K form leave the workspace clean."""
+    parts, W, bias = layers[case]
+    m = MixedBitLinear.from_parts(parts, bias=bias.half(), dtype=torch.float16, device="cuda")
+    m.tune = dict(mixed_kernel.GEMV1, **variant)
+    x = torch.randn(m.tune["BLOCK_M"] - (m.tune["BLOCK_M"] == 4), W.shape[1], device="cuda").half()  # 1, 2, 3 tokens
+    exact = F.linear(x.double(), W.double(), bias.half().double())
+    torch_path = F.linear(x, m.dequantize(), m.bias)
+    err, err_torch = rel(m(x), exact), rel(torch_path, exact)
+    assert err < TOL[torch.float16] and err <= 2 * err_torch + 1e-7, (err, err_torch)
+    static_x = x.clone()
+    g, out = captured(m, static_x)
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        assert rel(out, F.linear(static_x.double(), W.double(), bias.half().double())) < TOL[torch.float16]
+    torch.cuda.synchronize()
+    for buf in mixed_kernel._WORKSPACE.get(out.device, ()):  # none yet if only SPLIT 1 ran so far
+        assert not buf.any()
+
+
 def test_load_packed_on_cuda_runs_the_kernel(tmp_path):
     """A whole tiny model: packed runtime on CUDA against the dense decode on CUDA."""
     model, reports = compress_tiny("qwen2", torch.float16, "50%", seed=3)
