@@ -179,6 +179,26 @@ def _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e
     return acc, xs
 
 
+@triton.jit
+def _unit_meta(unit_ptr, u):
+    """Fields a, e, bits, run, W0, nt, block start of unit u (UNIT_FIELDS int32 a unit)."""
+    meta = unit_ptr + u * 8  # UNIT_FIELDS (a plain literal: jit code reads no non-constexpr globals)
+    return (tl.load(meta), tl.load(meta + 1), tl.load(meta + 2), tl.load(meta + 3), tl.load(meta + 4),
+            tl.load(meta + 5), tl.load(meta + 6))
+
+
+@triton.jit
+def _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16: tl.constexpr):
+    """fp32 scale and zero point of one run for BLOCK_N rows (scales stored as raw fp16 or fp32 bits)."""
+    sp = scale_ptr + run.to(tl.int64) * N + rows
+    if SCALE_F16:
+        s = tl.load(sp, mask=rmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        s = tl.load(sp, mask=rmask, other=0).to(tl.float32, bitcast=True)
+    z = tl.load(zero_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.float32)
+    return s, z
+
+
 @triton.jit(do_not_specialize=["M", "has_bias"])  # one binary for every token count
 def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                         M, N, stride_xm, has_bias,
@@ -189,14 +209,7 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
     pn = tl.program_id(1)
     pm = tl.program_id(2)
     n_units = tl.num_programs(0)
-    meta = unit_ptr + u * 8
-    a = tl.load(meta)
-    e = tl.load(meta + 1)
-    bits = tl.load(meta + 2)
-    run = tl.load(meta + 3)
-    W0 = tl.load(meta + 4)
-    nt = tl.load(meta + 5)
-    start = tl.load(meta + 6)
+    a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u)
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ms = pm * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,12 +241,7 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
                         8, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
 
     # per (run, row) grid: y = s * (sum q x - z * sum x)
-    sp = scale_ptr + run.to(tl.int64) * N + rows
-    if SCALE_F16:
-        s = tl.load(sp, mask=rmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        s = tl.load(sp, mask=rmask, other=0).to(tl.float32, bitcast=True)
-    z = tl.load(zero_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.float32)
+    s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
     y = s[None, :] * (acc - z[None, :] * xs[:, None])  # (BLOCK_M, BLOCK_N)
 
     # split-K over units: fp32 atomics into the workspace; the last program of the tile finishes
@@ -293,15 +301,8 @@ def _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a,
     xs = tl.zeros((BLOCK_M, J), tl.float32)
     t1 = (e - start + 31) // 32  # block-relative tiles [t0, t1) hold the unit
     for t0 in range((a - start) // 32, t1, TS):
-        tt = t0 + tj
-        wmask = (tt < t1)[:, None] & rmask[None, :]
-        w0 = tl.load(qw_ptr + (W0 + tt * P0 + w)[:, None].to(tl.int64) * N + rows[None, :], mask=wmask, other=0)
-        if P1 > 0:  # column s*P0 + w of a tile is in plane 1's word w % P1, slot s*P0/P1 + w//P1
-            w1 = tl.load(qw_ptr + (W0 + S1 * nt + tt * P1 + w % P1)[:, None].to(tl.int64) * N + rows[None, :],
-                         mask=wmask, other=0)
-        if P2 > 0:  # one 1-bit word per tile: column c at bit c
-            w2 = tl.load(qw_ptr + (W0 + 6 * nt + tt)[:, None].to(tl.int64) * N + rows[None, :], mask=wmask, other=0)
-        cb = start + tt * 32 + w
+        w0, w1, w2 = _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS, TS)
+        cb = start + (t0 + tj) * 32 + w
         for s in tl.static_range(PER):
             c = cb + s * P0  # (J,) kernel columns of slot s
             cm = (c >= a) & (c < e)
@@ -322,16 +323,15 @@ def _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a,
 
 
 @triton.jit
-def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0, t1,
-                BITS: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
-    """Everything one step of `_gemv_unit1` reads, issued together: the words of every plane for
-    tiles t0 .. t0 + TS (each (TS * P0, BLOCK_N), in plane 0's shape) and x at their columns,
-    (TS * P0, PER) (slot s of word row j)."""
+def _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS: tl.constexpr, TS: tl.constexpr):
+    """The words of every plane for block-relative tiles t0 .. t0 + TS (those from t1 on masked),
+    each (TS * P0, BLOCK_N) in plane 0's shape: row j = tile j // P0, word j % P0 of plane 0; plane
+    1's word for the same columns is w % P1 (column s*P0 + w sits at its slot s*P0/P1 + w//P1), plane
+    2 (7 bits) has one 1-bit word per tile. Planes a width lacks come back as plane 0 (unused)."""
     P0: tl.constexpr = 4 if BITS >= 4 else 2
     P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
     S1: tl.constexpr = 4 if BITS >= 5 else 2
     P2: tl.constexpr = 1 if BITS == 7 else 0
-    PER: tl.constexpr = 32 // P0
     j = tl.arange(0, TS * P0)
     tt = t0 + j // P0
     w = j % P0
@@ -344,7 +344,19 @@ def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0
                      mask=wmask, other=0)
     if P2 > 0:
         w2 = tl.load(qw_ptr + (W0 + 6 * nt + tt)[:, None].to(tl.int64) * N + rows[None, :], mask=wmask, other=0)
-    c = (start + tt * 32 + w)[:, None] + (tl.arange(0, PER) * P0)[None, :]  # (J, PER) kernel columns
+    return w0, w1, w2
+
+
+@triton.jit
+def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0, t1,
+                BITS: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
+    """Everything one step of `_gemv_unit1` reads, issued together: `_step_words` and x at their
+    columns, (TS * P0, PER) (slot s of word row j)."""
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    PER: tl.constexpr = 32 // P0
+    j = tl.arange(0, TS * P0)
+    w0, w1, w2 = _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS, TS)
+    c = (start + (t0 + j // P0) * 32 + j % P0)[:, None] + (tl.arange(0, PER) * P0)[None, :]  # (J, PER) kernel columns
     cm = (c >= a) & (c < e)
     if GATHER:
         col = tl.load(kcol_ptr + c, mask=cm, other=0).to(tl.int64)
@@ -394,6 +406,19 @@ def _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
     return tl.sum(acc, axis=0)[None, :], tl.zeros((1,), tl.float32) + tl.sum(xs, axis=0)
 
 
+@triton.jit
+def _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr,
+                GATHER: tl.constexpr, ONE: tl.constexpr):
+    """One unit of width BITS: the pipelined one-token path (ONE) or the slot loop for BLOCK_M tokens."""
+    if ONE:
+        acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, BITS, BLOCK_N, TS, GATHER)
+    else:
+        acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                             BITS, BLOCK_M, BLOCK_N, TS, GATHER)
+    return acc, xs
+
+
 @triton.jit(do_not_specialize=["M", "has_bias", "n_split"])
 def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 M, N, stride_xm, has_bias, n_split,
@@ -412,69 +437,30 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     mmask = ms < M
     y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for u in range(tl.load(uoff_ptr + ps), tl.load(uoff_ptr + ps + 1)):
-        meta = unit_ptr + u * 8
-        a = tl.load(meta)
-        e = tl.load(meta + 1)
-        bits = tl.load(meta + 2)
-        run = tl.load(meta + 3)
-        W0 = tl.load(meta + 4)
-        nt = tl.load(meta + 5)
-        start = tl.load(meta + 6)
+        a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u)
+        # one specialised copy of the unit's loop per width
         if bits == 2:
-            if ONE:
-                acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
-                                      2, BLOCK_N, TS, GATHER)
-            else:
-                acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                     start, 2, BLOCK_M, BLOCK_N, TS, GATHER)
+            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
+                                  start, 2, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
         elif bits == 3:
-            if ONE:
-                acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
-                                      3, BLOCK_N, TS, GATHER)
-            else:
-                acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                     start, 3, BLOCK_M, BLOCK_N, TS, GATHER)
+            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
+                                  start, 3, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
         elif bits == 4:
-            if ONE:
-                acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
-                                      4, BLOCK_N, TS, GATHER)
-            else:
-                acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                     start, 4, BLOCK_M, BLOCK_N, TS, GATHER)
+            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
+                                  start, 4, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
         elif bits == 5:
-            if ONE:
-                acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
-                                      5, BLOCK_N, TS, GATHER)
-            else:
-                acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                     start, 5, BLOCK_M, BLOCK_N, TS, GATHER)
+            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
+                                  start, 5, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
         elif bits == 6:
-            if ONE:
-                acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
-                                      6, BLOCK_N, TS, GATHER)
-            else:
-                acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                     start, 6, BLOCK_M, BLOCK_N, TS, GATHER)
+            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
+                                  start, 6, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
         elif bits == 7:
-            if ONE:
-                acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
-                                      7, BLOCK_N, TS, GATHER)
-            else:
-                acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                     start, 7, BLOCK_M, BLOCK_N, TS, GATHER)
+            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
+                                  start, 7, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
         else:
-            if ONE:
-                acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
-                                      8, BLOCK_N, TS, GATHER)
-            else:
-                acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                     start, 8, BLOCK_M, BLOCK_N, TS, GATHER)
-        sp = scale_ptr + run.to(tl.int64) * N + rows
-        if SCALE_F16:
-            s = tl.load(sp, mask=rmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-        else:
-            s = tl.load(sp, mask=rmask, other=0).to(tl.float32, bitcast=True)
-        z = tl.load(zero_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.float32)
+            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
+                                  start, 8, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
+        s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
         y += s[None, :] * (acc - z[None, :] * xs[:, None])
     rows2 = ms[:, None] * 0 + rows[None, :]
     ms2 = ms[:, None] + rows[None, :] * 0
