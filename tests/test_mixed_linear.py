@@ -244,6 +244,19 @@ B = interpreter.InterpreterBuilder
 B.create_masked_load = checked(B.create_masked_load, 0, 1)
 B.create_masked_store = checked(B.create_masked_store, 0, 2)
 B.create_atomic_rmw = checked(B.create_atomic_rmw, 1, 3)
+
+def outputs_allowed(fn, *args):
+    # fn(*args), with every block torch.empty allocates meanwhile (a launcher's output) added to BUFFERS
+    orig_empty = torch.empty
+    def empty(*a, **k):
+        o = orig_empty(*a, **k)
+        BUFFERS.append((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()))
+        return o
+    torch.empty = empty
+    try:
+        return fn(*args)
+    finally:
+        torch.empty = orig_empty
 """
 
 INTERPRET_SCRIPT = INTERPRET_PRELUDE + r"""
@@ -267,14 +280,7 @@ for case, runs in RUNS.items():  # all widths; in_features 96 and 80 (a padded t
         ws, cnt = mixed_kernel._WORKSPACE[x.device]
         BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
                       for b in (x, xg, m.kcols, m.qweight, units, m.scale_bits, m.zero, bias, ws, cnt)]
-        orig_empty = torch.empty
-        def empty(*a, **k):  # launch allocates its output: that block is allowed too
-            o = orig_empty(*a, **k)
-            BUFFERS.append((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()))
-            return o
-        torch.empty = empty
-        out = mixed_kernel.launch(x, m.kcols, m.qweight, units, m.scale_bits, m.zero, bias, R, cfg, xg)
-        torch.empty = orig_empty
+        out = outputs_allowed(mixed_kernel.launch, x, m.kcols, m.qweight, units, m.scale_bits, m.zero, bias, R, cfg, xg)
         ref = torch.nn.functional.linear(x.double(), W.double(), bias.double())
         err = float((out.double() - ref).abs().max() / ref.abs().max())
         tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp32 sums; fp16 output rounding
@@ -328,14 +334,7 @@ for case, M, dtype, cfg in RUNS:
     ws, cnt = mixed_kernel._WORKSPACE[x.device]
     BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
                   for b in (x, xg, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, ws, cnt)]
-    orig_empty = torch.empty
-    def empty(*a, **k):  # gemv allocates its output: that block is allowed too
-        o = orig_empty(*a, **k)
-        BUFFERS.append((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()))
-        return o
-    torch.empty = empty
-    out = mixed_kernel.gemv(x, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, R, cfg, xg)
-    torch.empty = orig_empty
+    out = outputs_allowed(mixed_kernel.gemv, x, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, R, cfg, xg)
     ref = torch.nn.functional.linear(x.double(), W.double(), bias.double())
     err = float((out.double() - ref).abs().max() / ref.abs().max())
     tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp32 sums; fp16 output rounding
