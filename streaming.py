@@ -284,8 +284,10 @@ class LayerStore:
 
     def restore_outer(self) -> None:
         """Undo park_outer: the parts outside the layers read back from the checkpoint files."""
-        if self.streamed and any(t.is_meta for n, t in self.model.state_dict(keep_vars=True).items()
-                                 if not n.startswith(self.spec.layers + ".")):
+        if not self.streamed:
+            return
+        state = self.model.state_dict(keep_vars=True)
+        if any(state[names[0]].is_meta for names in _outer_groups(self.model, self.spec)):
             read_outer(self.model, self.files, self.dtype, self.spec)
 
     def unload(self, i: int, layer: torch.nn.Module) -> None:

@@ -8,9 +8,9 @@ line: flags, their validation, the choice of devices, and the run from loading t
 One decoder layer at a time goes to the GPU(s) with the calibration activations
 (layerwise.py), is compressed linear set by linear set in true-sequential order
 (compress.py), and its outputs feed the next layer. A local safetensors checkpoint (or a hub
-model's, downloaded once, or a .gguf file's conversion, made once) is streamed: only the embeddings, norm and head are held in host
-memory, each layer is read from disk when it is its turn and written to --save as soon as it
-is compressed (streaming.py). The compressed model is saved before it is evaluated, and the
+model's, downloaded once, or a .gguf file's conversion, made once) is streamed: only the
+embeddings, norm and head are held in host memory, each layer is read from disk when it is its
+turn and written to --save as soon as it is compressed (streaming.py). The compressed model is saved before it is evaluated, and the
 evaluation reads the saved layers.
 """
 from __future__ import annotations
