@@ -43,7 +43,7 @@ the next step's words and x before this step's arithmetic, and writes the output
 or through the same split-K finish. H200, 3.5 bits
 (bench/results/inference-NVIDIA-H200-2026-12-01-gemv.md): a LLaMA-2-7B layer 188 us against fp16
 cuBLAS's 131 (0.70x; the fused kernel took 354 us, 0.38x), a 70B layer 481 against 439 (0.91x).
-It reaches 400-900 GB/s; removing the layout conversions of the words did not help (see
+It moves 480-880 GB/s of packed bytes per layer (270-900 per linear); removing the layout conversions of the words did not help (see
 `_gemv_unit1`), its 255 registers per thread are what to attack next.
 
 The fused kernel (2 and 3 tokens) is exact to the output rounding, but slow: 0.16x of fp16 at 16
