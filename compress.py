@@ -469,6 +469,17 @@ def compress_sets_at_once(team: Team, index: int, spec: ArchSpec, cfg: CompressC
 
 
 @torch.no_grad()
+def memory_use(devs: list) -> dict[str, float]:
+    """For the progress of a layer: host memory now and at its peak (GiB, where the OS tells),
+    and the peak GPU memory allocated so far on the first CUDA device of the run."""
+    from streaming import host_memory_gib
+    out = host_memory_gib()
+    cuda = [d for d in devs if torch.device(d).type == "cuda"]
+    if cuda:
+        out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(cuda[0]) / 2 ** 30
+    return out
+
+
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, emit=_quiet,
                    fwd_batch: int = 4, timer: StageTimer = NO_TIMER, keep_mi: bool = False,
                    checkpoint=None, store=None, max_gpu_memory: float | None = None) -> Compression:
@@ -524,7 +535,8 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
                 store.finish(i, layer, done.reports)  # to the output (or kept), before the layer is unloaded
                 elapsed = time.perf_counter() - start
                 emit({"event": "layer", "layer": i, "seconds": time.perf_counter() - tick, "done": i + 1,
-                      "total": len(store), "eta": elapsed / (i + 1 - first) * (len(store) - i - 1)})
+                      "total": len(store), "eta": elapsed / (i + 1 - first) * (len(store) - i - 1),
+                      **memory_use(devs)})
         finally:
             store.restore_outer()
     return result

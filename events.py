@@ -33,8 +33,12 @@ def format_line(rec: dict) -> str | None:
                 f"max {rec['mi_max']:.3f}  >0.1 {rec['mi_frac_above_0.1']:.3f}  groups {rec['groups']}  "
                 f"grouping {rec['seconds']:.2f}s")
     if kind == "layer":
-        return (f"layer {rec['layer']} done in {rec['seconds']:.1f}s  [{rec['done']}/{rec['total']}, "
-                f"eta {rec['eta']:.0f}s]")
+        line = f"layer {rec['layer']} done in {rec['seconds']:.1f}s  [{rec['done']}/{rec['total']}, eta {rec['eta']:.0f}s]"
+        if "host_gib" in rec:
+            line += f"  host {rec['host_gib']:.2f} GiB (peak {rec['host_peak_gib']:.2f})"
+        if "gpu_peak_gib" in rec:
+            line += f"  GPU peak {rec['gpu_peak_gib']:.2f} GiB"
+        return line
     if kind == "resumed":
         return (f"resumed from {rec['folder']}: layers 0..{rec['restored'] - 1} restored, "
                 f"{rec['total'] - rec['restored']} to go")

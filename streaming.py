@@ -344,6 +344,17 @@ def release_host_memory() -> None:
         _libc().malloc_trim(0)
 
 
+def host_memory_gib() -> dict[str, float]:
+    """This process's resident host memory now and at its peak (Linux's VmRSS and VmHWM), in GiB;
+    empty where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        return {}
+    return {"host_gib": int(fields["VmRSS"].split()[0]) / 2 ** 20, "host_peak_gib": int(fields["VmHWM"].split()[0]) / 2 ** 20}
+
+
 @functools.cache
 def _libc():
     import ctypes

@@ -78,6 +78,9 @@ def test_no_mi_figure_without_mi(tmp_path):
      "layer 1 q_proj/k_proj/v_proj  MI mean 0.0128  max 0.183  >0.1 0.003  groups 4  grouping 1.70s"),
     ({"event": "layer", "layer": 1, "seconds": 9.7, "done": 2, "total": 2, "eta": 0.0},
      "layer 1 done in 9.7s  [2/2, eta 0s]"),
+    ({"event": "layer", "layer": 0, "seconds": 2.25, "done": 1, "total": 32, "eta": 70.2, "host_gib": 1.5,
+      "host_peak_gib": 2.625, "gpu_peak_gib": 7.41},
+     "layer 0 done in 2.2s  [1/32, eta 70s]  host 1.50 GiB (peak 2.62)  GPU peak 7.41 GiB"),
     ({"event": "resumed", "folder": "/w", "restored": 2, "total": 5}, "resumed from /w: layers 0..1 restored, 3 to go"),
     ({"event": "warning", "text": "layer 1 mlp.gate_proj reaches 3.328 bits"},
      "warning: layer 1 mlp.gate_proj reaches 3.328 bits"),
@@ -122,6 +125,8 @@ def test_cli_plot_log_json_and_packed_save(tiny_models, text_files, tmp_path):
         assert e["bits"] == pytest.approx(r["avg_bits"], abs=0.005)
         assert e["sparsity"] == pytest.approx(r["sparsity"], abs=0.0005)
     assert [e["layer"] for e in events if e["event"] == "layer"] == [0, 1]
+    for e in (e for e in events if e["event"] == "layer"):  # this process's memory, as the OS reports it
+        assert 0.05 < e["host_gib"] <= e["host_peak_gib"] < 64 and "gpu_peak_gib" not in e  # CPU run
     assert len([e for e in events if e["event"] == "mi"]) == 8  # 4 shared-input sets x 2 layers
     (ev,) = [e for e in events if e["event"] == "eval"]
     assert ev["ppl"] == pytest.approx(report["ppl"][str(text_files["eval"])])
