@@ -180,11 +180,12 @@ def _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e
 
 
 @triton.jit
-def _unit_meta(unit_ptr, u):
-    """Fields a, e, bits, run, W0, nt, block start of unit u (UNIT_FIELDS int32 a unit)."""
+def _unit_meta(unit_ptr, u, ok=True):
+    """Fields a, e, bits, run, W0, nt, block start of unit u (UNIT_FIELDS int32 a unit); zeros where not ok."""
     meta = unit_ptr + u * 8  # UNIT_FIELDS (a plain literal: jit code reads no non-constexpr globals)
-    return (tl.load(meta), tl.load(meta + 1), tl.load(meta + 2), tl.load(meta + 3), tl.load(meta + 4),
-            tl.load(meta + 5), tl.load(meta + 6))
+    return (tl.load(meta, mask=ok, other=0), tl.load(meta + 1, mask=ok, other=0), tl.load(meta + 2, mask=ok, other=0),
+            tl.load(meta + 3, mask=ok, other=0), tl.load(meta + 4, mask=ok, other=0),
+            tl.load(meta + 5, mask=ok, other=0), tl.load(meta + 6, mask=ok, other=0))
 
 
 @triton.jit
@@ -436,8 +437,15 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     ms = tl.arange(0, BLOCK_M)
     mmask = ms < M
     y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for u in range(tl.load(uoff_ptr + ps), tl.load(uoff_ptr + ps + 1)):
-        a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u)
+    u0 = tl.load(uoff_ptr + ps)
+    u1 = tl.load(uoff_ptr + ps + 1)
+    meta = _unit_meta(unit_ptr, u0, u0 < u1)
+    for u in range(u0, u1):
+        a, e, bits, run, W0, nt, start = meta
+        # this unit's grid and the next unit's fields are read now, not after the unit's loop:
+        # their latencies overlap the unit's first loads instead of adding to them
+        s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
+        meta = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
         # one specialised copy of the unit's loop per width
         if bits == 2:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
@@ -460,7 +468,6 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
         else:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
                                   start, 8, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
-        s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
         y += s[None, :] * (acc - z[None, :] * xs[:, None])
     rows2 = ms[:, None] * 0 + rows[None, :]
     ms2 = ms[:, None] + rows[None, :] * 0
