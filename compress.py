@@ -468,7 +468,6 @@ def compress_sets_at_once(team: Team, index: int, spec: ArchSpec, cfg: CompressC
     return result
 
 
-@torch.no_grad()
 def memory_use(devs: list) -> dict[str, float]:
     """For the progress of a layer: host memory now and at its peak (GiB, where the OS tells),
     and the peak GPU memory allocated so far on the first CUDA device of the run."""
@@ -480,6 +479,7 @@ def memory_use(devs: list) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, emit=_quiet,
                    fwd_batch: int = 4, timer: StageTimer = NO_TIMER, keep_mi: bool = False,
                    checkpoint=None, store=None, max_gpu_memory: float | None = None) -> Compression:

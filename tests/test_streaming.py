@@ -192,6 +192,29 @@ def test_evaluation_reads_the_saved_layers(tiny_models, text_files, tmp_path):
     assert perplexity(kept_model, spec, tokens, 64, cpu, torch.float32, 4, store=kept) == expected
 
 
+def test_compression_and_evaluation_build_no_autograd_graph(tiny_models, text_files, monkeypatch):
+    """Every calibration and evaluation forward runs without autograd. Layers loaded from disk hold
+    parameters that require grad; a forward with grad on chains each layer's graph to the next
+    through the activations, which then keep every layer's intermediates alive (a 30-layer model
+    grew by 6 GiB of GPU memory per layer that way)."""
+    import layerwise
+    grad_on, forward = [], layerwise.Team.forward
+
+    def recording(team, in_place):
+        grad_on.append(torch.is_grad_enabled())
+        return forward(team, in_place)
+    monkeypatch.setattr(layerwise.Team, "forward", recording)
+    tok = load_tokenizer(str(tiny_models["llama"]), False)
+    windows = get_loaders(str(text_files["calib"]), tok, 4, 0, 32)
+    model = load_model(str(tiny_models["llama"]), torch.float32, False)
+    model.requires_grad_(True)
+    cfg = CompressConfig(wbits=4, target_avg_bits=3.5, n_groups=4)
+    compress_model(model, ARCHS["llama"], cfg, windows, torch.device("cpu"), torch.float32)
+    perplexity(model, ARCHS["llama"], get_eval_tokens(str(text_files["eval"]), tok, 32), 32, torch.device("cpu"),
+               torch.float32, 2)
+    assert len(grad_on) >= 2 * len(model.model.layers) and not any(grad_on)
+
+
 def test_activations_in_host_memory_give_the_resident_result(tiny_models, text_files):
     """--max_gpu_memory too small for the activations: they stay in host memory and pass through
     the device a batch at a time; the compressed weights, reports and perplexity are bitwise those
