@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,12 @@ def model_run(args: list[str], work: Path) -> dict:
     run["gpu_peak_gib"] = int(next(ln.split()[1] for ln in lines if ln.startswith("GPU_PEAK"))) / 2 ** 30
     run["host_peak_gib"] = int(next(ln.split()[1] for ln in lines if ln.startswith("VmHWM"))) / 2 ** 20
     run["layer_s"] = [float(ln.split(" done in ")[1].split("s")[0]) for ln in lines if " done in " in ln]
+    # the progress line's memory columns: host now and its peak so far, the GPU's peak so far
+    mem = [re.search(r"host ([0-9.]+) GiB \(peak ([0-9.]+)\)(?:  GPU peak ([0-9.]+) GiB)?", ln)
+           for ln in lines if " done in " in ln]
+    run["layer_host_gib"] = [float(m.group(1)) for m in mem if m]
+    run["layer_host_peak_gib"] = [float(m.group(2)) for m in mem if m]
+    run["layer_gpu_peak_gib"] = [float(m.group(3)) for m in mem if m and m.group(3)]
     run["streamed"] = any(ln.startswith("streaming ") for ln in lines)
     run["saved_bytes"] = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors"))
     return run
@@ -215,6 +222,12 @@ def write(out: Path, stem: str, meta: dict, rows: list, model: dict | None) -> N
                              f"{r['host_peak_gib']:.2f} GiB; peak GPU memory (first device) {r['gpu_peak_gib']:.2f} GiB; "
                              f"wall {r['wall_s']:.1f} s; layers {ls[0]:.2f}-{ls[-1]:.2f} s, median "
                              f"{ls[len(ls) // 2]:.2f} s, sum {sum(ls):.1f} s; saved {r['saved_bytes'] / 2**30:.2f} GiB")
+                if r.get("layer_host_gib"):
+                    h, hp, g = r["layer_host_gib"], r["layer_host_peak_gib"], r.get("layer_gpu_peak_gib") or [0.0]
+                    lines.append(f"  - memory at the end of each layer: host (VmRSS) {h[0]:.2f} GiB after the first, "
+                                 f"{h[-1]:.2f} after the last, {min(h):.2f}-{max(h):.2f}; peak so far (VmHWM) "
+                                 f"{hp[0]:.2f} after the first, {hp[-1]:.2f} after the last; GPU peak so far "
+                                 f"{g[0]:.2f} after the first, {g[-1]:.2f} after the last")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
