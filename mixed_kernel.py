@@ -618,8 +618,8 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tenso
                     scale_bits: torch.Tensor, zero: torch.Tensor, saved_dtype: torch.dtype, cfg: dict) -> torch.Tensor:
     """Decode the packed codes into out (N, K) (row stride free, columns contiguous) in kernel column
     order and out's dtype, bit for bit `MixedBitLinear.dequantize()[:, kcols[:K]]` when K is
-    in_features. tiles: (n_tiles, 5) int32 bits, W0, nt, tile in block, run or -1; colrun: (n_tiles*32,) int32
-    run (scale/zero row) of each kernel column (`MixedBitLinear.dequant_meta`)."""
+    in_features. tiles: (n_tiles, 5) int32 bits, W0, nt, tile in block, run or -1; colrun: (n_tiles*32,) int16
+    (or int32) run (scale/zero row) of each kernel column (`MixedBitLinear.dequant_meta`)."""
     N, K = out.shape
     if out.stride(1) != 1 or K > tiles.shape[0] * 32:
         raise ValueError(f"out {tuple(out.shape)} stride {out.stride()}: columns must be contiguous, within the tiles")
@@ -722,7 +722,7 @@ def _warm_one(item: tuple[dict, str]) -> None:
         tiles = torch.tensor([[4, 0, K // 32, t, 0] for t in range(K // 32)], dtype=torch.int32, device=dev)
         z = dict(device=dev)
         dequantize_into(torch.empty(N, K, dtype=dtype, **z), torch.zeros(4 * K // 32, N, dtype=torch.int32, **z), tiles,
-                        torch.zeros(K, dtype=torch.int32, **z), torch.zeros(1, N, dtype=torch.int16, **z),
+                        torch.zeros(K, dtype=torch.int16, **z), torch.zeros(1, N, dtype=torch.int16, **z),
                         torch.zeros(1, N, dtype=torch.uint8, **z), dtype, cfg)
         torch.cuda.synchronize()
         return

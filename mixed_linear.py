@@ -153,17 +153,11 @@ class MixedBitLinear(torch.nn.Module):
             self._units[key] = uoff.to(torch.int32).to(device)
         return units, self._units[key]
 
-    def kcols32(self, device: torch.device) -> torch.Tensor:
-        """kcols as int32 (index_select takes no int16), for configurations that gather x first."""
-        key = (-1, device)
-        if key not in self._units:
-            self._units[key] = self.kcols.to(device=device, dtype=torch.int32)
-        return self._units[key]
-
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_kernel.dequant_kernel`: (n_tiles, 5) int32 tiles (bits, W0, nt, tile index
-        in its block, the tile's run if its 32 columns share one else -1) and (n_tiles * 32,) int32
-        run (scale/zero row) of each kernel column; the padding past in_features takes the last run."""
+        in its block, the tile's run if its 32 columns share one else -1) and (n_tiles * 32,) int16 (int32
+        from 32768 runs) run (scale/zero row) of each kernel column; the padding past in_features takes
+        the last run."""
         key = (-2, device)
         if key not in self._units:
             tiles = [[b, W0, t1 - t0, t - t0] for t0, t1, b, W0 in self.blocks for t in range(t0, t1)]
@@ -174,7 +168,7 @@ class MixedBitLinear(torch.nn.Module):
             for t, c in zip(tiles, colrun.reshape(-1, TILE).tolist()):
                 t.append(c[0] if min(c) == max(c) else -1)
             self._units[key] = torch.tensor(tiles, dtype=torch.int32, device=device)
-            self._units[(-3, device)] = colrun.to(device)
+            self._units[(-3, device)] = colrun.to(torch.int16 if len(self.kruns) < 2 ** 15 else torch.int32).to(device)
         return self._units[key], self._units[(-3, device)]
 
     # ------------------------------------------------------------ decoding (reference)
@@ -224,7 +218,7 @@ class MixedBitLinear(torch.nn.Module):
         cfg = self.tune or mixed_kernel.pick_config(M, self.out_features, self.in_features, x.dtype)
         if cfg.get("DENSE"):
             return self.forward_dense(x2, cfg).reshape(*shape[:-1], self.out_features)
-        xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols32(x.device))
+        xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols.int())
         bias = None if self.bias is None else self.bias
         if cfg.get("GEMV"):
             units, uoff = self.split_units(cfg["SPLIT"], x.device)
@@ -241,7 +235,9 @@ class MixedBitLinear(torch.nn.Module):
         (bit for bit `dequantize(x.dtype)` with its columns in kernel order), then cuBLAS."""
         import mixed_kernel
         K, dev = self.in_features, x.device
-        xg = x.index_select(1, self.kcols32(dev)[:K])  # (M, K) kernel order; padding columns never used
+        # (M, K) kernel order; padding columns never used. kcols is int16 for models up to 32767 inputs and
+        # index_select takes no int16: a transient int32 copy, rather than a second one kept beside it
+        xg = x.index_select(1, self.kcols[:K].int())
         tiles, colrun = self.dequant_meta(dev)
         Wk = mixed_kernel.dense_workspace(dev, x.dtype, self.out_features, K)
         mixed_kernel.dequantize_into(Wk, self.qweight, tiles, colrun, self.scale_bits, self.zero, self.saved_dtype,

@@ -340,7 +340,10 @@ def bench_model(args, dev, log) -> dict:
             m.generate(ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
             torch.cuda.synchronize()
         out.setdefault("generate_tokens_per_s", {})[name] = args.new_tokens / (time.perf_counter() - t0)
-    del dense, fast
+    # in use: with the work lists that prefill (dense path) and decoding (GEMV) built on the way
+    in_use = sum(m.packed_bytes() for m in mixed.values())
+    out["memory"].update(linears_gpu_bytes_in_use=in_use, linears_gpu_in_use_vs_file=in_use / lin_file)
+    del dense, fast, mixed
     torch.cuda.empty_cache()
     # (3) perplexity: the project's layer-streaming evaluation, same windows for both
     tokens = get_eval_tokens(args.eval, tok, args.seqlen)
@@ -432,6 +435,10 @@ def markdown(res: dict) -> str:
               f"({mem['linears_gpu_bits_per_weight']:.2f} bits per weight on the GPU, "
               f"{mem['linears_file_bits_per_weight']:.2f} stored; codes alone {mem['codes_bits_per_weight']:.2f})",
               f"- shared kernel workspace: {mem['workspace_bytes'] / 2**10:.0f} KiB", ""]
+        if "linears_gpu_bytes_in_use" in mem:
+            L[-1:-1] = [f"- after generating (the work lists of prefill and decoding built): "
+                        f"{mem['linears_gpu_bytes_in_use'] / 2**20:.2f} MiB, {mem['linears_gpu_in_use_vs_file']:.3f}x "
+                        "the stored bytes"]
         p = m["perplexity"]
         L += [f"Perplexity ({p['windows']} windows of {p['seqlen']} tokens of `{Path(p['eval']).name}`): dense decode "
               f"{p['dense']:.4f}, packed runtime {p['packed']:.4f} ({100 * p['rel_diff']:+.4f}%)", "",
