@@ -41,10 +41,12 @@ One token: `gemv_kernel` instead (the same layout and grid arithmetic): a progra
 rows and 1/SPLIT of the kernel columns, walks its units with the grid applied once per unit, loads
 the next step's words and x before this step's arithmetic, and writes the output itself (SPLIT 1)
 or through the same split-K finish. H200, 3.5 bits
-(bench/results/inference-NVIDIA-H200-2026-12-01-gemv.md): a LLaMA-2-7B layer 188 us against fp16
-cuBLAS's 131 (0.70x; the fused kernel took 354 us, 0.38x), a 70B layer 481 against 439 (0.91x).
-It moves 480-880 GB/s of packed bytes per layer (270-900 per linear); removing the layout conversions of the words did not help (see
-`_gemv_unit1`), its 255 registers per thread are what to attack next.
+(bench/results/inference-NVIDIA-H200-2026-12-01-gemv2.md): a LLaMA-2-7B layer 172 us against fp16
+cuBLAS's 132 (0.77x; the fused kernel took 354 us, 0.38x), a 70B layer 463 against 441 (0.95x).
+What limits it (bench/results/gemv-probe-NVIDIA-H200-2026-12-01.md): the step loop itself; one run
+of 4 bits on 4096x4096 still takes 10.7 us (788 GB/s). Not the layout conversions of the words (see
+`_gemv_unit1`), nor the registers alone: a 2D variant at 96-166 registers (3-5 programs per SM,
+x loaded per slot) was 3-30% slower.
 
 The fused kernel (2 and 3 tokens) is exact to the output rounding, but slow: 0.16x of fp16 at 16
 tokens, 0.04x at 128, bound by latency: each small program runs a serial chain of ~10 dependent
@@ -377,7 +379,8 @@ def _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
     on the critical path. The generated code converts each step's words into a 3D layout with one
     row of W per thread; loading them as (J, 1, BLOCK_N) tensors in that layout removed 19 of 29
     conversions but no time (within 5% either way on the three 7B shapes), so conversions are not
-    what holds it back: the 255 registers (two programs per SM) are the next suspect."""
+    what holds it back; nor the 255 registers (two programs per SM) alone: taking a step apart slot
+    by slot in 2D (96-166 registers) was slower, its x loads on the critical path."""
     P0: tl.constexpr = 4 if BITS >= 4 else 2
     P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
     S1: tl.constexpr = 4 if BITS >= 5 else 2
