@@ -482,7 +482,8 @@ def memory_use(devs: list) -> dict[str, float]:
 @torch.no_grad()
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, emit=_quiet,
                    fwd_batch: int = 4, timer: StageTimer = NO_TIMER, keep_mi: bool = False,
-                   checkpoint=None, store=None, max_gpu_memory: float | None = None) -> Compression:
+                   checkpoint=None, store=None, max_gpu_memory: float | None = None,
+                   restore_outer: bool = True) -> Compression:
     """Layer-by-layer compression of the whole model; returns a report per linear (keyed by
     module path) and, with keep_mi, layer 0's first MI matrix. checkpoint (checkpoint.py):
     each finished layer is written there; on resume the layers it holds are restored instead
@@ -490,6 +491,9 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
     (streaming.LayerStore): where the layers are read from and where each compressed layer
     goes (default: the model's own layers, in host memory). max_gpu_memory: GiB per device;
     where the activations would not fit beside the work they stay in pinned host memory.
+    restore_outer False: a streamed model's embeddings and head stay parked (meta) afterwards, for a
+    caller that saves them from the checkpoint (SaveWriter.finish's outer) and restores them only
+    to evaluate (LayerStore.restore_outer).
 
     Nothing here draws from the global RNGs: clustering, the binned-MI token sample and the
     random grouping each seed their own generator with cfg.seed per call, so a resumed run
@@ -538,5 +542,6 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
                       "total": len(store), "eta": elapsed / (i + 1 - first) * (len(store) - i - 1),
                       **memory_use(devs)})
         finally:
-            store.restore_outer()
+            if restore_outer:
+                store.restore_outer()
     return result

@@ -290,6 +290,16 @@ class LayerStore:
         if any(state[names[0]].is_meta for names in _outer_groups(self.model, self.spec)):
             read_outer(self.model, self.files, self.dtype, self.spec)
 
+    def read_outer_tensor(self, name: str) -> torch.Tensor:
+        """One tensor outside the layers (any of its tied names), read from the checkpoint in the
+        run's dtype, as restore_outer would hold it (for a save that writes them one at a time)."""
+        names = next(g for g in _outer_groups(self.model, self.spec) if name in g)
+        stored = next((n for n in names if n in self.files.where), None)
+        if stored is None:
+            raise StreamError(f"{names[0]} is not in the safetensors files of the checkpoint")
+        t = self.files.read([stored])[stored]
+        return t.to(self.dtype) if t.is_floating_point() else t
+
     def unload(self, i: int, layer: torch.nn.Module) -> None:
         """Done with layer i for now: back to the CPU, or (streamed) back to meta, its host memory
         handed back to the system."""
@@ -378,10 +388,10 @@ class Shards:
     def name(self, k: int) -> str:
         return f"{self.stem}-{k + 1:05d}-of-{self.count:05d}.safetensors"
 
-    def write(self, k: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    def write(self, k: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None, load=None) -> None:
         """Shard k holds `tensors` (on any device; floating ones cast to `dtype` where given),
-        written one tensor at a time (write_safetensors)."""
-        write_safetensors(self.folder / self.name(k), tensors, dtype, {"format": "pt"})
+        written one tensor at a time (write_safetensors; `load` as there)."""
+        write_safetensors(self.folder / self.name(k), tensors, dtype, {"format": "pt"}, load)
         self.weight_map.update({t: self.name(k) for t in tensors})
 
     def read(self, k: int) -> dict[str, torch.Tensor]:
@@ -443,11 +453,17 @@ class SaveWriter:
         self._write(i, {prefix + k: v for k, v in state.items()}, reps)
         self.written.add(i)
 
-    def _write(self, k: int, tensors: dict[str, torch.Tensor], reports: dict) -> None:
+    def _write(self, k: int, tensors: dict[str, torch.Tensor], reports: dict, load=None) -> None:
         """tensors: on any device, not yet in the save dtype. Dense saves go to the file one tensor
-        at a time (the host never holds the layer); packed saves pack the host copy."""
-        if self.packed is None:
-            self.shards.write(k, tensors, self.save_dtype)
+        at a time (the host never holds the layer); packed saves pack the host copy. load (no
+        quantized linears among the tensors; they are meta): name -> tensor, read when written."""
+        if self.packed is None or load is not None:
+            if load is not None and self.packed is not None:  # the parts outside the layers: nothing to pack
+                tensors = {n: v.to(self.save_dtype) if v.is_floating_point() else v for n, v in tensors.items()}
+                import packing
+                for key, v in packing.tally(tensors, {}).items():
+                    self.counts[key] = self.counts.get(key, 0) + v
+            self.shards.write(k, tensors, self.save_dtype, load)
             return
         import packing
         tensors = {n: _saved(v, self.save_dtype) for n, v in tensors.items()}
@@ -469,18 +485,28 @@ class SaveWriter:
                                            self.save_dtype)
         return {k[len(prefix):]: v for k, v in tensors.items()}
 
-    def finish(self, model, tokenizer, report: dict) -> None:
+    def finish(self, model, tokenizer, report: dict, outer=None) -> None:
         """Write the parts outside the decoder layers, the index, config, generation config,
         tokenizer and report (report["files"] lists them; packed saves add report["disk"]),
         then rename the folder into place (an existing one only if it is an earlier save of
-        this tool, with --overwrite)."""
+        this tool, with --overwrite). outer (`LayerStore.read_outer_tensor`): where those parts
+        are still parked (meta), each is read from the checkpoint when it is written, so the host
+        never holds them all (embeddings and head: 0.5 GiB at 7B)."""
         import packing
         from model_io import plain_config
         missing = sorted(set(range(self.n_layers)) - self.written)
         if missing:
             raise RuntimeError(f"save: layers {missing[:5]} were never written")
-        state, tied = packing.unique_state(model, skip=self.spec.layers + ".")
-        self._write(self.n_layers, dict(state), {})
+        groups = _outer_groups(model, self.spec)
+        state_vars = model.state_dict(keep_vars=True)
+        load = None
+        if outer is not None and any(state_vars[names[0]].is_meta for names in groups):
+            state = {names[0]: state_vars[names[0]] for names in groups}  # meta: shapes and dtypes
+            tied = {alias: names[0] for names in groups for alias in names[1:]}
+            load = outer
+        else:
+            state, tied = packing.unique_state(model, skip=self.spec.layers + ".")
+        self._write(self.n_layers, dict(state), {}, load)
         config = plain_config(model, self.save_dtype)
         if self.packed is None:
             self.shards.write_index()
@@ -491,7 +517,7 @@ class SaveWriter:
             index = self.folder / f"{self.shards.stem}{INDEX_SUFFIX}"  # it holds the packing header
             disk = packing.disk_report(self.counts, self.shards.nbytes() + index.stat().st_size, tied,
                                        self.fallback, self.shards.count)
-            disk["gptq"] = self._gptq_copy(config, state, tokenizer) if self.reports and not self.packed["pruned"] \
+            disk["gptq"] = self._gptq_copy(config, state, tokenizer, load) if self.reports and not self.packed["pruned"] \
                 else packing.gptq_skipped(self.packed["pruned"])
             report["disk"] = disk
         config.save_pretrained(self.folder)
@@ -515,7 +541,7 @@ class SaveWriter:
             if old.exists():
                 shutil.rmtree(old)
 
-    def _gptq_copy(self, config, rest: dict[str, torch.Tensor], tokenizer) -> dict:
+    def _gptq_copy(self, config, rest: dict[str, torch.Tensor], tokenizer, load=None) -> dict:
         """gptq/: the standard GPTQ checkpoint, sharded like the save, built layer by layer from the
         packed shards (decoded exactly), where every linear shares one GPTQ layout."""
         import packing
@@ -533,7 +559,10 @@ class SaveWriter:
                 shutil.rmtree(folder)
                 return {"written": False, "reason": reason}
             shards.write(i, state)
-        shards.write(self.n_layers, {k: _saved(v, self.save_dtype) for k, v in rest.items()})
+        if load is None:
+            shards.write(self.n_layers, {k: _saved(v, self.save_dtype) for k, v in rest.items()})
+        else:
+            shards.write(self.n_layers, rest, self.save_dtype, load)
         shards.write_index()
         return {**packing.write_gptq_config(folder, config, plan, tokenizer), "bytes": shards.nbytes()}
 
@@ -549,12 +578,14 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
-                      metadata: dict[str, str] | None = None) -> None:
+                      metadata: dict[str, str] | None = None, load=None) -> None:
     """A .safetensors file written one tensor at a time: each is brought to the host, cast
     (floating tensors to `dtype`, on the CPU, as `_saved`) and written, then dropped, so the
     host holds one tensor at most (safetensors' save_file holds the whole layer twice: the
     tensors and their bytes). Tensors are laid out as save_file lays them out (by element
-    size, largest first, then by name); readers see the same file."""
+    size, largest first, then by name); readers see the same file. load: name -> tensor, called
+    when that tensor is written (then `tensors` need only give shapes and dtypes: meta tensors do),
+    so that tensors not in memory yet are read one at a time."""
     def saved_dtype(t):
         return dtype if (dtype is not None and t.is_floating_point()) else t.dtype
     names = sorted(tensors, key=lambda n: (-saved_dtype(tensors[n]).itemsize, n))
@@ -574,7 +605,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for n in names:
-            t = _saved(tensors[n], saved_dtype(tensors[n]), copy=False)
+            t = _saved(tensors[n] if load is None else load(n), saved_dtype(tensors[n]), copy=False)
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             del t
 

@@ -400,6 +400,8 @@ def run(args, console: Console) -> int:
         report = {"config": vars(args), "versions": versions(), **summary, "ppl": {}, "seconds": seconds,
                   "saved_dtype": str(save_dtype).replace("torch.", ""),
                   "linears": {k: v.to_json() for k, v in reports.items()}}
+        if evals:  # the embeddings and head, parked while the layers were compressed (streamed runs)
+            store.restore_outer()
         if save_dtype != dtype:  # evaluate exactly the saved weights (streamed layers come back from the save)
             model.to(save_dtype).to(dtype)
         if writer is not None:
@@ -464,7 +466,7 @@ def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, che
     windows = get_loaders(args.dataset, tokenizer, args.nsamples, args.seed, args.seqlen) if cfg.calibrates else []
     result = compress_model(model, spec, cfg, windows, devs, dtype, console, args.fwd_batch,
                             keep_mi=bool(args.plot), checkpoint=checkpoint, store=store,
-                            max_gpu_memory=args.max_gpu_memory)
+                            max_gpu_memory=args.max_gpu_memory, restore_outer=False)
     seconds = time.perf_counter() - t0
     summary = summarize(result.reports)
     print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
@@ -487,7 +489,7 @@ def save(args, store, tokenizer, report: dict, jlog) -> None:
     """Finish --save: the layers not written yet (none, unless nothing was compressed), the rest
     of the model, the index, tokenizer and report, renamed into place (streaming.SaveWriter)."""
     store.flush()
-    store.writer.finish(store.model, tokenizer, report)
+    store.writer.finish(store.model, tokenizer, report, outer=store.read_outer_tensor if store.streamed else None)
     if "disk" in report:
         import packing
         print(packing.describe_disk(report["disk"]), flush=True)

@@ -168,6 +168,38 @@ def _streamed(path: Path, writer_dir: Path | None, dtype=torch.float32):
     return model, spec, LayerStore(model, spec, dtype, files, writer)
 
 
+def test_parked_outer_parts_are_saved_one_at_a_time(tiny_models, tmp_path):
+    """A streamed save whose embeddings and head are still parked reads each of them from the
+    checkpoint only when it is written (never two in memory) and writes the same files as the
+    save of a model that holds them."""
+    import weakref
+    tok = load_tokenizer(str(tiny_models["llama"]), False)
+    outs = {}
+    for parked in (False, True):
+        out = tmp_path / f"out-{parked}"
+        model, spec, store = _streamed(tiny_models["llama"], out)
+        for i in range(len(store)):
+            layer = store.load(i, "cpu")
+            store.finish(i, layer)
+            store.unload(i, layer)
+        loaded, last = [], [lambda: None]
+
+        def outer(name):
+            assert last[0]() is None, "two parts outside the layers in memory at once"
+            t = store.read_outer_tensor(name)
+            loaded.append(name)
+            last[0] = weakref.ref(t)
+            return t
+        if parked:
+            store.park_outer()
+            assert model.model.embed_tokens.weight.is_meta and model.lm_head.weight.is_meta
+        store.writer.finish(model, tok, {}, outer=outer)
+        assert sorted(loaded) == (["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] if parked else [])
+        outs[parked] = saved_tensors(out)
+    assert outs[True].keys() == outs[False].keys()
+    assert all(torch.equal(outs[True][k], outs[False][k]) for k in outs[False])
+
+
 def test_evaluation_reads_the_saved_layers(tiny_models, text_files, tmp_path):
     """After the save the original files are not needed: the evaluation reads the compressed
     layers from the output (or, without a save, from memory) and gets the saved model's perplexity."""
