@@ -212,16 +212,20 @@ def _outer_groups(model, spec: ArchSpec) -> list[list[str]]:
     return [names for names in _tied_groups(model) if not names[0].startswith(inside)]
 
 
+def _read_group(files: TensorFiles, names: list[str], dtype: torch.dtype, folder="the checkpoint") -> torch.Tensor:
+    """The tensor that the tied names `names` share, read from whichever of them `files` stores,
+    cast to `dtype` where floating point (as from_pretrained would)."""
+    stored = next((n for n in names if n in files.where), None)
+    if stored is None:
+        raise StreamError(f"{names[0]} is not in the safetensors files of {folder}")
+    t = files.read([stored])[stored]
+    return t.to(dtype) if t.is_floating_point() else t
+
+
 def read_outer(model, files: TensorFiles, dtype: torch.dtype, spec: ArchSpec, folder="the checkpoint") -> None:
-    """Read every tensor outside the decoder layers from `files` into the model, cast to `dtype`
-    where floating point (as from_pretrained would)."""
+    """Read every tensor outside the decoder layers from `files` into the model (`_read_group`)."""
     for names in _outer_groups(model, spec):
-        stored = next((n for n in names if n in files.where), None)
-        if stored is None:
-            raise StreamError(f"{names[0]} is not in the safetensors files of {folder}")
-        t = files.read([stored])[stored]
-        t = t.to(dtype) if t.is_floating_point() else t
-        _set_tensor(model, names, t)
+        _set_tensor(model, names, _read_group(files, names, dtype, folder))
 
 
 # ---------------------------------------------------------------- where each layer lives
@@ -293,12 +297,7 @@ class LayerStore:
     def read_outer_tensor(self, name: str) -> torch.Tensor:
         """One tensor outside the layers (any of its tied names), read from the checkpoint in the
         run's dtype, as restore_outer would hold it (for a save that writes them one at a time)."""
-        names = next(g for g in _outer_groups(self.model, self.spec) if name in g)
-        stored = next((n for n in names if n in self.files.where), None)
-        if stored is None:
-            raise StreamError(f"{names[0]} is not in the safetensors files of the checkpoint")
-        t = self.files.read([stored])[stored]
-        return t.to(self.dtype) if t.is_floating_point() else t
+        return _read_group(self.files, next(g for g in _outer_groups(self.model, self.spec) if name in g), self.dtype)
 
     def unload(self, i: int, layer: torch.nn.Module) -> None:
         """Done with layer i for now: back to the CPU, or (streamed) back to meta, its host memory

@@ -13,8 +13,7 @@ import sys, time, cProfile, pstats, io, torch, torch.nn.functional as F
 sys.path.insert(0, ".")
 import mixed_kernel
 from mixed_linear import MixedBitLinear
-from bench.inference import synthetic_parts
-from bench.inference import graph_time
+from bench.inference import graph_time, synthetic_parts
 
 
 def main() -> None:

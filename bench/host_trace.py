@@ -5,11 +5,12 @@ resident memory passes its high-water mark by 8 MiB.
 
     python -m bench.host_trace SHAPE LAYERS DEVICE NSAMPLES SEQLEN    # e.g. 7b 16 cuda:0 128 2048
 """
-import sys, os, threading, time, tempfile, traceback
+import sys, threading, time, tempfile, traceback
 sys.path.insert(0, ".")
 import torch
 from pathlib import Path
 import vicuna_mi
+from streaming import host_memory_gib
 
 
 def main() -> None:
@@ -23,8 +24,8 @@ def main() -> None:
     (work / "calib.txt").write_text(make_text(12000, 1))
     main_id = threading.get_ident()
     rec, state = [], {"hi": 0.0, "stop": False}
-    def rss():
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+    def rss():  # MiB
+        return host_memory_gib()["host_gib"] * 1024
     def sampler():
         while not state["stop"]:
             r = rss()
