@@ -46,7 +46,7 @@ cuBLAS's 132 (0.77x; the fused kernel took 354 us, 0.38x), a 70B layer 463 again
 What limits it (bench/results/gemv-probe-NVIDIA-H200-2026-12-01.md): the step loop itself; one run
 of 4 bits on 4096x4096 still takes 10.7 us (788 GB/s). Not the layout conversions of the words (see
 `_gemv_unit1`), nor the registers alone: a 2D variant at 96-166 registers (3-5 programs per SM,
-x loaded per slot) was 3-30% slower.
+x loaded per slot) was 3-30% slower (an exploration sweep on 2026-12-01, not a committed benchmark).
 
 The fused kernel (2 and 3 tokens) is exact to the output rounding, but slow: 0.16x of fp16 at 16
 tokens, 0.04x at 128, bound by latency: each small program runs a serial chain of ~10 dependent
