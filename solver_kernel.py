@@ -95,3 +95,75 @@ def obs_block(W: torch.Tensor, i1: int, i2: int, Hinv: torch.Tensor, mask1: torc
             QUANT=quant, PRUNE_N=prunen, PRUNE_M=max(prunem, 1), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
             num_warps=4)
     return err[:, :count], m8[:, :count].bool()
+
+
+@triton.jit
+def _mse_grid_kernel(W, stride_w, xmin_p, xmax_p, maxq_p, shrink_p, scale_out, zero_out, R, n, S,
+                     SYM: tl.constexpr, TINY: tl.constexpr, NORM: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    # program (pid, b): BLOCK_R rows at candidate width b; every range fraction is tried in turn
+    # over the rows' columns, keeping the first with the least sum |w - q|^NORM (quant.fit_grid)
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = rows < R
+    xmin0 = tl.load(xmin_p + rows, mask=rm, other=-1.0)
+    xmax0 = tl.load(xmax_p + rows, mask=rm, other=1.0)
+    mq = tl.load(maxq_p + b * R + rows, mask=rm, other=1.0)
+    cols = tl.arange(0, BLOCK_N)
+    best = tl.full([BLOCK_R], float("inf"), tl.float32)
+    best_s = tl.full([BLOCK_R], 1.0, tl.float32)
+    best_z = tl.zeros([BLOCK_R], tl.float32)
+    for si in range(0, S):
+        sh = tl.load(shrink_p + si)
+        lo = xmin0 * sh
+        hi = xmax0 * sh
+        flat = (lo == 0.0) & (hi == 0.0)
+        lo = tl.where(flat, -1.0, lo)
+        hi = tl.where(flat, 1.0, hi)
+        sc = tl.math.div_rn(hi - lo, mq).to(tl.float16).to(tl.float32)
+        sc = tl.maximum(sc, TINY)
+        if SYM:
+            z = (mq + 1.0) * 0.5
+        else:
+            z = tl.minimum(libdevice.rint(tl.math.div_rn(-lo, sc)), mq)
+        err = tl.zeros([BLOCK_R], tl.float32)
+        for c0 in range(0, n, BLOCK_N):
+            cm = (c0 + cols) < n
+            m2 = rm[:, None] & cm[None, :]
+            w = tl.load(W + rows[:, None] * stride_w + (c0 + cols)[None, :], mask=m2, other=0.0)
+            q = libdevice.rint(tl.math.div_rn(w, sc[:, None])) + z[:, None]
+            q = tl.minimum(tl.maximum(q, 0.0), mq[:, None])
+            d = tl.abs(sc[:, None] * (q - z[:, None]) - w)
+            e = libdevice.pow(d, NORM)
+            err += tl.sum(tl.where(m2, e, 0.0), axis=1)
+        better = err < best
+        best = tl.where(better, err, best)
+        best_s = tl.where(better, sc, best_s)
+        best_z = tl.where(better, z, best_z)
+    tl.store(scale_out + b * R + rows, best_s, mask=rm)
+    tl.store(zero_out + b * R + rows, best_z, mask=rm)
+
+
+def mse_grid(W: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool,
+             shrinks: list[float], tiny: float, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.fit_grid's clipping search in one launch: W (R, n) with unit column stride, the rows'
+    ranges xmin/xmax (R,), maxq (B, R) (one row of widths per candidate). Returns scale, zero
+    (B, R). The error sums are accumulated in another order than the PyTorch loop's, so a near
+    tie between two range fractions can go the other way."""
+    R, n = W.shape
+    B = maxq.shape[0]
+    W = W.float()
+    if W.stride(1) != 1:
+        W = W.contiguous()
+    scale = torch.empty(B, R, device=W.device, dtype=torch.float32)
+    zero = torch.empty(B, R, device=W.device, dtype=torch.float32)
+    shrink = torch.tensor(shrinks, device=W.device, dtype=torch.float32)
+    BLOCK_R, BLOCK_N = 16, 64
+    with on_device(W.device):
+        _mse_grid_kernel[(triton.cdiv(R, BLOCK_R), B)](
+            W, W.stride(0), xmin.float().contiguous(), xmax.float().contiguous(), maxq.float().contiguous(),
+            shrink, scale, zero, R, n, len(shrinks),
+            SYM=sym, TINY=tiny, NORM=norm, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N, num_warps=4,
+            enable_fp_fusion=False)  # q * s - w rounded twice, as PyTorch's separate operations
+    return scale, zero

@@ -206,7 +206,7 @@ class LinearSolver:
             qon = bits_rg[:, g] < 16
             quant = any(b[g] < 16 for b in bits)  # from the host's copy: no device sync
             if quant:
-                scale, zero = fit_grid(W[:, s0:e0], maxq, sym, mse)
+                scale, zero = fit_grid(W[:, s0:e0], maxq, sym, mse, kernel=use_kernel)
                 scales[:, r_idx] = scale
                 zeros[:, r_idx] = zero
             else:
