@@ -24,7 +24,7 @@ import torch
 from config import CompressConfig, LinearReport
 from layerwise import StopForward, Team, capture_layer_inputs, offload_activations, stream_layers
 from model_io import ArchSpec, get_module
-from parallel import device_list, interleave, launched, row_shares
+from parallel import device_list, interleave, launched, row_shares, split_parts
 from quant import exact_matmul, group_overhead_bits, magnitude_prune, rtn_quantize
 
 
@@ -216,12 +216,14 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
 
 def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candidates: list[int], devs: list):
     """err[linear, group, width] (see channel_grouping.cluster_errors): one pass over the
-    stacked linears that share H, their rows split over the devices. The proxy uses min-max
+    stacked linears that share H, their rows split over the devices where there are enough
+    (parallel.split_parts). The proxy uses min-max
     grids even with --clip mse (the search per group, width and number of clusters would cost
     more than the solve; the solver's grids are searched)."""
     from channel_grouping import cluster_errors
     dev = devs[0]
-    shares = row_shares([W.shape[0] for W in weights], len(devs))
+    rows = [W.shape[0] for W in weights]
+    shares = row_shares(rows, split_parts(sum(rows), len(devs)))
     used = devs[:len(shares)]
 
     def errors(d, share):
@@ -254,12 +256,14 @@ def _allocate(cfg: CompressConfig, errs, sizes: list[int], candidates: list[int]
 # ---------------------------------------------------------------- phase 3: solve
 def solve_set(cfg: CompressConfig, solver, weights: list, plan: Plan, devs: list, timer: StageTimer = NO_TIMER):
     """Prune and quantize the stacked weights of one set against its Hessian. Output rows are
-    independent given H: each device solves a share of them (one device where the mask
-    threshold couples all rows). Returns one SolveResult per weight."""
+    independent given H: where the set has enough rows (parallel.split_parts), each device
+    solves a share of them (one device where the mask threshold couples all rows). Returns one
+    SolveResult per weight."""
     from sparsegpt_mi import merge_row_shares
     with timer("solve"):
         coupled = cfg.mask_scope == "block" and cfg.sparsity > 0 and not cfg.prunen  # one threshold over all rows
-        shares_rows = row_shares([W.shape[0] for W in weights], 1 if coupled else len(devs))
+        rows = [W.shape[0] for W in weights]
+        shares_rows = row_shares(rows, 1 if coupled else split_parts(sum(rows), len(devs)))
         used = devs[:len(shares_rows)]
         twins = [solver] + [solver.copy_to(d) for d in used[1:]]  # before any solve consumes H
         options = cfg.solver_options()

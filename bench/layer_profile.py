@@ -3,6 +3,7 @@
 and then on every listed GPU count, after a warm-up.
 
     python -m bench.layer_profile [--shape 7b] [--method mi_50_t4.0_k10] [--gpus 1 2] [--out DIR]
+                                  [--min_split_rows N]
 
 Prints, per GPU count: the stage seconds (devices synchronized at stage boundaries, as
 bench/speed.py), then the CUDA kernels and the host-side operators ranked by their total time,
@@ -73,7 +74,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--tag", default="")
+    p.add_argument("--min_split_rows", type=int, default=None,
+                   help="override parallel.MIN_SPLIT_ROWS (1: split every solve by rows over the GPUs)")
     args = p.parse_args()
+    if args.min_split_rows is not None:
+        import parallel
+        parallel.MIN_SPLIT_ROWS = args.min_split_rows
     torch.set_grad_enabled(False)
     machine = torch.cuda.get_device_name(0).replace(" ", "-")
     meta, folder = run_meta(machine, args.out)

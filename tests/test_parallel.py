@@ -28,6 +28,13 @@ def test_split_counts_partition_evenly(n, parts):
     assert c == sorted(c, reverse=True)  # the larger shares first
 
 
+def test_solves_split_by_rows_only_where_each_device_gets_many():
+    from parallel import MIN_SPLIT_ROWS, split_parts
+    assert split_parts(22016, 2) == 1  # a 7B gate/up set stays on one GPU (faster there, measured)
+    assert split_parts(57344, 2) == 2 and split_parts(57344, 8) == 57344 // MIN_SPLIT_ROWS  # 70B gate/up
+    assert split_parts(10, 1) == 1 and split_parts(0, 3) == 1
+
+
 def test_row_shares_cover_every_row_once():
     rows = [7, 3, 12]
     shares = row_shares(rows, 2)
@@ -192,6 +199,8 @@ def test_three_devices_equal_one(case, tiny_models, text_files, monkeypatch):
     # checks (that the split computes the same thing) behind that rounding
     import quant
     monkeypatch.setattr(quant, "SCALE_DTYPE", torch.float32)
+    import parallel
+    monkeypatch.setattr(parallel, "MIN_SPLIT_ROWS", 1)  # split even these tiny solves by rows, as large ones are
     results = {}
     for n in (1, 3):
         seen.clear()
