@@ -487,7 +487,7 @@ def memory_use(devs: list) -> dict[str, float]:
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, emit=_quiet,
                    fwd_batch: int = 4, timer: StageTimer = NO_TIMER, keep_mi: bool = False,
                    checkpoint=None, store=None, max_gpu_memory: float | None = None,
-                   restore_outer: bool = True) -> Compression:
+                   restore_outer: bool = True, overlap_io: bool | None = None) -> Compression:
     """Layer-by-layer compression of the whole model; returns a report per linear (keyed by
     module path) and, with keep_mi, layer 0's first MI matrix. checkpoint (checkpoint.py):
     each finished layer is written there; on resume the layers it holds are restored instead
@@ -498,6 +498,11 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
     restore_outer False: a streamed model's embeddings and head stay parked (meta) afterwards, for a
     caller that saves them from the checkpoint (SaveWriter.finish's outer) and restores them only
     to evaluate (LayerStore.restore_outer).
+    overlap_io: a streamed store reads the next layer onto the device and writes the finished
+    one to the save folder on a worker thread while the device computes (store.background; the
+    device then holds up to two layers beside the one being compressed). None: on where the
+    first device is a GPU and no max_gpu_memory cap is set (measured on an H200, 70B-shaped
+    layers: the save alone took ~2.9 s of a 10.1 s layer). The files written are the same.
 
     Nothing here draws from the global RNGs: clustering, the binned-MI token sample and the
     random grouping each seed their own generator with cfg.seed per call, so a resumed run
@@ -508,6 +513,9 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
     from streaming import LayerStore
     store = store or LayerStore(model, spec, dtype)
     devs = device_list(dev)
+    if overlap_io is None:
+        overlap_io = devs[0].type == "cuda" and max_gpu_memory is None
+    store.background = bool(overlap_io) and store.streamed
     offload = False
     with exact_matmul():
         if cfg.rtn:
@@ -546,6 +554,9 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
                       "total": len(store), "eta": elapsed / (i + 1 - first) * (len(store) - i - 1),
                       **memory_use(devs)})
         finally:
-            if restore_outer:
-                store.restore_outer()
+            try:
+                store.wait_written()  # every layer in its file (or the writer's error raised) before the caller goes on
+            finally:
+                if restore_outer:
+                    store.restore_outer()
     return result

@@ -200,15 +200,26 @@ class Team:
 def stream_layers(store, team: Team, start: int = 0):
     """Each decoder layer from `start` on, loaded onto the team's first device (store:
     streaming.LayerStore, from host memory or from disk) and replicated on the others
-    (team.layers) while the caller works on it, then unloaded again. Yields (index, layer)."""
-    for i in range(start, len(store)):
-        layer = store.load(i, team.lead)
-        team.layers = replicate(layer, team.devs)
-        try:
-            yield i, layer
-        finally:
-            team.layers = []
-            store.unload(i, layer)
+    (team.layers) while the caller works on it, then unloaded again. Yields (index, layer).
+    With store.background, the next layer is read onto the device while the caller works
+    (LayerStore.load_ahead)."""
+    ahead, i = None, start
+    try:
+        for i in range(start, len(store)):
+            layer = ahead.result() if ahead is not None else store.load(i, team.lead)
+            ahead = store.load_ahead(i + 1, team.lead)
+            team.layers = replicate(layer, team.devs)
+            try:
+                yield i, layer
+            finally:
+                team.layers = []
+                store.unload(i, layer)
+    finally:
+        if ahead is not None:  # stopped early: the layer read ahead goes back too
+            try:
+                store.unload(i + 1, ahead.result())
+            except Exception:  # its own read failed: nothing to put back, and an error is already on its way
+                pass
 
 
 @torch.no_grad()

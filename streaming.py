@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -246,6 +247,11 @@ class LayerStore:
         self.dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.save_dtype = save_dtype or self.dtype
         self.kept: dict[int, dict[str, torch.Tensor]] = {}  # streamed without a writer: finished layers
+        # background: layer files are read ahead and written behind on one worker thread while the
+        # device computes (compress_model turns it on; see there); _writing: (layer, Future) in flight
+        self.background = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._writing: tuple[int, Future] | None = None
 
     @property
     def streamed(self) -> bool:
@@ -256,6 +262,11 @@ class LayerStore:
 
     def load(self, i: int, dev) -> torch.nn.Module:
         """Layer i with real weights on dev."""
+        if self._writing is not None and self._writing[0] == i:
+            self.wait_written()
+        return self._load(i, dev)
+
+    def _load(self, i: int, dev) -> torch.nn.Module:
         layer = self.layers[i]
         if not self.streamed:
             return layer.to(dev)
@@ -313,12 +324,46 @@ class LayerStore:
         if not self.streamed and isinstance(layer_or_state, dict):
             self.layers[i].load_state_dict(state)
         if self.writer is not None:
-            self.writer.write_layer(i, state, reports)
+            if self.background:  # written behind: the state's tensors stay alive until then
+                self.wait_written()  # one layer in flight at most
+                self._writing = (i, self._worker().submit(self.writer.write_layer, i, state, reports))
+            else:
+                self.writer.write_layer(i, state, reports)
         elif self.streamed:
             self.kept[i] = {k: v.to("cpu").to(self.save_dtype) for k, v in state.items()}
 
+    def load_ahead(self, i: int, dev) -> Future | None:
+        """background on: start loading layer i onto dev on the worker thread (after any write in
+        flight, which it may need) and return its Future; else (or past the last layer) None."""
+        if not self.background or i >= len(self):
+            return None
+        # the worker runs its tasks in order, so a write queued before this read is done by then
+        return self._worker().submit(self._load, i, dev)
+
+    def wait_written(self) -> None:
+        """Wait for the layer being written behind, re-raising the writer's error."""
+        if self._writing is not None:
+            _, done = self._writing
+            self._writing = None
+            done.result()
+
+    def close(self) -> None:
+        """Wait for the worker's writes and stop it."""
+        try:
+            self.wait_written()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-files")
+        return self._pool
+
     def flush(self) -> None:
         """Write every layer the writer has not had yet (a run that compressed nothing)."""
+        self.wait_written()
         for i in range(len(self)):
             if self.writer is not None and i not in self.writer.written:
                 layer = self.load(i, "cpu")

@@ -224,6 +224,64 @@ def test_evaluation_reads_the_saved_layers(tiny_models, text_files, tmp_path):
     assert perplexity(kept_model, spec, tokens, 64, cpu, torch.float32, 4, store=kept) == expected
 
 
+def test_layer_files_read_ahead_and_written_behind_give_the_same_save(tiny_models, text_files, tmp_path,
+                                                                      monkeypatch):
+    """overlap_io: the next layer is read and the finished one written on the worker thread (each
+    layer read once, the reads ahead of the layer being worked on); the save folder and the
+    evaluation equal the plain run's bit for bit; a writer's error reaches the caller."""
+    import threading
+    import streaming
+    tok = load_tokenizer(str(tiny_models["llama"]), False)
+    windows = get_loaders(str(text_files["calib"]), tok, 4, 0, 64)
+    tokens = get_eval_tokens(str(text_files["eval"]), tok, 64)
+    cfg = CompressConfig(sparsity=0.5, wbits=4, target_avg_bits=3.5, n_groups=4)
+    cpu = torch.device("cpu")
+    load, write = LayerStore._load, SaveWriter.write_layer
+    log = []
+
+    def spy_load(self, i, dev):
+        log.append(("read", i, threading.current_thread().name))
+        return load(self, i, dev)
+
+    def spy_write(self, i, state, reports=None):
+        log.append(("write", i, threading.current_thread().name))
+        return write(self, i, state, reports)
+    monkeypatch.setattr(LayerStore, "_load", spy_load)
+    monkeypatch.setattr(SaveWriter, "write_layer", spy_write)
+    saved, ppl = {}, {}
+    for overlap in (False, True):
+        log.clear()
+        model, spec, store = _streamed(tiny_models["llama"], tmp_path / f"out-{overlap}")
+        compress_model(model, spec, cfg, windows, cpu, torch.float32, store=store, overlap_io=overlap)
+        assert store.background == overlap
+        run = list(log)
+        store.writer.finish(model, tok, {})
+        ppl[overlap] = perplexity(model, spec, tokens, 64, cpu, torch.float32, 4, store=store)
+        saved[overlap] = saved_tensors(tmp_path / f"out-{overlap}")
+        store.close()
+        n = len(store)
+        assert sorted(i for kind, i, _ in run if kind == "read") == list(range(n))
+        assert sorted(i for kind, i, _ in run if kind == "write") == list(range(n))
+        workers = {t for _, i, t in run if i > 0}  # layer 0 is read before any work starts
+        assert (workers <= {"MainThread"}) != overlap and (not overlap or all(t.startswith("layer-files") for t in workers))
+        if overlap:  # layer i + 1 was read before layer i was written
+            order = [(kind, i) for kind, i, _ in run]
+            assert all(order.index(("read", i + 1)) < order.index(("write", i)) for i in range(n - 1))
+    assert saved[True].keys() == saved[False].keys()
+    assert all(torch.equal(saved[True][k], saved[False][k]) for k in saved[False])
+    assert ppl[True] == ppl[False]
+
+    def broken(self, i, state, reports=None):
+        if i == 1:
+            raise OSError("disk full")
+        return write(self, i, state, reports)
+    monkeypatch.setattr(SaveWriter, "write_layer", broken)
+    model, spec, store = _streamed(tiny_models["llama"], tmp_path / "out-broken")
+    with pytest.raises(OSError, match="disk full"):
+        compress_model(model, spec, cfg, windows, cpu, torch.float32, store=store, overlap_io=True)
+    store.close()
+
+
 def test_compression_and_evaluation_build_no_autograd_graph(tiny_models, text_files, monkeypatch):
     """Every calibration and evaluation forward runs without autograd. Layers loaded from disk hold
     parameters that require grad; a forward with grad on chains each layer's graph to the next
