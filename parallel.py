@@ -113,8 +113,9 @@ def launched(fn, *args, **kwargs):
 # Splitting one solve (or one allocation pass) by rows pays only where each device gets many
 # rows: the solver's column chain is latency-bound (its fused block kernel fits a few thousand
 # rows in one wave) and every device adds its own launches, all queued by one host thread.
-# Measured on 2 x H200, 7B layer, 50% + MI 4.0 (bench/layer_profile.py): the solve took 0.65 s on
-# one GPU and 1.19 s split over two (the largest set, gate/up, has 22016 rows).
+# Measured on 2 x H200, 7B layer, 50% + MI 4.0 (bench/layer_profile.py, one timed run each): the
+# solve took 0.65 s on one GPU and 1.19 s split over two (the largest set, gate/up, has 22016 rows).
+# The 16384 itself is not measured: no 70B-shaped split was timed against the unsplit solve.
 MIN_SPLIT_ROWS = 16384
 
 
