@@ -136,6 +136,37 @@ def test_mse_grid_never_worse_and_on_fp16():
                        torch.zeros(64, 1)), "0 stays on the grid"
 
 
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("rows,cols,widths", [(300, 58, None), (1, 40, None), (5, 3, None), (90, 70, [2, 3, 4, 8])])
+def test_mse_search_all_fractions_at_once_equals_one_after_another(sym, rows, cols, widths, monkeypatch):
+    """quant._mse_search (every range fraction at once, in row pieces) picks, bit for bit, the grid
+    that trying the fractions one after another with a strict improvement picks."""
+    import quant
+    from quant import MSE_SHRINK, _grid, _row_range
+    g = torch.Generator().manual_seed(rows * cols)
+    W = torch.randn(rows, cols, generator=g) * torch.rand(rows, 1, generator=g)
+    W[0] = 0  # a flat row: every fraction ties
+    if widths is None:
+        maxq = 2.0 ** torch.randint(2, 9, (rows,), generator=g).float() - 1
+    else:
+        maxq = (2.0 ** torch.tensor(widths, dtype=torch.float32) - 1)[:, None]
+    xmin, xmax = _row_range(W, sym)
+
+    def error(s, z):
+        return (quantize(W, s[..., None], z[..., None], maxq[..., None]) - W).abs().pow(MSE_NORM).sum(-1)
+    scale, zero = _grid(xmin, xmax, maxq, sym)
+    best = error(scale, zero)
+    for shrink in MSE_SHRINK[1:]:
+        s, z = _grid(xmin, xmax, maxq, sym, shrink)
+        err = error(s, z)
+        better = err < best
+        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.where(better, err, best)
+    for max_elems in (1 << 22, 700):  # one piece, and pieces of a few rows
+        s, z = quant._mse_search(W, xmin, xmax, maxq, sym, max_elems)
+        assert torch.equal(s, scale) and torch.equal(z, zero)
+    assert torch.equal(fit_grid(W, maxq, sym, mse=True)[0], scale)
+
+
 def test_mse_clipping_lowers_the_solvers_error():
     from sparsegpt_mi import LinearSolver
     torch.manual_seed(1)
