@@ -73,3 +73,29 @@ def test_spilled_solve_holds_one_hessian_sized_buffer_less():
     plain, spilled = _solve_peak(False), _solve_peak(True)
     assert plain > 3, plain  # the measure sees the three buffers (and the statistics around them)
     assert spilled < plain - 0.85, (plain, spilled)
+
+
+def test_finiteness_check_of_the_activations_needs_no_activation_sized_buffer(tmp_path):
+    """Team.finite (after every layer) answers like isfinite(x).all() for every float dtype, the
+    largest finite values included, without isfinite's one byte per element (1 GiB for a 7B run's
+    activations, which the whole-model run held on top of its peak)."""
+    from torch.profiler import ProfilerActivity, profile
+    from layerwise import all_finite
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.full((64, 64, 64), torch.finfo(dt).max, dtype=dt)
+        x[1::2] = -torch.finfo(dt).max
+        assert all_finite(x)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[5, 6, 7] = bad
+            assert not all_finite(y) and not Team([torch.device("cpu")], [x, y], [{}, {}]).finite()
+    x = torch.randn(16, 1024, 1024)  # 64 MiB
+    team = Team([torch.device("cpu")], [x], [{}])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        assert team.finite()
+    trace = tmp_path / "finite.json"
+    prof.export_chrome_trace(str(trace))
+    allocated = [e["args"]["Total Allocated"] for e in json.loads(trace.read_text())["traceEvents"]
+                 if e.get("name") == "[memory]"]
+    # what the check allocates beyond what was there (isfinite would take 16 MiB + a 64 MiB |x| here)
+    assert max(allocated) - min(allocated) < x.numel() // 64, max(allocated) - min(allocated)
