@@ -533,9 +533,15 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
         team = Team.spread(inps, kwargs, devs, fwd_batch, offload)
         del inps
         store.park_outer()  # embeddings and head: not needed again until evaluation and save
+        layers = stream_layers(store, team, first)
         try:
             start = time.perf_counter()
-            for i, layer in stream_layers(store, team, first):
+            while True:
+                with timer("layer in"):  # the next layer read (or waited for) and replicated, the last one unloaded
+                    nxt = next(layers, None)
+                if nxt is None:
+                    break
+                i, layer = nxt
                 tick = time.perf_counter()
                 done = compress_layer(team, i, spec, cfg, emit, timer, keep_mi and result.mi is None)
                 result.reports.update({f"{spec.layers}.{i}.{n}": r for n, r in done.reports.items()})
@@ -547,16 +553,20 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
                         raise FloatingPointError(f"layer {i}: NaN/inf in the compressed layer's outputs; "
                                                  "try a larger --percdamp, more --nsamples or --dtype bfloat16")
                 if checkpoint is not None:
-                    checkpoint.save_layer(i, layer, done.reports, None if cfg.rtn else team.shares,
-                                          {"mi": done.mi} if i == 0 and done.mi is not None else None)
-                store.finish(i, layer, done.reports)  # to the output (or kept), before the layer is unloaded
+                    with timer("checkpoint"):
+                        checkpoint.save_layer(i, layer, done.reports, None if cfg.rtn else team.shares,
+                                              {"mi": done.mi} if i == 0 and done.mi is not None else None)
+                with timer("layer out"):  # to the output (or kept), before the layer is unloaded
+                    store.finish(i, layer, done.reports)
                 elapsed = time.perf_counter() - start
                 emit({"event": "layer", "layer": i, "seconds": time.perf_counter() - tick, "done": i + 1,
                       "total": len(store), "eta": elapsed / (i + 1 - first) * (len(store) - i - 1),
                       **memory_use(devs)})
         finally:
+            layers.close()  # the layer in hand (and one read ahead) unloaded now, also after an error
             try:
-                store.wait_written()  # every layer in its file (or the writer's error raised) before the caller goes on
+                with timer("layer out"):
+                    store.wait_written()  # every layer in its file (or the writer's error raised) before the caller goes on
             finally:
                 if restore_outer:
                     store.restore_outer()

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "|w - q|^2.4 over its weights (mse; measured better for GPTQ at 3 bits), or min-max")
     p.add_argument("--no_kernel", action="store_true",
                    help="run the solver's plain PyTorch column loop instead of the fused Triton kernel on CUDA")
+    p.add_argument("--profile", action="store_true",
+                   help="time the compression's stages (forward+hessian, mi, clustering, allocation, solve, "
+                        "forward outputs, layer in, layer out, checkpoint), the devices synchronized at each "
+                        "boundary (a little slower); printed at the end and kept in the report as stage_seconds")
     p.add_argument("--mi_tokens", type=int, default=8192, help="tokens sampled for the binned MI estimator")
     p.add_argument("--mask_scope", default="row", choices=["row", "block"],
                    help="unstructured sparsity exact per output row, or one threshold per 128-column block "
@@ -454,7 +458,7 @@ def load(args, model_cfg, spec, dtype, devs):
 def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, checkpoint, console: Console, store):
     """The compression step of the run: (summary, seconds, reports). Without pruning or
     quantization flags there is nothing to do and the model is only evaluated."""
-    from compress import compress_model
+    from compress import StageTimer, compress_model
     from datautils import get_loaders
     from events import summarize
     if not cfg.compresses:
@@ -464,11 +468,16 @@ def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, che
     console.work = checkpoint.folder if checkpoint is not None else None
     t0 = time.perf_counter()
     windows = get_loaders(args.dataset, tokenizer, args.nsamples, args.seed, args.seqlen) if cfg.calibrates else []
-    result = compress_model(model, spec, cfg, windows, devs, dtype, console, args.fwd_batch,
+    timer = StageTimer(devs, enabled=args.profile)
+    result = compress_model(model, spec, cfg, windows, devs, dtype, console, args.fwd_batch, timer=timer,
                             keep_mi=bool(args.plot), checkpoint=checkpoint, store=store,
                             max_gpu_memory=args.max_gpu_memory, restore_outer=False)
     seconds = time.perf_counter() - t0
     summary = summarize(result.reports)
+    if args.profile:
+        summary["stage_seconds"] = dict(timer.seconds)
+        print(f"stages (s, all layers): " + "  ".join(f"{k} {v:.2f}" for k, v in timer.seconds.items()) +
+              f"  (sum {sum(timer.seconds.values()):.2f} of {seconds:.2f}; the rest: calibration capture)", flush=True)
     print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
           f"effective bits {summary['effective_bits']:.3f}  stored bits {summary['stored_bits']:.3f}", flush=True)
     print("bit distribution (fraction of weights): " +

@@ -132,6 +132,26 @@ def test_streamed_run_saves_what_the_whole_model_run_saves(case, tiny_models, sh
     assert sorted(p.name for p in tmp_path.iterdir()) == ["streamed", "whole"], "no temporary folder is left"
 
 
+def test_profile_times_every_stage_of_a_streamed_run(sharded_tied, text_files, tmp_path):
+    """--profile: the stage seconds of all layers (the layer's work and the layer files' reading and
+    writing) are printed and kept in the report; together they fit in the compression's time."""
+    import json
+    argv = [str(sharded_tied), str(text_files["calib"]), *MI, "--eval", "none", "--save", str(tmp_path / "out"),
+            "--profile", "--no_checkpoint"]
+    proc = run_cli(argv)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("stages (s, all layers):"))
+    report = json.loads((tmp_path / "out" / "compression_report.json").read_text())
+    stages = report["stage_seconds"]
+    for stage in ("forward+hessian", "mi", "clustering", "allocation", "solve", "forward outputs", "layer in",
+                  "layer out"):
+        assert stages[stage] >= 0 and f"{stage} " in line, stage
+    assert 0 < sum(stages.values()) <= report["seconds"]
+    plain = run_cli([a for a in argv if a != "--profile"] + ["--overwrite"])
+    assert plain.returncode == 0 and "stages (s" not in plain.stdout
+    assert "stage_seconds" not in json.loads((tmp_path / "out" / "compression_report.json").read_text())
+
+
 def test_hub_models_stream_from_their_download(tiny_models, tmp_path, monkeypatch):
     """A hub id streams from its snapshot (configuration and safetensors only, downloaded once into
     the hub cache); a failed download, a folder without safetensors and an unreadable .gguf file
