@@ -371,6 +371,7 @@ class LayerStore:
                     self.finish(i, layer)
                 finally:
                     self.unload(i, layer)
+        self.wait_written()  # all in the folder before the caller finishes it
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
