@@ -92,15 +92,20 @@ def capture_layer_inputs(model, spec: ArchSpec, windows, dev, dtype, host: bool 
     return inps, state["kwargs"]
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """isfinite(x).all() from x's least and greatest values (aminmax propagates NaN; an infinity
-    is its own extreme): no buffer of x's size, where isfinite takes one byte per element plus an
-    |x| copy (1 GiB and more for a 7B run's activations, held after every layer on top of the
-    layer's work)."""
+def nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """A bool on x's device (nothing waits for it): x holds a NaN or an infinity. From x's least
+    and greatest values (aminmax propagates NaN; an infinity is its own extreme): no buffer of
+    x's size, where isfinite takes one byte per element plus an |x| copy (1 GiB and more for a
+    7B run's activations, held after every layer on top of the layer's work)."""
     if x.numel() == 0:
-        return True
+        return torch.zeros((), dtype=torch.bool, device=x.device)
     lo, hi = torch.aminmax(x.reshape(-1))
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return ~(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """isfinite(x).all(), without its activation-sized buffers (nonfinite)."""
+    return not bool(nonfinite(x))
 
 
 def layer_steps(layer, inps, outs, kwargs: dict, batch: int):
@@ -131,8 +136,7 @@ def staged_steps(layer, host: torch.Tensor, dev, in_place: bool, kwargs: dict, b
             out = None
         if in_place and out is not None:
             out = out[0] if isinstance(out, (tuple, list)) else out
-            lo, hi = torch.aminmax(out.reshape(-1))  # as all_finite, without waiting for the device
-            flag = ~(torch.isfinite(lo) & torch.isfinite(hi))
+            flag = nonfinite(out)
             bad[0] = flag if bad[0] is None else bad[0] | flag
             host[b0:b0 + batch].copy_(out, non_blocking=True)
         yield
