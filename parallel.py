@@ -5,8 +5,9 @@ evaluation windows are split into one contiguous share per device; the layer is 
 on each and each replica runs forward passes over its own share (data parallel), filling
 its own Hessian, which are then summed on the first device. A solve with enough rows
 (split_parts) is split by output rows (rows are independent given H): each device solves its
-rows of every linear with a copy of H; smaller ones run on the first device. Spectral clustering stays on the first device. With one device nothing here
-copies anything, so that path is exactly the single-device code.
+rows of every linear with a copy of H; smaller ones run on the first device. Spectral
+clustering stays on the first device. With one device nothing here copies anything, so that
+path is exactly the single-device code.
 
 One thread drives every device: CUDA launches are asynchronous, so stepping each device's
 work in turn (a batch of windows, a block of solver columns) keeps all of them busy as long

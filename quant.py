@@ -69,7 +69,7 @@ def fit_grid(W: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool =
         R = W.shape[0]
         shape = torch.broadcast_shapes(maxq.shape, (R,))
         mq = torch.broadcast_to(maxq.float(), shape).reshape(-1, R)
-        scale, zero = _mse_kernel()(W.float(), xmin, xmax, mq, sym, MSE_SHRINK, _TINY_SCALE, MSE_NORM)
+        scale, zero = _mse_kernel()(W, xmin, xmax, mq, sym, MSE_SHRINK, _TINY_SCALE, MSE_NORM)
         return scale.reshape(shape), zero.reshape(shape)
     if not mse:
         return _grid(xmin, xmax, maxq, sym)
@@ -81,8 +81,8 @@ def _mse_search(W: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, maxq: t
     """fit_grid's clipping search in PyTorch: every fraction of MSE_SHRINK at once, over pieces of
     rows whose (fractions x widths x rows x columns) errors hold at most max_elems values; the
     first fraction with the least error wins. Equal, bit for bit, to trying the fractions one
-    after another (the error sums run over the same columns in the same order; tests/test_solver.py
-    checks it against that loop), with 26 times fewer operations."""
+    after another (the error sums run over the same columns in the same order;
+    tests/test_stored_bits.py checks it against that loop), with 26 times fewer operations."""
     R, n = W.shape
     shape = torch.broadcast_shapes(maxq.shape, (R,))
     mq_all = torch.broadcast_to(maxq, shape)

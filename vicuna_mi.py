@@ -477,7 +477,7 @@ def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, che
     if args.profile:
         summary["stage_seconds"] = dict(timer.seconds)
         print(f"stages (s, all layers): " + "  ".join(f"{k} {v:.2f}" for k, v in timer.seconds.items()) +
-              f"  (sum {sum(timer.seconds.values()):.2f} of {seconds:.2f}; the rest: calibration capture)", flush=True)
+              f"  (sum {sum(timer.seconds.values()):.2f} of {seconds:.2f}; the rest: calibration windows read and captured)", flush=True)
     print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
           f"effective bits {summary['effective_bits']:.3f}  stored bits {summary['stored_bits']:.3f}", flush=True)
     print("bit distribution (fraction of weights): " +

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.speed import METHODS, SHAPES, layer_inputs, llama_config, run_meta
+from bench.speed import METHODS, SHAPES, layer_inputs, random_layer, run_meta
 from compress import StageTimer, compress_layer
 from config import CompressConfig
 from layerwise import Team
@@ -26,18 +26,12 @@ from parallel import replicate, scatter, to_device
 
 
 def profile_layer(shape: str, method: str, nsamples: int, seqlen: int, devs: list, rows: int) -> str:
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    cfg = llama_config(shape)
-    torch.manual_seed(0)
-    layer = LlamaDecoderLayer(cfg, 0).to(devs[0], torch.float16)
-    for p in layer.parameters():
-        p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1)
-    original = {k: v.to("cpu", copy=True) for k, v in layer.state_dict().items()}
+    cfg, layer, original = random_layer(shape, devs[0])
     inps, kwargs = layer_inputs(cfg, nsamples, seqlen, devs[0])
     kw = [kwargs] + [to_device(kwargs, d) for d in devs[1:]]
     ccfg = CompressConfig(**METHODS[method])
 
-    def once(x, timer, prof=None):
+    def once(x, timer):
         layer.load_state_dict(original)
         team = Team(devs, scatter(x, devs), kw, 4)
         team.layers = replicate(layer, devs)

@@ -67,21 +67,28 @@ def layer_inputs(cfg, nsamples: int, seqlen: int, dev):
     return inps, kwargs
 
 
-def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int, devs: list,
-               cap_gib: float | None = None, timer_cls=StageTimer) -> dict:
-    """One layer compressed `repeats` times (after a warm-up on 8 samples); medians. cap_gib: as
-    --max_gpu_memory, enforced with torch's per-process memory fraction; the activations stay
-    in pinned host memory where layerwise.offload_activations says they would not fit."""
+def random_layer(shape: str, dev):
+    """(config, a LLaMA decoder layer of `shape` with random weights in fp16 on dev, a CPU copy of
+    its state to restore between repeats)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    from layerwise import offload_activations
-    from parallel import split_counts
-    dev = devs[0]
     cfg = llama_config(shape)
     torch.manual_seed(0)
     layer = LlamaDecoderLayer(cfg, 0).to(dev, torch.float16)
     for p in layer.parameters():
         p.data.normal_(0, 0.02) if p.dim() == 2 else p.data.fill_(1)
     original = {k: v.to("cpu", copy=True) for k, v in layer.state_dict().items()}  # not on the GPU: not in the peak
+    return cfg, layer, original
+
+
+def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int, devs: list,
+               cap_gib: float | None = None, timer_cls=StageTimer) -> dict:
+    """One layer compressed `repeats` times (after a warm-up on 8 samples); medians. cap_gib: as
+    --max_gpu_memory, enforced with torch's per-process memory fraction; the activations stay
+    in pinned host memory where layerwise.offload_activations says they would not fit."""
+    from layerwise import offload_activations
+    from parallel import split_counts
+    dev = devs[0]
+    cfg, layer, original = random_layer(shape, dev)
     inps, kwargs = layer_inputs(cfg, nsamples, seqlen, dev)
     offload = offload_activations(cfg, nsamples, seqlen, torch.float16, devs, cap_gib)
     if offload:
