@@ -130,7 +130,8 @@ def build_model(folder: Path, layers: int, dev, shape: str) -> dict:
 def model_row(layers: int, dev, shape: str, nsamples: int, seqlen: int, work: Path,
               runs: list[str] | None = None) -> dict:
     """Compress the random model streamed, in a child process per run; their peaks and times.
-    `runs`: one spec per run, DEVICES[+one_pass] (e.g. cuda:0,cuda:1+one_pass); default: `dev`."""
+    `runs`: one spec per run, DEVICES[+one_pass][+profile] (e.g. cuda:0,cuda:1+one_pass; profile:
+    the CLI's --profile, its stage seconds kept as stage_s); default: `dev`."""
     from tests.conftest import make_text
     tick = time.perf_counter()
     built = build_model(work / "model", layers, dev, shape)
@@ -139,15 +140,15 @@ def model_row(layers: int, dev, shape: str, nsamples: int, seqlen: int, work: Pa
     calib.write_text(make_text(12000, 1))
     row = {"model": built, "build_s": build_s, "runs": []}
     for spec in runs or [str(dev)]:
-        devices, _, mode = spec.partition("+")
+        devices, *modes = spec.split("+")
         shutil.rmtree(work / "out", ignore_errors=True)  # the previous run's save
         args = [str(work / "model"), str(calib), "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "4.0",
                 "--n_groups", "10", "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--eval", "none",
                 "--save", str(work / "out"), "--no_checkpoint", "--device", devices]
-        if mode == "one_pass":
-            args += ["--true_sequential", "0"]
-        elif mode:
-            raise SystemExit(f"unknown mode {mode!r} in model run {spec!r} (DEVICES or DEVICES+one_pass)")
+        for mode in modes:
+            if mode not in ("one_pass", "profile"):
+                raise SystemExit(f"unknown mode {mode!r} in model run {spec!r} (DEVICES[+one_pass][+profile])")
+            args += ["--true_sequential", "0"] if mode == "one_pass" else ["--profile"]
         row["runs"].append(model_run(args, work))
         print("model run:", {k: v for k, v in row["runs"][-1].items() if k not in ("layer_s", "error")}, flush=True)
     return row
@@ -173,6 +174,10 @@ def model_run(args: list[str], work: Path) -> dict:
     run["layer_host_peak_gib"] = [float(m.group(2)) for m in mem if m]
     run["layer_gpu_peak_gib"] = [float(m.group(3)) for m in mem if m and m.group(3)]
     run["streamed"] = any(ln.startswith("streaming ") for ln in lines)
+    stages = next((ln for ln in lines if ln.startswith("stages (s, all layers): ")), None)
+    if stages:  # --profile: "stages (s, all layers): name 1.23  other name 4.56  (sum ...)"
+        body = stages.split(": ", 1)[1].split("  (sum")[0]
+        run["stage_s"] = {m.group(1): float(m.group(2)) for m in re.finditer(r"\s*(.+?) ([0-9.]+)(?=  |$)", body)}
     run["saved_bytes"] = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors"))
     return run
 
@@ -228,6 +233,11 @@ def write(out: Path, stem: str, meta: dict, rows: list, model: dict | None) -> N
                                  f"{h[-1]:.2f} after the last, {min(h):.2f}-{max(h):.2f}; peak so far (VmHWM) "
                                  f"{hp[0]:.2f} after the first, {hp[-1]:.2f} after the last; GPU peak so far "
                                  f"{g[0]:.2f} after the first, {g[-1]:.2f} after the last")
+                if r.get("stage_s"):
+                    st = r["stage_s"]
+                    lines.append("  - stage seconds over all layers (--profile: the devices synchronized at each stage "
+                                 "boundary): " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()) +
+                                 f"; sum {sum(st.values()):.1f} of the layers' {sum(r['layer_s']):.1f}")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -242,7 +252,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=None, metavar="SHAPE:METHOD:CAP",
                    help="only these layer rows, e.g. 70b:mi_50_t4.0_k10:16 (CAP - for none); default: all")
     p.add_argument("--no_model", action="store_true", help="skip the whole-model row")
-    p.add_argument("--model_runs", nargs="+", default=None, metavar="DEVICES[+one_pass]",
+    p.add_argument("--model_runs", nargs="+", default=None, metavar="DEVICES[+one_pass][+profile]",
                    help="compress the whole-model row once per spec, e.g. cuda:0 cuda:0,cuda:1+one_pass "
                         "(default: cuda:0, true-sequential); the model is built once")
     p.add_argument("--model_shape", default="7b", choices=["7b", "70b"], help="shape of the whole-model row's layers")
