@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+import host_copy
 from config import UsageError
 from model_io import REPORT_FILE, ArchSpec, check_save_target, get_module
 
@@ -270,8 +271,8 @@ class LayerStore:
         layer = self.layers[i]
         if not self.streamed:
             return layer.to(dev)
-        def convert(v):
-            return (v.to(self.dtype) if v.is_floating_point() else v).to(dev)
+        def convert(v):  # staged beside the device's work when on the worker thread (_beside)
+            return host_copy.to_device(v.to(self.dtype) if v.is_floating_point() else v, dev)
         if self.writer is not None and i in self.writer.written:
             state = {k: convert(v) for k, v in self.writer.read_layer(i).items()}
         elif i in self.kept:
@@ -326,7 +327,7 @@ class LayerStore:
         if self.writer is not None:
             if self.background:  # written behind: the state's tensors stay alive until then
                 self.wait_written()  # one layer in flight at most
-                self._writing = (i, self._worker().submit(self.writer.write_layer, i, state, reports))
+                self._writing = (i, self._worker().submit(_beside, self.writer.write_layer, i, state, reports))
             else:
                 self.writer.write_layer(i, state, reports)
         elif self.streamed:
@@ -338,7 +339,7 @@ class LayerStore:
         if not self.background or i >= len(self):
             return None
         # the worker runs its tasks in order, so a write queued before this read is done by then
-        return self._worker().submit(self._load, i, dev)
+        return self._worker().submit(_beside, self._load, i, dev)
 
     def wait_written(self) -> None:
         """Wait for the layer being written behind, re-raising the writer's error."""
@@ -372,6 +373,13 @@ class LayerStore:
                 finally:
                     self.unload(i, layer)
         self.wait_written()  # all in the folder before the caller finishes it
+
+
+def _beside(fn, *args):
+    """fn(*args) on the worker thread, its copies to and from GPUs on a side stream (host_copy),
+    so that they do not hold up the kernels of the layer being compressed; done when it returns."""
+    with host_copy.side_copies():
+        return fn(*args)
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -650,17 +658,23 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for n in names:
-            t = _saved(tensors[n] if load is None else load(n), saved_dtype(tensors[n]), copy=False)
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            del t
+            t = tensors[n] if load is None else load(n)
+            dt = saved_dtype(tensors[n])
+            # from a GPU on the worker thread: in staged pieces (host_copy), else the whole tensor
+            pieces = host_copy.host_pieces(t, dt) if host_copy.staged(t.device) else [_saved(t, dt, copy=False)]
+            for piece in pieces:
+                f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
+            del t, pieces
 
 
 def _saved(t: torch.Tensor, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
     """t on the CPU as the save holds it: floating tensors in the save dtype (cast on the CPU,
     as the whole-model save always did), contiguous, sharing no storage (copy=False: it may)."""
-    t = t.detach().to("cpu")
+    src = t.detach()
+    t = host_copy.to_host(src)
     t = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    return t.clone() if copy else t
+    shares = src.device.type == "cpu" and t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+    return t.clone() if copy and shares else t
 
 
 def _remove_stale_partials(out: Path) -> None:
