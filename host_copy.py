@@ -13,6 +13,7 @@ copies started in it, so the tensors it produced are ready for any stream.
 
     with side_copies():                       # on the worker thread
         w = to_device(cpu_tensor, "cuda:0")   # a new tensor on the GPU
+        w = file_to_device(f, offset, shape, torch.bfloat16, torch.float16, "cuda:0")  # from a file
         for piece in host_pieces(gpu_tensor, torch.float16):
             f.write(piece.numpy())            # its elements in order, in pieces on the host
 
@@ -70,6 +71,25 @@ class _Stager:
             self._copied()
         return out
 
+    def from_file(self, f, offset: int, shape, src_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=self.dev)
+        raw = out if src_dtype == dtype else torch.empty(shape, dtype=src_dtype, device=self.dev)
+        self.stream.wait_stream(self.compute)  # as in to_device
+        dst = _flat_bytes(raw)
+        f.seek(offset)
+        for off in range(0, dst.numel(), CHUNK_BYTES):
+            m = min(CHUNK_BYTES, dst.numel() - off)
+            buf = self._buffer()[:m]
+            _read_exactly(f, buf)
+            with torch.cuda.stream(self.stream):
+                dst[off:off + m].copy_(buf, non_blocking=True)
+            self._copied()
+        if raw is not out:  # cast on the device, on the copy stream; raw's memory is not reused before that
+            with torch.cuda.stream(self.stream):
+                out.copy_(raw)
+            raw.record_stream(self.stream)
+        return out
+
     def pieces(self, t: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         flat = t.detach().contiguous().reshape(-1)
         n, step = flat.numel(), CHUNK_BYTES // flat.element_size()
@@ -93,6 +113,15 @@ class _Stager:
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
+
+
+def _read_exactly(f, buf: torch.Tensor) -> None:
+    view, got = memoryview(buf.numpy()), 0
+    while got < len(view):
+        k = f.readinto(view[got:])
+        if not k:
+            raise EOFError(f"{getattr(f, 'name', 'the file')} ends inside a tensor")
+        got += k
 
 
 def _stager(dev) -> _Stager | None:
@@ -131,6 +160,16 @@ def to_device(t: torch.Tensor, dev) -> torch.Tensor:
     """t (on the host) on dev: staged inside side_copies, else t.to(dev)."""
     s = _stager(dev)
     return t.to(dev) if s is None or t.device.type != "cpu" else s.to_device(t)
+
+
+def file_to_device(f, offset: int, shape, src_dtype: torch.dtype, dtype: torch.dtype, dev) -> torch.Tensor:
+    """A tensor stored at byte `offset` of the open binary file f (shape, src_dtype, contiguous)
+    on dev in dtype, read in pieces straight into the staging buffers (no host tensor, no mapping
+    of the file). Only inside side_copies, for a CUDA dev (see staged)."""
+    s = _stager(dev)
+    if s is None:
+        raise RuntimeError("file_to_device needs a side_copies block and a CUDA device")
+    return s.from_file(f, offset, shape, src_dtype, dtype)
 
 
 def host_pieces(t: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:

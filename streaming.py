@@ -81,16 +81,44 @@ class TensorFiles:
         moved to a GPU) as soon as it is read, so the host holds one of them at a time (each file
         opened once per call)."""
         from safetensors import safe_open
+        out = {}
+        for path, keys in self._by_file(names).items():
+            with safe_open(str(path), framework="pt") as f:
+                for k in keys:
+                    out[k] = f.get_tensor(k) if convert is None else convert(f.get_tensor(k))
+        return out
+
+    def _by_file(self, names) -> dict[Path, list[str]]:
         by_file: dict[Path, list[str]] = defaultdict(list)
         for n in names:
             if n not in self.where:
                 raise StreamError(f"{n} is not in the safetensors files of {self.folder}")
             by_file[self.where[n]].append(n)
+        return by_file
+
+    def read_to(self, names, dev, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Tensors by name on dev, floating ones cast to dtype. Where host_copy stages copies to
+        dev (the worker thread's read-ahead) the bytes go from the file through its pinned
+        buffers to the device: no tensor in host memory and no mapped file pages, which would
+        count as resident memory; the cast is made on the device. Else read(names, convert),
+        cast on the host."""
+        def on_host(v):
+            return (v.to(dtype) if v.is_floating_point() else v).to(dev)
+        if not host_copy.staged(dev):
+            return self.read(names, on_host)
         out = {}
-        for path, keys in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
+        for path, keys in self._by_file(names).items():
+            with open(path, "rb", buffering=0) as f:
+                header = _safetensors_header(f)
+                base = f.tell()
                 for k in keys:
-                    out[k] = f.get_tensor(k) if convert is None else convert(f.get_tensor(k))
+                    e = header[k]
+                    src = _DTYPES_BY_NAME.get(e["dtype"])
+                    if src is None:  # a dtype this reader does not know: through safetensors
+                        out.update(self.read([k], on_host))
+                        continue
+                    out[k] = host_copy.file_to_device(f, base + e["data_offsets"][0], e["shape"], src,
+                                                      dtype if src.is_floating_point else src, dev)
         return out
 
 
@@ -279,8 +307,8 @@ class LayerStore:
             state = {k: convert(v) for k, v in self.kept[i].items()}
         else:  # from the checkpoint, tensor by tensor to the device
             prefix = f"{self.spec.layers}.{i}."
-            state = {k[len(prefix):]: v for k, v in self.files.read((prefix + k for k in layer.state_dict()),
-                                                                      convert).items()}
+            state = {k[len(prefix):]: v for k, v in self.files.read_to([prefix + k for k in layer.state_dict()],
+                                                                         dev, self.dtype).items()}
         layer.load_state_dict(state, assign=True)
         left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()] if t.is_meta]
         if left:  # a non-persistent buffer inside the layer: its value is in no file
@@ -628,6 +656,17 @@ class SaveWriter:
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+_DTYPES_BY_NAME = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def _safetensors_header(f) -> dict:
+    """The tensor entries of an open .safetensors file; f is left at the start of the data."""
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
