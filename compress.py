@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -487,7 +487,8 @@ def memory_use(devs: list) -> dict[str, float]:
 def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dtype, emit=_quiet,
                    fwd_batch: int = 4, timer: StageTimer = NO_TIMER, keep_mi: bool = False,
                    checkpoint=None, store=None, max_gpu_memory: float | None = None,
-                   restore_outer: bool = True, overlap_io: bool | None = None) -> Compression:
+                   restore_outer: bool = True, overlap_io: bool | None = None,
+                   keep_qparams: bool = True) -> Compression:
     """Layer-by-layer compression of the whole model; returns a report per linear (keyed by
     module path) and, with keep_mi, layer 0's first MI matrix. checkpoint (checkpoint.py):
     each finished layer is written there; on resume the layers it holds are restored instead
@@ -504,6 +505,10 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
     first device is a GPU and no max_gpu_memory cap is set (on an H200 the CLI's 70B-shaped
     layers took a median 10.1 s without it, against 7.2 s of the layer's own work, and 8.7 s with
     it). The files written are the same.
+
+    keep_qparams False: the returned reports lose their qparams (each linear's grid: the scales
+    and zeros, ~7 MiB per 7B layer) once the store and checkpoint have had them, so that host
+    memory does not grow with the number of layers; the figures stay.
 
     Nothing here draws from the global RNGs: clustering, the binned-MI token sample and the
     random grouping each seed their own generator with cfg.seed per call, so a resumed run
@@ -530,6 +535,8 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
         first, result = 0, Compression({})
         if checkpoint is not None:
             first, result = checkpoint.restore(store, None if cfg.rtn else inps, emit)
+            if not keep_qparams:
+                result.reports = {n: replace(r, qparams=None) for n, r in result.reports.items()}
         team = Team.spread(inps, kwargs, devs, fwd_batch, offload)
         del inps
         store.park_outer()  # embeddings and head: not needed again until evaluation and save
@@ -544,7 +551,8 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
                 i, layer = nxt
                 tick = time.perf_counter()
                 done = compress_layer(team, i, spec, cfg, emit, timer, keep_mi and result.mi is None)
-                result.reports.update({f"{spec.layers}.{i}.{n}": r for n, r in done.reports.items()})
+                result.reports.update({f"{spec.layers}.{i}.{n}": r if keep_qparams else replace(r, qparams=None)
+                                       for n, r in done.reports.items()})
                 result.mi = result.mi if result.mi is not None else done.mi
                 if not cfg.rtn:
                     with timer("forward outputs"):  # in place: the next layer's inputs

@@ -80,7 +80,7 @@ class _Stager:
         for off in range(0, dst.numel(), CHUNK_BYTES):
             m = min(CHUNK_BYTES, dst.numel() - off)
             buf = self._buffer()[:m]
-            _read_exactly(f, buf)
+            read_exactly(f, buf)
             with torch.cuda.stream(self.stream):
                 dst[off:off + m].copy_(buf, non_blocking=True)
             self._copied()
@@ -115,7 +115,8 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def _read_exactly(f, buf: torch.Tensor) -> None:
+def read_exactly(f, buf: torch.Tensor) -> None:
+    """Fill the host tensor buf (bytes) from the binary file f's current position."""
     view, got = memoryview(buf.numpy()), 0
     while got < len(view):
         k = f.readinto(view[got:])

@@ -27,12 +27,14 @@ gets each layer when it is done.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import shutil
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -87,6 +89,29 @@ class TensorFiles:
                 for k in keys:
                     out[k] = f.get_tensor(k) if convert is None else convert(f.get_tensor(k))
         return out
+
+    def pieces(self, name: str, *dtypes: torch.dtype) -> Iterator[torch.Tensor]:
+        """Tensor `name`'s elements in order as 1-D host tensors of up to host_copy.CHUNK_BYTES
+        read from its file (no mapping: the host holds one piece, each valid until the next is
+        asked for), floating ones cast through each of `dtypes` in turn."""
+        def cast(t):
+            for d in dtypes:
+                t = t.to(d) if t.is_floating_point() else t
+            return t
+        with open(self._by_file([name]).popitem()[0], "rb", buffering=0) as f:
+            e = _safetensors_header(f)[name]
+            src = _DTYPES_BY_NAME.get(e["dtype"])
+            if src is None:  # a dtype this reader does not know: whole, through safetensors
+                yield cast(self.read([name])[name]).reshape(-1)
+                return
+            start, end = (f.tell() + o for o in e["data_offsets"])
+            step = host_copy.CHUNK_BYTES - host_copy.CHUNK_BYTES % src.itemsize
+            buf = torch.empty(min(step, end - start), dtype=torch.uint8)
+            f.seek(start)
+            for off in range(start, end, step):
+                piece = buf[:min(step, end - off)]
+                host_copy.read_exactly(f, piece)
+                yield cast(piece.view(src))
 
     def _by_file(self, names) -> dict[Path, list[str]]:
         by_file: dict[Path, list[str]] = defaultdict(list)
@@ -334,10 +359,16 @@ class LayerStore:
         if any(state[names[0]].is_meta for names in _outer_groups(self.model, self.spec)):
             read_outer(self.model, self.files, self.dtype, self.spec)
 
-    def read_outer_tensor(self, name: str) -> torch.Tensor:
-        """One tensor outside the layers (any of its tied names), read from the checkpoint in the
-        run's dtype, as restore_outer would hold it (for a save that writes them one at a time)."""
-        return _read_group(self.files, next(g for g in _outer_groups(self.model, self.spec) if name in g), self.dtype)
+    def outer_pieces(self, name: str, dtype: torch.dtype):
+        """One tensor outside the layers (any of its tied names) as restore_outer would hold it (in
+        the run's dtype), then cast to `dtype`: its elements in order, read from the checkpoint in
+        pieces (TensorFiles.pieces), for a save that writes them without holding them (the
+        embeddings and head are 0.25 GiB each at 7B)."""
+        names = next(g for g in _outer_groups(self.model, self.spec) if name in g)
+        stored = next((n for n in names if n in self.files.where), None)
+        if stored is None:
+            raise StreamError(f"{names[0]} is not in the safetensors files of the checkpoint")
+        return self.files.pieces(stored, self.dtype, dtype)
 
     def unload(self, i: int, layer: torch.nn.Module) -> None:
         """Done with layer i for now: back to the CPU, or (streamed) back to meta, its host memory
@@ -511,7 +542,10 @@ class SaveWriter:
         stem = "model" if packed is None else packing.PACKED_FILE.removesuffix(".safetensors")
         self.shards = Shards(self.folder, stem, n_layers + 1)  # one per layer, the last for the rest
         self.written: set[int] = set()
-        self.reports: dict = {}   # module path -> LinearReport of every layer written
+        # module path -> LinearReport of every layer written; their qparams (scales and zeros,
+        # ~7 MiB per 7B layer) only while a GPTQ-layout copy may still be written at the end
+        self.reports: dict = {}
+        self.gptq_reason: str | None = None  # why that copy cannot be written, once a layer shows it
         self.linears: dict = {}   # packed header entries
         self.fallback: list[str] = []
         self.counts: dict[str, int] = {}  # packing.tally of what was written
@@ -530,16 +564,27 @@ class SaveWriter:
         packed saves the quantized linears packed (reports: relative name -> LinearReport)."""
         prefix = self._prefix(i)
         reps = {prefix + n: r for n, r in (reports or {}).items()}
-        self.reports.update(reps)
         self._write(i, {prefix + k: v for k, v in state.items()}, reps)
         self.written.add(i)
+        if self.packed is None or self.packed["pruned"]:  # no GPTQ copy at the end
+            self.gptq_reason = self.gptq_reason or "dense save"
+        elif self.gptq_reason is None and reps:
+            import packing
+            plan = packing.gptq_plan(reps)  # a layer off the layout keeps the whole model off it
+            self.gptq_reason = plan if isinstance(plan, str) else None
+        if self.gptq_reason is not None:  # the grids are not needed again: host memory stays flat
+            if any(r.qparams is not None for r in self.reports.values()):
+                self.reports = {n: dataclasses.replace(r, qparams=None) for n, r in self.reports.items()}
+            reps = {n: dataclasses.replace(r, qparams=None) for n, r in reps.items()}
+        self.reports.update(reps)
 
     def _write(self, k: int, tensors: dict[str, torch.Tensor], reports: dict, load=None) -> None:
         """tensors: on any device, not yet in the save dtype. Dense saves go to the file one tensor
         at a time (the host never holds the layer); packed saves pack the host copy. load (no
-        quantized linears among the tensors; they are meta): name -> tensor, read when written."""
+        quantized linears among the tensors; they are meta): as write_safetensors's."""
         if self.packed is None or load is not None:
             if load is not None and self.packed is not None:  # the parts outside the layers: nothing to pack
+                # (tally needs only shapes and dtypes: the tensors are meta here)
                 tensors = {n: v.to(self.save_dtype) if v.is_floating_point() else v for n, v in tensors.items()}
                 import packing
                 for key, v in packing.tally(tensors, {}).items():
@@ -570,9 +615,9 @@ class SaveWriter:
         """Write the parts outside the decoder layers, the index, config, generation config,
         tokenizer and report (report["files"] lists them; packed saves add report["disk"]),
         then rename the folder into place (an existing one only if it is an earlier save of
-        this tool, with --overwrite). outer (`LayerStore.read_outer_tensor`): where those parts
-        are still parked (meta), each is read from the checkpoint when it is written, so the host
-        never holds them all (embeddings and head: 0.5 GiB at 7B)."""
+        this tool, with --overwrite). outer (`LayerStore.outer_pieces`): where those parts are
+        still parked (meta), each is read from the checkpoint in pieces as it is written, so the
+        host never holds one of them (embeddings and head: 0.25 GiB each at 7B)."""
         import packing
         from model_io import plain_config
         missing = sorted(set(range(self.n_layers)) - self.written)
@@ -598,8 +643,12 @@ class SaveWriter:
             index = self.folder / f"{self.shards.stem}{INDEX_SUFFIX}"  # it holds the packing header
             disk = packing.disk_report(self.counts, self.shards.nbytes() + index.stat().st_size, tied,
                                        self.fallback, self.shards.count)
-            disk["gptq"] = self._gptq_copy(config, state, tokenizer, load) if self.reports and not self.packed["pruned"] \
-                else packing.gptq_skipped(self.packed["pruned"])
+            if not self.reports or self.packed["pruned"]:
+                disk["gptq"] = packing.gptq_skipped(self.packed["pruned"])
+            elif self.gptq_reason is not None:
+                disk["gptq"] = {"written": False, "reason": self.gptq_reason}
+            else:
+                disk["gptq"] = self._gptq_copy(config, state, tokenizer, load)
             report["disk"] = disk
         config.save_pretrained(self.folder)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -675,9 +724,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch
     (floating tensors to `dtype`, on the CPU, as `_saved`) and written, then dropped, so the
     host holds one tensor at most (safetensors' save_file holds the whole layer twice: the
     tensors and their bytes). Tensors are laid out as save_file lays them out (by element
-    size, largest first, then by name); readers see the same file. load: name -> tensor, called
-    when that tensor is written (then `tensors` need only give shapes and dtypes: meta tensors do),
-    so that tensors not in memory yet are read one at a time."""
+    size, largest first, then by name); readers see the same file. load(name, dtype): that
+    tensor's elements in order as 1-D host tensors in dtype, called when it is written (then
+    `tensors` need only give shapes and dtypes: meta tensors do), for tensors not in memory."""
     def saved_dtype(t):
         return dtype if (dtype is not None and t.is_floating_point()) else t.dtype
     names = sorted(tensors, key=lambda n: (-saved_dtype(tensors[n]).itemsize, n))
@@ -697,10 +746,13 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for n in names:
-            t = tensors[n] if load is None else load(n)
-            dt = saved_dtype(tensors[n])
-            # from a GPU on the worker thread: in staged pieces (host_copy), else the whole tensor
-            pieces = host_copy.host_pieces(t, dt) if host_copy.staged(t.device) else [_saved(t, dt, copy=False)]
+            t, dt = tensors[n], saved_dtype(tensors[n])
+            if load is not None:
+                pieces = load(n, dt)
+            elif host_copy.staged(t.device):  # from a GPU on the worker thread: in staged pieces
+                pieces = host_copy.host_pieces(t, dt)
+            else:
+                pieces = [_saved(t, dt, copy=False)]
             for piece in pieces:
                 f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
             del t, pieces

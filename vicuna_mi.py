@@ -471,7 +471,7 @@ def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, che
     timer = StageTimer(devs, enabled=args.profile)
     result = compress_model(model, spec, cfg, windows, devs, dtype, console, args.fwd_batch, timer=timer,
                             keep_mi=bool(args.plot), checkpoint=checkpoint, store=store,
-                            max_gpu_memory=args.max_gpu_memory, restore_outer=False)
+                            max_gpu_memory=args.max_gpu_memory, restore_outer=False, keep_qparams=False)
     seconds = time.perf_counter() - t0
     summary = summarize(result.reports)
     if args.profile:
@@ -498,7 +498,7 @@ def save(args, store, tokenizer, report: dict, jlog) -> None:
     """Finish --save: the layers not written yet (none, unless nothing was compressed), the rest
     of the model, the index, tokenizer and report, renamed into place (streaming.SaveWriter)."""
     store.flush()
-    store.writer.finish(store.model, tokenizer, report, outer=store.read_outer_tensor if store.streamed else None)
+    store.writer.finish(store.model, tokenizer, report, outer=store.outer_pieces if store.streamed else None)
     if "disk" in report:
         import packing
         print(packing.describe_disk(report["disk"]), flush=True)

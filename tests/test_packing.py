@@ -30,6 +30,7 @@ CASES = {
     "mi_nm24": ("mistral", torch.float32, dict(prunen=2, prunem=4, wbits=4, target_avg_bits=3.0, n_groups=4)),
     "gptq_w4_g32": ("qwen2", torch.float32, dict(use_mi_grouping=False, wbits=4, groupsize=32)),
     "rtn_w3": ("llama", torch.float16, dict(use_mi_grouping=False, rtn=True, wbits=3)),
+    "mi_t3.0": ("llama", torch.float32, dict(wbits=4, target_avg_bits=3.0, n_groups=4)),
 }
 
 
@@ -135,6 +136,46 @@ def test_packed_size_matches_the_format(prune, expected_bits):
     assert abs(8 * total / Q.numel() - expected_bits - overhead) < 0.01
     assert 16 / (8 * total / Q.numel()) > 0.95 * 16 / (expected_bits + overhead)
     assert torch.equal(packing.unpack_linear(tensors, info).half(), Q)
+
+
+@pytest.mark.parametrize("case,packed,kept,reason", [
+    ("gptq_w4_g32", True, True, None), ("rtn_w3", True, True, None), ("gptq_w4_g32", False, False, "dense save"),
+    ("mi_t3.0", True, False, "permutation"), ("mi_sparse50", True, False, "pruned")])
+def test_the_writer_keeps_grids_only_for_a_gptq_copy(compressed, tmp_path, case, packed, kept, reason):
+    """So that host memory does not grow with the layers, the writer drops a written layer's
+    qparams (scales and zeros) unless the save may still end in a GPTQ-layout copy: packed,
+    unpruned, every layer so far on one GPTQ layout. The copy is written exactly where they were kept."""
+    from streaming import SaveWriter
+    model, tok, reports, cfg = compressed(case)
+    spec = ARCHS[CASES[case][0]]
+    layers = model.get_submodule(spec.layers)
+    writer = SaveWriter(tmp_path / "out", len(layers), spec, CASES[case][1],
+                        {"nm": (cfg.prunen, cfg.prunem), "pruned": bool(cfg.sparsity or cfg.prunen)} if packed else None)
+    for i, layer in enumerate(layers):
+        prefix = f"{spec.layers}.{i}."
+        writer.write_layer(i, layer.state_dict(), {n[len(prefix):]: r for n, r in reports.items() if n.startswith(prefix)})
+        assert {r.qparams is not None for r in writer.reports.values()} == {kept}
+    assert all(r.qparams is not None for r in reports.values())  # the caller's reports are left as they were
+    report: dict = {}
+    writer.finish(model, tok, report)
+    if packed:
+        gptq = report["disk"]["gptq"]
+        assert gptq["written"] == kept and (reason is None or reason in gptq["reason"])
+    else:
+        assert writer.gptq_reason == reason
+
+
+def test_reports_can_leave_their_grids_behind(compressed, tiny_models, text_files):
+    """compress_model(keep_qparams=False), as the CLI runs it: the same figures, no grids."""
+    from datautils import get_loaders
+    _, tok, reports, cfg = compressed("mi_t3.0")
+    model = load_model(str(tiny_models["llama"]), torch.float32, False)
+    windows = get_loaders(str(text_files["calib"]), tok, 4, 0, 32)
+    lean = compress_model(model, ARCHS["llama"], cfg, windows, torch.device("cpu"), torch.float32,
+                          lambda msg: None, keep_qparams=False).reports
+    assert lean.keys() == reports.keys() and all(r.qparams is None for r in lean.values())
+    strip = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731
+    assert all(strip(lean[n].to_json()) == strip(r.to_json()) for n, r in reports.items())
 
 
 def test_off_grid_weight_is_stored_dense_and_still_exact(compressed, tmp_path):
