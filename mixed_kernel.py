@@ -69,6 +69,7 @@ import triton.language as tl
 
 from parallel import on_device
 
+WMASK_ALL = sum(1 << b for b in range(2, 9))  # gemv_kernel's widths 2..8, every one compiled in
 UNIT_FIELDS = 8  # int32 per unit: a, e, bits, run, W0, nt, block start, (pad)
 _MAGIC = 0x4B000000  # float32 2**23: (q | MAGIC) read as float32 is 2**23 + q for 0 <= q < 2**23
 
@@ -413,13 +414,22 @@ def _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
 @triton.jit
 def _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt, start,
                 BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr,
-                GATHER: tl.constexpr, ONE: tl.constexpr):
-    """One unit of width BITS: the pipelined one-token path (ONE) or the slot loop for BLOCK_M tokens."""
-    if ONE:
-        acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, BITS, BLOCK_N, TS, GATHER)
+                GATHER: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
+    """One unit of width BITS: the pipelined one-token path (ONE) or the slot loop for BLOCK_M tokens.
+    Nothing (zeros) where BITS is not in WMASK: that branch is not compiled, so the registers the
+    kernel takes are those of the widths it serves (offline sm_90 compiles of GEMV1, ptxas's
+    counts: 72 for 2 bits alone, 91 for 4, 163-168 for 3 or 5, 130 for 2-4, 170 for 2-5, 255 for
+    all seven; half the tiles a step for 3 and 5 bits did not lower them)."""
+    if ((WMASK >> BITS) & 1) == 1:
+        if ONE:
+            acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, BITS, BLOCK_N, TS,
+                                  GATHER)
+        else:
+            acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                                 BITS, BLOCK_M, BLOCK_N, TS, GATHER)
     else:
-        acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                             BITS, BLOCK_M, BLOCK_N, TS, GATHER)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        xs = tl.zeros((BLOCK_M,), tl.float32)
     return acc, xs
 
 
@@ -427,8 +437,9 @@ def _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a
 def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 M, N, stride_xm, has_bias, n_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr, ATOMIC: tl.constexpr,
-                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr):
-    """Grid (row tiles, SPLIT = n_split; ATOMIC: SPLIT > 1). out (M, N) = x (M, K) @ W.T (+ bias) for M <= BLOCK_M tokens.
+                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
+    """Grid (row tiles, SPLIT = n_split; ATOMIC: SPLIT > 1). WMASK: bit b set for each width b
+    the units hold (`MixedBitLinear.wmask`); only those widths' loops are compiled in. out (M, N) = x (M, K) @ W.T (+ bias) for M <= BLOCK_M tokens.
     Program (pn, ps) owns BLOCK_N rows and the units uoff[ps] .. uoff[ps + 1] (a contiguous
     1/SPLIT of the kernel columns): it works through them with the grid of each run applied once
     per unit, y += s (sum q x - z sum x), so it reads every code once for all its tokens. SPLIT 1
@@ -452,25 +463,25 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
         # one specialised copy of the unit's loop per width
         if bits == 2:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 2, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
+                                  start, 2, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
         elif bits == 3:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 3, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
+                                  start, 3, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
         elif bits == 4:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 4, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
+                                  start, 4, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
         elif bits == 5:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 5, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
+                                  start, 5, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
         elif bits == 6:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 6, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
+                                  start, 6, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
         elif bits == 7:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 7, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
+                                  start, 7, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
         else:
             acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 8, BLOCK_M, BLOCK_N, TS, GATHER, ONE)
+                                  start, 8, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
         y += s[None, :] * (acc - z[None, :] * xs[:, None])
     rows2 = ms[:, None] * 0 + rows[None, :]
     ms2 = ms[:, None] + rows[None, :] * 0
@@ -692,8 +703,10 @@ def launch(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: t
 
 def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: torch.Tensor, uoff: torch.Tensor,
          scale_bits: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, N: int, cfg: dict,
-         xg: torch.Tensor | None = None) -> torch.Tensor:
+         xg: torch.Tensor | None = None, wmask: int = WMASK_ALL) -> torch.Tensor:
     """out (M, N) in x's dtype from x (M, K) contiguous, M <= cfg's BLOCK_M, by `gemv_kernel`.
+    wmask: bit b set for every width b among the units (`MixedBitLinear.wmask`; cfg["WMASK"], where
+    given, wins); a unit of a width outside it adds nothing.
     units, uoff: `MixedBitLinear.split_units(cfg["SPLIT"])`. xg: x already gathered into kernel
     order (M, K_pad), used when cfg["GATHER"] is False."""
     M = x.shape[0]
@@ -710,7 +723,8 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
             M, N, src.stride(0), int(bias is not None), split,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BN, TS=cfg["TS"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
             ONE=cfg["BLOCK_M"] == 1 and cfg.get("ONE", True),
-            SCALE_F16=scale_bits.dtype == torch.int16, num_warps=cfg["num_warps"])
+            SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask), num_warps=cfg["num_warps"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
 
 

@@ -223,7 +223,7 @@ class MixedBitLinear(torch.nn.Module):
         if cfg.get("GEMV"):
             units, uoff = self.split_units(cfg["SPLIT"], x.device)
             out = mixed_kernel.gemv(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias,
-                                    self.out_features, cfg, xg)
+                                    self.out_features, cfg, xg, self.wmask)
             return out.reshape(*shape[:-1], self.out_features)
         out = mixed_kernel.launch(x2, self.kcols, self.qweight, self.units(cfg["unit_k"], x.device),
                                   self.scale_bits, self.zero, bias, self.out_features, cfg, xg)
@@ -250,6 +250,11 @@ class MixedBitLinear(torch.nn.Module):
         n = sum(b.numel() * b.element_size() for b in self.buffers())
         dev = self.qweight.device
         return n + sum(u.numel() * u.element_size() for (_, d), u in self._units.items() if d == dev)
+
+    @property
+    def wmask(self) -> int:
+        """Bit b set for every width b of the packed codes: gemv_kernel compiles only those widths."""
+        return sum(1 << b for b in {b for _, _, b, _ in self.blocks})
 
     def widths(self) -> dict[int, int]:
         """{width: input channels}."""
