@@ -334,7 +334,9 @@ for case, M, dtype, cfg in RUNS:
     ws, cnt = mixed_kernel._WORKSPACE[x.device]
     BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
                   for b in (x, xg, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, ws, cnt)]
-    out = outputs_allowed(mixed_kernel.gemv, x, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, R, cfg, xg)
+    assert all((m.wmask >> b) & 1 for _, _, b, _ in m.blocks)  # every stored width's loop compiled in
+    out = outputs_allowed(mixed_kernel.gemv, x, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, R, cfg, xg,
+                          m.wmask)
     ref = torch.nn.functional.linear(x.double(), W.double(), bias.double())
     err = float((out.double() - ref).abs().max() / ref.abs().max())
     tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp32 sums; fp16 output rounding
