@@ -491,6 +491,10 @@ def main() -> None:
         t0 = time.perf_counter()
         fused = [M for M in args.tokens if not mixed_kernel.pick_config(M, 1024, 1024, torch.float16).get("DENSE")]
         configs = [(c, torch.float16) for M in fused for c in candidates(M)]
+        # gemv_kernel compiles per width range (MixedBitLinear.wmask): the synthetic linears' ranges
+        masks = {sum(1 << b for b in range(min(WIDTHS[SETTINGS[s][0]]), max(WIDTHS[SETTINGS[s][0]]) + 1))
+                 for s in args.settings}
+        configs += [(dict(c, WMASK=m), d) for c, d in configs if c.get("GEMV") for m in masks]
         configs += [(mixed_kernel.pick_config(M, 1024, 1024, d), d) for M in set(args.tokens) | set(TOKENS) | {32}
                     for d in (torch.float16, torch.bfloat16, torch.float32)]
         mixed_kernel.warm_up(configs, processes=args.compile_processes)
