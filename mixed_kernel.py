@@ -40,13 +40,15 @@ kernel order once. One program per (tile of 32 kernel columns, BLOCK_N rows).
 One token: `gemv_kernel` instead (the same layout and grid arithmetic): a program owns BLOCK_N
 rows and 1/SPLIT of the kernel columns, walks its units with the grid applied once per unit, loads
 the next step's words and x before this step's arithmetic, and writes the output itself (SPLIT 1)
-or through the same split-K finish. H200, 3.5 bits
-(bench/results/inference-NVIDIA-H200-2026-12-01-gemv2.md): a LLaMA-2-7B layer 172 us against fp16
-cuBLAS's 132 (0.77x; the fused kernel took 354 us, 0.38x), a 70B layer 463 against 441 (0.95x).
-What limits it (bench/results/gemv-probe-NVIDIA-H200-2026-12-01.md): the step loop itself; one run
-of 4 bits on 4096x4096 still takes 10.7 us (788 GB/s). Not the layout conversions of the words (see
-`_gemv_unit1`), nor the registers alone: a 2D variant at 96-166 registers (3-5 programs per SM,
-x loaded per slot) was 3-30% slower (an exploration sweep on 2026-12-01, not a committed benchmark).
+or through the same split-K finish; only the widths in WMASK are compiled in. H200, 3.5 bits
+(bench/results/inference-NVIDIA-H200-2026-12-01-wmask.md): a LLaMA-2-7B layer 164 us against fp16
+cuBLAS's 131 (0.80x; the fused kernel took 354 us, 0.38x), a 70B layer 414 against 434 (1.05x).
+What limits it: one run of 4 bits on 4096x4096 takes 10.2 us with only its width compiled in (10.7
+with all; bench/results/gemv-probe- and gemv-wmask-probe-NVIDIA-H200-2026-12-01.md), while the same
+step stripped of the work list, grids, gather and split-K finish takes 5.5-5.6 us whether it is
+taken apart as here or slot by slot (bench/gemv_step_probe.py): what is around the loop costs about
+half. Not the layout conversions of the words (see `_gemv_unit1`); a 2D variant at 96-166
+registers, x loaded per slot, was 3-30% slower (an exploration sweep on 2026-12-01, not committed).
 
 The fused kernel (2 and 3 tokens) is exact to the output rounding, but slow: 0.16x of fp16 at 16
 tokens, 0.04x at 128, bound by latency: each small program runs a serial chain of ~10 dependent
