@@ -34,8 +34,8 @@ import os
 import shutil
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -567,7 +567,7 @@ class SaveWriter:
         self._write(i, {prefix + k: v for k, v in state.items()}, reps)
         self.written.add(i)
         if self.packed is None or self.packed["pruned"]:  # no GPTQ copy at the end
-            self.gptq_reason = self.gptq_reason or "dense save"
+            self.gptq_reason = self.gptq_reason or ("dense save" if self.packed is None else "pruned weights")
         elif self.gptq_reason is None and reps:
             import packing
             plan = packing.gptq_plan(reps)  # a layer off the layout keeps the whole model off it

@@ -252,7 +252,6 @@ def test_layer_files_read_ahead_and_written_behind_give_the_same_save(tiny_model
     layer read once, the reads ahead of the layer being worked on); the save folder and the
     evaluation equal the plain run's bit for bit; a writer's error reaches the caller."""
     import threading
-    import streaming
     tok = load_tokenizer(str(tiny_models["llama"]), False)
     windows = get_loaders(str(text_files["calib"]), tok, 4, 0, 64)
     tokens = get_eval_tokens(str(text_files["eval"]), tok, 64)
