@@ -53,9 +53,10 @@ class StreamError(Exception):
 # ---------------------------------------------------------------- reading
 class TensorFiles:
     """The tensors of a safetensors checkpoint in a folder (`stem`.safetensors, or shards
-    listed by `stem`.safetensors.index.json), read by name on demand. Every read opens the
-    files it needs memory-mapped and closes them again, so nothing stays mapped (a mapped
-    file's touched pages would count as the process's resident memory)."""
+    listed by `stem`.safetensors.index.json), read by name on demand. Tensors are read from the
+    files with plain reads, never memory-mapped: the touched pages of a mapped file count as the
+    process's resident memory, so reading a tensor through a mapping holds it twice (the mapped
+    pages and the copy) until the file is closed."""
 
     def __init__(self, folder: str | Path, stem: str = "model"):
         self.folder = Path(folder)
@@ -79,15 +80,26 @@ class TensorFiles:
             return None
 
     def read(self, names, convert=None) -> dict[str, torch.Tensor]:
-        """Tensors by name, as stored on the CPU, or each passed through `convert` (e.g. cast and
+        """Tensors by name, as stored, on the CPU, or each passed through `convert` (e.g. cast and
         moved to a GPU) as soon as it is read, so the host holds one of them at a time (each file
-        opened once per call)."""
-        from safetensors import safe_open
+        opened once per call). Each is read into a fresh tensor (a dtype this reader does not
+        know goes through safetensors)."""
         out = {}
         for path, keys in self._by_file(names).items():
-            with safe_open(str(path), framework="pt") as f:
+            with open(path, "rb", buffering=0) as f:
+                header = _safetensors_header(f)
+                base = f.tell()
                 for k in keys:
-                    out[k] = f.get_tensor(k) if convert is None else convert(f.get_tensor(k))
+                    e = header[k]
+                    src = _DTYPES_BY_NAME.get(e["dtype"])
+                    if src is None:
+                        t = _read_with_safetensors(path, k)
+                    else:
+                        t = torch.empty(e["shape"], dtype=src)
+                        f.seek(base + e["data_offsets"][0])
+                        host_copy.read_exactly(f, t.reshape(-1).view(torch.uint8))
+                    out[k] = t if convert is None else convert(t)
+                    del t  # (converted) gone before the next is read
         return out
 
     def pieces(self, name: str, *dtypes: torch.dtype) -> Iterator[torch.Tensor]:
@@ -102,7 +114,7 @@ class TensorFiles:
             e = _safetensors_header(f)[name]
             src = _DTYPES_BY_NAME.get(e["dtype"])
             if src is None:  # a dtype this reader does not know: whole, through safetensors
-                yield cast(self.read([name])[name]).reshape(-1)
+                yield cast(_read_with_safetensors(f.name, name)).reshape(-1)
                 return
             start, end = (f.tell() + o for o in e["data_offsets"])
             step = host_copy.CHUNK_BYTES - host_copy.CHUNK_BYTES % src.itemsize
@@ -140,7 +152,7 @@ class TensorFiles:
                     e = header[k]
                     src = _DTYPES_BY_NAME.get(e["dtype"])
                     if src is None:  # a dtype this reader does not know: through safetensors
-                        out.update(self.read([k], on_host))
+                        out[k] = on_host(_read_with_safetensors(path, k))
                         continue
                     out[k] = host_copy.file_to_device(f, base + e["data_offsets"][0], e["shape"], src,
                                                       dtype if src.is_floating_point else src, dev)
@@ -708,6 +720,12 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
 
 
 _DTYPES_BY_NAME = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def _read_with_safetensors(path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _safetensors_header(f) -> dict:
