@@ -445,7 +445,7 @@ def load(args, model_cfg, spec, dtype, devs):
     if folder is not None:
         files = TensorFiles(folder)
         try:
-            model = load_skeleton(folder, files, dtype, spec, args.trust_remote_code)
+            model = load_skeleton(folder, files, dtype, spec, args.trust_remote_code, head=False)
             print(f"streaming {where} from {folder}: one decoder layer at a time in {dtype}; {compute}", flush=True)
             bound_host_memory()
             return model, files

@@ -63,6 +63,12 @@ def test_skeleton_holds_what_from_pretrained_loads(tiny_models, sharded_tied):
             assert all(torch.equal(v, layer.state_dict()[k]) for k, v in loaded.state_dict().items())
             store.unload(i, loaded)
             assert all(p.is_meta for p in loaded.parameters())
+        # as the CLI builds it: the head is read only when needed (tied, it is the embeddings)
+        lean = load_skeleton(path, files, torch.float32, spec, head=False)
+        assert lean.lm_head.weight.is_meta != bool(whole.config.tie_word_embeddings)
+        assert not lean.model.embed_tokens.weight.is_meta and not lean.model.norm.weight.is_meta
+        LayerStore(lean, spec, torch.float32, files).restore_outer()
+        assert torch.equal(lean.lm_head.weight, whole.lm_head.weight)
 
 
 def test_embeddings_and_head_leave_host_memory_while_the_layers_are_worked_on(tiny_models, sharded_tied,
