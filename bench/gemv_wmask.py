@@ -1,7 +1,9 @@
 """One token on a CUDA machine: gemv_kernel with every width compiled in (WMASK 510, as before
 6e58dd4) against only the linear's width range (MixedBitLinear.wmask), a register cap (maxnreg
 128), SPLIT 16 and 2 tiles a step; LLaMA-2-7B shapes, bench.inference's synthetic 3.0 and 3.5-bit
-linears and one run of 4 bits; per linear, CUDA graph over 8 copies, median. Prints a line per
+linears and one run of 4 bits; x gathered before the launch and a single part (no split-K finish),
+to attribute what is around the step loop (bench/gemv_step_probe.py: the loop alone is about twice
+as fast); per linear, CUDA graph over 8 copies, median. Prints a line per
 case and writes $OUT/probe-wmask.json (default /tmp); results are written up with machine,
 date, command and commit.
 
@@ -35,7 +37,12 @@ for R, C in [(4096, 4096), (11008, 4096), (4096, 11008)]:
         ref = F.linear(xx.float(), mods[0].dequantize(torch.float32))
         for name, extra in [("all widths", {"WMASK": mixed_kernel.WMASK_ALL}), ("own widths", {}),
                             ("own, maxnreg 128", {"maxnreg": 128}), ("own, split 16", {"SPLIT": 16}),
-                            ("own, ts2", {"TS": 2})]:
+                            ("own, ts2", {"TS": 2}),
+                            # what is around the step: x gathered before the launch (no kcols loads
+                            # in the kernel), and no split-K finish (one part, smaller row tiles)
+                            ("own, x pre-gathered", {"GATHER": False}),
+                            ("own, SPLIT 1, 32 rows", {"SPLIT": 1, "BLOCK_N": 32}),
+                            ("own, SPLIT 1, 16 rows", {"SPLIT": 1, "BLOCK_N": 16, "num_warps": 2})]:
             for mm in mods:
                 mm.tune = dict(mixed_kernel.GEMV1, **extra)
             try:
