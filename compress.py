@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -501,10 +501,10 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
     to evaluate (LayerStore.restore_outer).
     overlap_io: a streamed store reads the next layer onto the device and writes the finished
     one to the save folder on a worker thread while the device computes (store.background; the
-    device then holds up to two layers beside the one being compressed). None: on where the
-    first device is a GPU and no max_gpu_memory cap is set (on an H200 the CLI's 70B-shaped
-    layers took a median 10.1 s without it, against 7.2 s of the layer's own work, and 8.7 s with
-    it). The files written are the same.
+    device then holds up to two layers beside the one being compressed; the copies run beside
+    the device's work, host_copy.py). None: on where the first device is a GPU and no
+    max_gpu_memory cap is set (on an H200 the CLI's 70B-shaped layers took a median 10.1 s
+    without it and 7.1 s with it). The files written are the same.
 
     keep_qparams False: the returned reports lose their qparams (each linear's grid: the scales
     and zeros, ~7 MiB per 7B layer) once the store and checkpoint have had them, so that host
@@ -536,7 +536,7 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
         if checkpoint is not None:
             first, result = checkpoint.restore(store, None if cfg.rtn else inps, emit)
             if not keep_qparams:
-                result.reports = {n: replace(r, qparams=None) for n, r in result.reports.items()}
+                result.reports = {n: r.without_grid() for n, r in result.reports.items()}
         team = Team.spread(inps, kwargs, devs, fwd_batch, offload)
         del inps
         store.park_outer()  # embeddings and head: not needed again until evaluation and save
@@ -551,7 +551,7 @@ def compress_model(model, spec: ArchSpec, cfg: CompressConfig, windows, dev, dty
                 i, layer = nxt
                 tick = time.perf_counter()
                 done = compress_layer(team, i, spec, cfg, emit, timer, keep_mi and result.mi is None)
-                result.reports.update({f"{spec.layers}.{i}.{n}": r if keep_qparams else replace(r, qparams=None)
+                result.reports.update({f"{spec.layers}.{i}.{n}": r if keep_qparams else r.without_grid()
                                        for n, r in done.reports.items()})
                 result.mi = result.mi if result.mi is not None else done.mi
                 if not cfg.rtn:

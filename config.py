@@ -1,7 +1,7 @@
 """Settings and per-linear results shared by the driver, the CLI, the checkpoints and the reports."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 class UsageError(Exception):
@@ -99,3 +99,8 @@ class LinearReport:
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "qparams"}
+
+    def without_grid(self) -> "LinearReport":
+        """The same report without qparams (its scales and zeros: megabytes at 7B), for a run
+        that has written them and keeps only the figures."""
+        return replace(self, qparams=None)

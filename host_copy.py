@@ -55,35 +55,31 @@ class _Stager:
         self.done[self.k] = ev
         return ev
 
-    def to_device(self, t: torch.Tensor) -> torch.Tensor:
-        src = _flat_bytes(t.detach().contiguous())
-        # allocated from the default stream's memory (this thread's current stream), where the
-        # block may still be read or written by queued kernels: the copy starts after them
-        out = torch.empty(t.shape, dtype=t.dtype, device=self.dev)
+    def _upload(self, dst: torch.Tensor, fill) -> None:
+        """dst (device bytes) filled piece by piece: fill(buf, off) puts bytes [off, off + len(buf))
+        into a staging buffer, which then goes to the device while the next one is filled. dst is
+        allocated from the default stream's memory (this thread's current stream), where the block
+        may still be read or written by queued kernels: the copies start after them."""
         self.stream.wait_stream(self.compute)
-        dst = _flat_bytes(out)
-        for off in range(0, src.numel(), CHUNK_BYTES):
-            m = min(CHUNK_BYTES, src.numel() - off)
+        for off in range(0, dst.numel(), CHUNK_BYTES):
+            m = min(CHUNK_BYTES, dst.numel() - off)
             buf = self._buffer()[:m]
-            buf.copy_(src[off:off + m])
+            fill(buf, off)
             with torch.cuda.stream(self.stream):
                 dst[off:off + m].copy_(buf, non_blocking=True)
             self._copied()
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        src = _flat_bytes(t.detach().contiguous())
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.dev)
+        self._upload(_flat_bytes(out), lambda buf, off: buf.copy_(src[off:off + buf.numel()]))
         return out
 
     def from_file(self, f, offset: int, shape, src_dtype: torch.dtype, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=self.dev)
         raw = out if src_dtype == dtype else torch.empty(shape, dtype=src_dtype, device=self.dev)
-        self.stream.wait_stream(self.compute)  # as in to_device
-        dst = _flat_bytes(raw)
         f.seek(offset)
-        for off in range(0, dst.numel(), CHUNK_BYTES):
-            m = min(CHUNK_BYTES, dst.numel() - off)
-            buf = self._buffer()[:m]
-            read_exactly(f, buf)
-            with torch.cuda.stream(self.stream):
-                dst[off:off + m].copy_(buf, non_blocking=True)
-            self._copied()
+        self._upload(_flat_bytes(raw), lambda buf, off: read_exactly(f, buf))  # the file is read in order
         if raw is not out:  # cast on the device, on the copy stream; raw's memory is not reused before that
             with torch.cuda.stream(self.stream):
                 out.copy_(raw)

@@ -27,7 +27,6 @@ gets each layer when it is done.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -85,21 +84,15 @@ class TensorFiles:
         opened once per call). Each is read into a fresh tensor (a dtype this reader does not
         know goes through safetensors)."""
         out = {}
-        for path, keys in self._by_file(names).items():
-            with open(path, "rb", buffering=0) as f:
-                header = _safetensors_header(f)
-                base = f.tell()
-                for k in keys:
-                    e = header[k]
-                    src = _DTYPES_BY_NAME.get(e["dtype"])
-                    if src is None:
-                        t = _read_with_safetensors(path, k)
-                    else:
-                        t = torch.empty(e["shape"], dtype=src)
-                        f.seek(base + e["data_offsets"][0])
-                        host_copy.read_exactly(f, t.reshape(-1).view(torch.uint8))
-                    out[k] = t if convert is None else convert(t)
-                    del t  # (converted) gone before the next is read
+        for k, f, path, start, _, shape, src in self._stored(names):
+            if src is None:
+                t = _read_with_safetensors(path, k)
+            else:
+                t = torch.empty(shape, dtype=src)
+                f.seek(start)
+                host_copy.read_exactly(f, t.reshape(-1).view(torch.uint8))
+            out[k] = t if convert is None else convert(t)
+            del t  # (converted) gone before the next is read
         return out
 
     def pieces(self, name: str, *dtypes: torch.dtype) -> Iterator[torch.Tensor]:
@@ -110,13 +103,10 @@ class TensorFiles:
             for d in dtypes:
                 t = t.to(d) if t.is_floating_point() else t
             return t
-        with open(self._by_file([name]).popitem()[0], "rb", buffering=0) as f:
-            e = _safetensors_header(f)[name]
-            src = _DTYPES_BY_NAME.get(e["dtype"])
+        for _, f, path, start, end, _, src in self._stored([name]):
             if src is None:  # a dtype this reader does not know: whole, through safetensors
-                yield cast(_read_with_safetensors(f.name, name)).reshape(-1)
+                yield cast(_read_with_safetensors(path, name)).reshape(-1)
                 return
-            start, end = (f.tell() + o for o in e["data_offsets"])
             step = host_copy.CHUNK_BYTES - host_copy.CHUNK_BYTES % src.itemsize
             buf = torch.empty(min(step, end - start), dtype=torch.uint8)
             f.seek(start)
@@ -125,13 +115,22 @@ class TensorFiles:
                 host_copy.read_exactly(f, piece)
                 yield cast(piece.view(src))
 
-    def _by_file(self, names) -> dict[Path, list[str]]:
+    def _stored(self, names) -> Iterator[tuple]:
+        """(name, open binary file, its path, start and end byte of the tensor's data, shape, dtype;
+        None for a dtype this reader does not know) of each of `names`, each file opened once."""
         by_file: dict[Path, list[str]] = defaultdict(list)
         for n in names:
             if n not in self.where:
                 raise StreamError(f"{n} is not in the safetensors files of {self.folder}")
             by_file[self.where[n]].append(n)
-        return by_file
+        for path, keys in by_file.items():
+            with open(path, "rb", buffering=0) as f:
+                header = _safetensors_header(f)
+                base = f.tell()
+                for k in keys:
+                    e = header[k]
+                    start, end = (base + o for o in e["data_offsets"])
+                    yield k, f, path, start, end, e["shape"], _DTYPES_BY_NAME.get(e["dtype"])
 
     def read_to(self, names, dev, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Tensors by name on dev, floating ones cast to dtype. Where host_copy stages copies to
@@ -139,24 +138,21 @@ class TensorFiles:
         buffers to the device: no tensor in host memory and no mapped file pages, which would
         count as resident memory; the cast is made on the device. Else read(names, convert),
         cast on the host."""
-        def on_host(v):
-            return (v.to(dtype) if v.is_floating_point() else v).to(dev)
         if not host_copy.staged(dev):
-            return self.read(names, on_host)
+            return self.read(names, lambda v: to_device_as(v, dtype, dev))
         out = {}
-        for path, keys in self._by_file(names).items():
-            with open(path, "rb", buffering=0) as f:
-                header = _safetensors_header(f)
-                base = f.tell()
-                for k in keys:
-                    e = header[k]
-                    src = _DTYPES_BY_NAME.get(e["dtype"])
-                    if src is None:  # a dtype this reader does not know: through safetensors
-                        out[k] = on_host(_read_with_safetensors(path, k))
-                        continue
-                    out[k] = host_copy.file_to_device(f, base + e["data_offsets"][0], e["shape"], src,
-                                                      dtype if src.is_floating_point else src, dev)
+        for k, f, path, start, _, shape, src in self._stored(names):
+            if src is None:  # a dtype this reader does not know: through safetensors
+                out[k] = to_device_as(_read_with_safetensors(path, k), dtype, dev)
+            else:
+                out[k] = host_copy.file_to_device(f, start, shape, src, dtype if src.is_floating_point else src, dev)
         return out
+
+
+def to_device_as(v: torch.Tensor, dtype: torch.dtype, dev) -> torch.Tensor:
+    """A host tensor on dev, cast to dtype on the host where floating (as from_pretrained casts);
+    staged beside the device's work on the worker thread (host_copy)."""
+    return host_copy.to_device(v.to(dtype) if v.is_floating_point() else v, dev)
 
 
 def local_checkpoint(model: str, dtype: torch.dtype | None = None) -> Path | None:
@@ -343,12 +339,10 @@ class LayerStore:
         layer = self.layers[i]
         if not self.streamed:
             return layer.to(dev)
-        def convert(v):  # staged beside the device's work when on the worker thread (_beside)
-            return host_copy.to_device(v.to(self.dtype) if v.is_floating_point() else v, dev)
         if self.writer is not None and i in self.writer.written:
-            state = {k: convert(v) for k, v in self.writer.read_layer(i).items()}
+            state = {k: to_device_as(v, self.dtype, dev) for k, v in self.writer.read_layer(i).items()}
         elif i in self.kept:
-            state = {k: convert(v) for k, v in self.kept[i].items()}
+            state = {k: to_device_as(v, self.dtype, dev) for k, v in self.kept[i].items()}
         else:  # from the checkpoint, tensor by tensor to the device
             prefix = f"{self.spec.layers}.{i}."
             state = {k[len(prefix):]: v for k, v in self.files.read_to([prefix + k for k in layer.state_dict()],
@@ -593,8 +587,8 @@ class SaveWriter:
             self.gptq_reason = plan if isinstance(plan, str) else None
         if self.gptq_reason is not None:  # the grids are not needed again: host memory stays flat
             if any(r.qparams is not None for r in self.reports.values()):
-                self.reports = {n: dataclasses.replace(r, qparams=None) for n, r in self.reports.items()}
-            reps = {n: dataclasses.replace(r, qparams=None) for n, r in reps.items()}
+                self.reports = {n: r.without_grid() for n, r in self.reports.items()}
+            reps = {n: r.without_grid() for n, r in reps.items()}
         self.reports.update(reps)
 
     def _write(self, k: int, tensors: dict[str, torch.Tensor], reports: dict, load=None) -> None:
@@ -772,12 +766,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], dtype: torch
         f.write(head)
         for n in names:
             t, dt = tensors[n], saved_dtype(tensors[n])
-            if load is not None:
-                pieces = load(n, dt)
-            elif host_copy.staged(t.device):  # from a GPU on the worker thread: in staged pieces
-                pieces = host_copy.host_pieces(t, dt)
-            else:
-                pieces = [_saved(t, dt, copy=False)]
+            # host_pieces: from a GPU on the worker thread in staged pieces, else the whole tensor
+            # as _saved(copy=False) gives it
+            pieces = load(n, dt) if load is not None else host_copy.host_pieces(t, dt)
             for piece in pieces:
                 f.write(memoryview(piece.reshape(-1).view(torch.uint8).numpy()))
             del t, pieces
