@@ -19,24 +19,28 @@ import triton
 import triton.language as tl
 
 
-
-
 @triton.jit
 def _f(q):
     return q.to(tl.float32, bitcast=True) - 8388608.0
 
+
+@triton.jit
+def _span(T, BLOCK_N: tl.constexpr):
+    """Program (row tile, part): its BLOCK_N rows and its tiles [lo, hi), 1/SPLIT of the T tiles."""
+    per = T // tl.num_programs(1)
+    lo = tl.program_id(1) * per
+    return tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), lo, lo + per
+
+
 @triton.jit
 def cur4(x_ptr, qw_ptr, out_ptr, N, T, BLOCK_N: tl.constexpr, TS: tl.constexpr):
     """the current one-token step: (J, PER, BLOCK_N) codes, shift per slot, sum over slots"""
-    pn = tl.program_id(0)
-    ps = tl.program_id(1)
-    per = T // tl.num_programs(1)
-    rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, t_lo, t_hi = _span(T, BLOCK_N)
     J: tl.constexpr = TS * 4
     j = tl.arange(0, J)
     s = tl.arange(0, 8)
     acc = tl.zeros((J, BLOCK_N), tl.float32)
-    for t0 in range(ps * per, ps * per + per, TS):
+    for t0 in range(t_lo, t_hi, TS):
         w = tl.load(qw_ptr + (t0 * 4 + j)[:, None].to(tl.int64) * N + rows[None, :])
         c = (t0 * 32 + (j // 4) * 32 + j % 4)[:, None] + (s * 4)[None, :]
         xv = tl.load(x_ptr + c).to(tl.float32)
@@ -48,14 +52,11 @@ def cur4(x_ptr, qw_ptr, out_ptr, N, T, BLOCK_N: tl.constexpr, TS: tl.constexpr):
 def new4(x_ptr, qw_ptr, out_ptr, N, T, BLOCK_N: tl.constexpr, TS: tl.constexpr):
     """slots in 2D, no shift for slots 0-3 (the code stays at bit 4s: the float is q * 16^s and x
     is pre-scaled by 16^-s, exact), one shift by 16 for slots 4-7; FFMA into (J, BLOCK_N)."""
-    pn = tl.program_id(0)
-    ps = tl.program_id(1)
-    per = T // tl.num_programs(1)
-    rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, t_lo, t_hi = _span(T, BLOCK_N)
     J: tl.constexpr = TS * 4
     j = tl.arange(0, J)
     acc = tl.zeros((J, BLOCK_N), tl.float32)
-    for t0 in range(ps * per, ps * per + per, TS):
+    for t0 in range(t_lo, t_hi, TS):
         w = tl.load(qw_ptr + (t0 * 4 + j)[:, None].to(tl.int64) * N + rows[None, :])
         cb = t0 * 32 + (j // 4) * 32 + j % 4
         hi = w >> 16

@@ -25,13 +25,17 @@ def make_text(n_words: int, seed: int) -> str:
     return "\n".join(lines)
 
 
-@pytest.fixture(scope="session")
-def text_files(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("data")
-    calib, ev = d / "calib.txt", d / "eval.txt"
+def write_texts(folder: Path) -> dict[str, Path]:
+    """calib.txt and eval.txt (different seeds) in folder: the tests' calibration and evaluation text."""
+    calib, ev = folder / "calib.txt", folder / "eval.txt"
     calib.write_text(make_text(6000, 1))
     ev.write_text(make_text(3000, 2))
     return {"calib": calib, "eval": ev}
+
+
+@pytest.fixture(scope="session")
+def text_files(tmp_path_factory) -> dict[str, Path]:
+    return write_texts(tmp_path_factory.mktemp("data"))
 
 
 def make_tokenizer(path: Path):

@@ -17,7 +17,7 @@ from helpers import saved_tensors
 from layerwise import perplexity
 from model_io import ARCHS, load_tokenizer
 from streaming import LayerStore, SaveWriter, TensorFiles, load_skeleton
-from conftest import make_model, make_text
+from conftest import make_model, write_texts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -125,8 +125,7 @@ def test_later_kernels_do_not_wait_for_a_staged_copy():
 @pytest.fixture(scope="module")
 def model_and_text(tmp_path_factory):
     root = tmp_path_factory.mktemp("copy")
-    (root / "calib.txt").write_text(make_text(6000, 1))
-    (root / "eval.txt").write_text(make_text(3000, 2))
+    write_texts(root)
     return make_model(root / "llama", "llama"), root
 
 

@@ -10,7 +10,7 @@ from compress import compress_model
 from config import CompressConfig
 from layerwise import perplexity
 from model_io import ARCHS, load_model, load_tokenizer
-from conftest import make_model, make_text
+from conftest import make_model, write_texts
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA GPUs")
 
@@ -36,8 +36,7 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
-    (root / "calib.txt").write_text(make_text(6000, 1))
-    (root / "eval.txt").write_text(make_text(3000, 2))
+    write_texts(root)
     return make_model(root / "llama", "llama"), root
 
 
