@@ -419,9 +419,10 @@ def _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a
                 GATHER: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
     """One unit of width BITS: the pipelined one-token path (ONE) or the slot loop for BLOCK_M tokens.
     Nothing (zeros) where BITS is not in WMASK: that branch is not compiled, so the registers the
-    kernel takes are those of the widths it serves (offline sm_90 compiles of GEMV1, ptxas's
-    counts: 72 for 2 bits alone, 91 for 4, 163-168 for 3 or 5, 130 for 2-4, 170 for 2-5, 255 for
-    all seven; half the tiles a step for 3 and 5 bits did not lower them)."""
+    kernel takes are those of the widths it serves (offline sm_90 compiles of GEMV1 with Triton
+    3.6, the GPU box's, ptxas's counts: 119 for 2 or 4 bits alone, 124 for 3, 165 for 5, 128 for
+    2-4, 165 for 2-5, 255 and a 16-byte spill for all seven; half the tiles a step for 3 and 5 bits
+    raised them, to 180-245)."""
     if ((WMASK >> BITS) & 1) == 1:
         if ONE:
             acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, BITS, BLOCK_N, TS,
