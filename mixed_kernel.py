@@ -356,7 +356,7 @@ def _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS: tl.constexpr, TS: 
 @triton.jit
 def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0, t1,
                 BITS: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
-    """Everything one step of `_gemv_unit1` reads, issued together: `_step_words` and x at their
+    """Everything one step of `_gemv_segment`'s one-token loop reads, issued together: `_step_words` and x at their
     columns, (TS * P0, PER) (slot s of word row j)."""
     P0: tl.constexpr = 4 if BITS >= 4 else 2
     PER: tl.constexpr = 32 // P0
@@ -373,67 +373,99 @@ def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0
 
 
 @triton.jit
-def _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start,
-                BITS: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
-    """One token: `_gemv_unit` with every slot of a step at once, (J, PER, BLOCK_N) codes against
-    (J, PER) x, and the next step's words and x loaded before this step's arithmetic (software
-    pipelining by hand: two steps of loads in flight). Measured (H200, 3.5 bits, 4096x4096):
-    16.4 us against 23 us for the slot loop with the same prefetch, whose per-slot x loads sit
-    on the critical path. The generated code converts each step's words into a 3D layout with one
-    row of W per thread; loading them as (J, 1, BLOCK_N) tensors in that layout removed 19 of 29
-    conversions but no time (within 5% either way on the three 7B shapes), so conversions are not
-    what holds it back; nor the 255 registers (two programs per SM) alone: taking a step apart slot
-    by slot in 2D (96-166 registers) was slower, its x loads on the critical path."""
-    P0: tl.constexpr = 4 if BITS >= 4 else 2
-    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-    S1: tl.constexpr = 4 if BITS >= 5 else 2
-    P2: tl.constexpr = 1 if BITS == 7 else 0
-    PER: tl.constexpr = 32 // P0
-    J: tl.constexpr = TS * P0
-    w = tl.arange(0, J) % P0
-    s = tl.arange(0, PER)
-    acc = tl.zeros((J, BLOCK_N), tl.float32)
-    xs = tl.zeros((J,), tl.float32)
-    t1 = (e - start + 31) // 32
-    tb = (a - start) // 32
-    w0, w1, w2, xv = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, tb, t1, BITS, TS, GATHER)
-    for t0 in range(tb, t1, TS):
-        n0, n1, n2, nx = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0 + TS, t1,
-                                     BITS, TS, GATHER)
-        code = (w0[:, None, :] >> (s * P0)[None, :, None]) & ((1 << P0) - 1)  # (J, PER, BLOCK_N)
-        if P1 > 0:
-            sh1 = ((s * (P0 // P1))[None, :] + (w // P1)[:, None]) * P1
-            code |= ((w1[:, None, :] >> sh1[:, :, None]) & ((1 << P1) - 1)) << S1
-        if P2 > 0:
-            sh2 = (s * P0)[None, :] + w[:, None]
-            code |= ((w2[:, None, :] >> sh2[:, :, None]) & 1) << 6
-        acc += tl.sum(_as_float(code) * xv[:, :, None], axis=1)
-        xs += tl.sum(xv, axis=1)
-        w0, w1, w2, xv = n0, n1, n2, nx
-    return tl.sum(acc, axis=0)[None, :], tl.zeros((1,), tl.float32) + tl.sum(xs, axis=0)
+def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows, rmask, u, u1, y,
+                  BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr,
+                  GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr):
+    """y += the units u, u + 1, ... of width BITS (up to u1 or the first unit of another width), each
+    with its run's grid: y += s (sum q x - z sum x). Returns y and the first unit not done.
+    One token (ONE): one software pipeline over every step of every unit of the segment: the next
+    step's words and x (in the next unit when this one ends) are loaded before this step's
+    arithmetic, so a unit boundary (a run, or a part of it) costs no exposed load. 2-4 tokens: the
+    slot loop of `_gemv_unit`, unit by unit.
+    A step is (J, PER, BLOCK_N) codes against (J, PER) x, every slot at once. History (H200, 3.5
+    bits, 4096x4096): 16.4 us against 23 for the slot loop with the same prefetch, whose per-slot x
+    loads sit on the critical path; loading the words in the 3D layout removed 19 of 29 layout
+    conversions but no time; taking a step apart slot by slot in 2D (96-166 registers) was slower.
+    Until 2026-12-02 the pipeline restarted at every unit: each unit paid one exposed load, and
+    the 3.5-bit 7B shapes hold 19-20 units (10 runs x 4 widths, cut at 8 parts)."""
+    a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u)
+    s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
+    if ONE:
+        na, ne, nbits, nrun, nW0, nnt, nstart = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
+        P0: tl.constexpr = 4 if BITS >= 4 else 2
+        P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+        S1: tl.constexpr = 4 if BITS >= 5 else 2
+        P2: tl.constexpr = 1 if BITS == 7 else 0
+        PER: tl.constexpr = 32 // P0
+        J: tl.constexpr = TS * P0
+        w = tl.arange(0, J) % P0
+        sl = tl.arange(0, PER)
+        acc = tl.zeros((J, BLOCK_N), tl.float32)
+        xs = tl.zeros((J,), tl.float32)
+        t = (a - start) // 32  # block-relative tiles [t, t1) hold the unit
+        t1 = (e - start + 31) // 32
+        w0, w1, w2, xv = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t, t1, BITS, TS,
+                                     GATHER)
+        go = u < u1
+        while go:
+            ends = t + TS >= t1  # this step is the unit's last
+            more = (u + 1 < u1) & (nbits == BITS)  # the segment goes on into the next unit
+            # the next step: in this unit, or the next unit's first (nothing when the segment ends)
+            ta = tl.where(ends, (na - nstart) // 32, t + TS)
+            tz = tl.where(ends, tl.where(more, (ne - nstart + 31) // 32, ta), t1)
+            n0, n1, n2, nx = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask,
+                                         tl.where(ends, na, a), tl.where(ends & ~more, na, tl.where(ends, ne, e)),
+                                         tl.where(ends, nW0, W0), tl.where(ends, nnt, nt),
+                                         tl.where(ends, nstart, start), ta, tz, BITS, TS, GATHER)
+            code = (w0[:, None, :] >> (sl * P0)[None, :, None]) & ((1 << P0) - 1)  # (J, PER, BLOCK_N)
+            if P1 > 0:
+                sh1 = ((sl * (P0 // P1))[None, :] + (w // P1)[:, None]) * P1
+                code |= ((w1[:, None, :] >> sh1[:, :, None]) & ((1 << P1) - 1)) << S1
+            if P2 > 0:
+                sh2 = (sl * P0)[None, :] + w[:, None]
+                code |= ((w2[:, None, :] >> sh2[:, :, None]) & 1) << 6
+            acc += tl.sum(_as_float(code) * xv[:, :, None], axis=1)
+            xs += tl.sum(xv, axis=1)
+            w0, w1, w2, xv = n0, n1, n2, nx
+            if ends:  # the unit's grid, once; then the next unit's fields, grid and successor
+                y += s[None, :] * (tl.sum(acc, axis=0)[None, :] - z[None, :] * tl.sum(xs, axis=0))
+                acc = tl.zeros((J, BLOCK_N), tl.float32)
+                xs = tl.zeros((J,), tl.float32)
+                u += 1
+                a, e, run, W0, nt, start = na, ne, nrun, nW0, nnt, nstart
+                s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask & more, SCALE_F16)
+                na, ne, nbits, nrun, nW0, nnt, nstart = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
+                t1 = (e - start + 31) // 32
+            t = ta
+            go = ~ends | more
+    else:
+        go = u < u1
+        while go:
+            acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                                 BITS, BLOCK_M, BLOCK_N, TS, GATHER)
+            y += s[None, :] * (acc - z[None, :] * xs[:, None])
+            u += 1
+            a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u, u < u1)
+            go = (u < u1) & (bits == BITS)
+            s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask & go, SCALE_F16)
+    return y, u
 
 
 @triton.jit
-def _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt, start,
+def _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows, rmask, u, u1, y,
                 BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr,
-                GATHER: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
-    """One unit of width BITS: the pipelined one-token path (ONE) or the slot loop for BLOCK_M tokens.
-    Nothing (zeros) where BITS is not in WMASK: that branch is not compiled, so the registers the
-    kernel takes are those of the widths it serves (offline sm_90 compiles of GEMV1 with Triton
-    3.6, the GPU box's, ptxas's counts: 119 for 2 or 4 bits alone, 124 for 3, 165 for 5, 128 for
-    2-4, 165 for 2-5, 255 and a 16-byte spill for all seven; half the tiles a step for 3 and 5 bits
-    raised them, to 180-245)."""
+                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
+    """`_gemv_segment` for width BITS if BITS is in WMASK; else the unit is skipped (that branch is
+    not compiled, so the registers the kernel takes are those of the widths it serves: offline
+    sm_90 compiles with Triton 3.6, the GPU box's, ptxas's counts for the former per-unit loop: 119
+    for 2 or 4 bits alone, 124 for 3, 165 for 5, 128 for 2-4, 165 for 2-5, 255 and a 16-byte spill
+    for all seven)."""
     if ((WMASK >> BITS) & 1) == 1:
-        if ONE:
-            acc, xs = _gemv_unit1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, BITS, BLOCK_N, TS,
-                                  GATHER)
-        else:
-            acc, xs = _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                                 BITS, BLOCK_M, BLOCK_N, TS, GATHER)
+        y, u = _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                             rmask, u, u1, y, BITS, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        xs = tl.zeros((BLOCK_M,), tl.float32)
-    return acc, xs
+        u += 1
+    return y, u
 
 
 @triton.jit(do_not_specialize=["M", "has_bias", "n_split"])
@@ -441,12 +473,14 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
                 M, N, stride_xm, has_bias, n_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr, ATOMIC: tl.constexpr,
                 GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
-    """Grid (row tiles, SPLIT = n_split; ATOMIC: SPLIT > 1). WMASK: bit b set for each width b
-    the units hold (`MixedBitLinear.wmask`); only those widths' loops are compiled in. out (M, N) = x (M, K) @ W.T (+ bias) for M <= BLOCK_M tokens.
-    Program (pn, ps) owns BLOCK_N rows and the units uoff[ps] .. uoff[ps + 1] (a contiguous
-    1/SPLIT of the kernel columns): it works through them with the grid of each run applied once
-    per unit, y += s (sum q x - z sum x), so it reads every code once for all its tokens. SPLIT 1
-    writes the output; more add partials through `_split_k_finish`."""
+    """Grid (row tiles, parts = n_split; ATOMIC: more than one part). WMASK: bit b set for each
+    width b the units hold (`MixedBitLinear.wmask`); only those widths' loops are compiled in.
+    out (M, N) = x (M, K) @ W.T (+ bias) for M <= BLOCK_M tokens.
+    Program (pn, ps) owns BLOCK_N rows and the units uoff[ps] .. uoff[ps + 1] (`split_units`: a
+    contiguous range of kernel columns, one width each when there are several parts): it works
+    through them one segment of equal width at a time (`_gemv_segment`), with the grid of each run
+    applied once per unit, y += s (sum q x - z sum x), so it reads every code once for all its
+    tokens. One part writes the output; more add partials through `_split_k_finish`."""
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -454,38 +488,32 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     ms = tl.arange(0, BLOCK_M)
     mmask = ms < M
     y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    u0 = tl.load(uoff_ptr + ps)
+    u = tl.load(uoff_ptr + ps)
     u1 = tl.load(uoff_ptr + ps + 1)
-    meta = _unit_meta(unit_ptr, u0, u0 < u1)
-    for u in range(u0, u1):
-        a, e, bits, run, W0, nt, start = meta
-        # this unit's grid and the next unit's fields are read now, not after the unit's loop:
-        # their latencies overlap the unit's first loads instead of adding to them
-        s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
-        meta = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
-        # one specialised copy of the unit's loop per width
+    while u < u1:
+        bits = tl.load(unit_ptr + u * 8 + 2)
+        # one specialised copy of the segment's loop per width
         if bits == 2:
-            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 2, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
+            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                               rmask, u, u1, y, 2, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
         elif bits == 3:
-            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 3, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
+            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                               rmask, u, u1, y, 3, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
         elif bits == 4:
-            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 4, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
+            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                               rmask, u, u1, y, 4, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
         elif bits == 5:
-            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 5, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
+            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                               rmask, u, u1, y, 5, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
         elif bits == 6:
-            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 6, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
+            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                               rmask, u, u1, y, 6, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
         elif bits == 7:
-            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 7, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
+            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                               rmask, u, u1, y, 7, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
         else:
-            acc, xs = _gemv_width(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a, e, W0, nt,
-                                  start, 8, BLOCK_M, BLOCK_N, TS, GATHER, ONE, WMASK)
-        y += s[None, :] * (acc - z[None, :] * xs[:, None])
+            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                               rmask, u, u1, y, 8, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
     rows2 = ms[:, None] * 0 + rows[None, :]
     ms2 = ms[:, None] + rows[None, :] * 0
     omask = (ms2 < M) & (rows2 < N)
@@ -655,9 +683,10 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tenso
 DENSE_MIN_TOKENS = 4
 DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 rows, 2-8 warps, on an H200
 
-# one token: gemv_kernel, 128 rows x 1/8 of the columns per program, 4 tiles a step (the fastest
-# on LLaMA-2-7B shapes at 3.5 bits of BLOCK_N 32-256, TS 1-8, SPLIT 1-32, 4/8 warps, H200)
-GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=4, SPLIT=8, GATHER=True, num_warps=4)
+# one token: gemv_kernel, 128 rows x about 1/16 of the columns per program, 2 tiles a step: the
+# fastest whole LLaMA-2-7B layer at 3.0 and 3.5 bits of BLOCK_N 64-256, TS 1-4, SPLIT 4-32, 2-8 warps
+# on an H200 once a part's units share one pipeline (2026-12-02; before, 4 tiles and 8 parts)
+GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num_warps=4)
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
@@ -710,13 +739,13 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
     """out (M, N) in x's dtype from x (M, K) contiguous, M <= cfg's BLOCK_M, by `gemv_kernel`.
     wmask: bit b set for every width b among the units (`MixedBitLinear.wmask`; cfg["WMASK"], where
     given, wins); a unit of a width outside it adds nothing.
-    units, uoff: `MixedBitLinear.split_units(cfg["SPLIT"])`. xg: x already gathered into kernel
-    order (M, K_pad), used when cfg["GATHER"] is False."""
+    units, uoff: `MixedBitLinear.split_units(cfg["SPLIT"])`, uoff.numel() - 1 parts (about SPLIT).
+    xg: x already gathered into kernel order (M, K_pad), used when cfg["GATHER"] is False."""
     M = x.shape[0]
     if M > cfg["BLOCK_M"]:
         raise ValueError(f"{M} tokens for a GEMV configuration of BLOCK_M {cfg['BLOCK_M']}")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    BN, split = cfg["BLOCK_N"], cfg["SPLIT"]
+    BN, split = cfg["BLOCK_N"], uoff.numel() - 1
     grid = (triton.cdiv(N, BN), split)
     ws, cnt = workspace(x.device, M * N, grid[0]) if split > 1 else (out, out)
     src = x if cfg["GATHER"] else xg

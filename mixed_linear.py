@@ -141,17 +141,33 @@ class MixedBitLinear(torch.nn.Module):
         return self._units[key]
 
     def split_units(self, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `mixed_kernel.gemv_kernel`: the work list of `units` cut at split boundaries (the
-        kernel columns in `split` equal, tile-aligned parts) and (split + 1,) int32 offsets: part p
-        is units uoff[p] .. uoff[p + 1] (possibly none)."""
-        part = -(-self.in_features // (TILE * split)) * TILE
-        units = self.units(part, device)
+        """For `mixed_kernel.gemv_kernel`: a work list of units (fields as in `units`) in kernel
+        column order, cut into parts, and (parts + 1,) int32 offsets: part p is units uoff[p] ..
+        uoff[p + 1]. split 1: one part, every unit. More: about `split` parts, each a tile-aligned
+        range inside one width block, so that a program's units share one width (one pipelined loop
+        over all of them); a block gets parts in proportion to its bits (at least one), so parts
+        hold about equal bytes. Units are cut at run and part boundaries only."""
         key = (-1000 - split, device)
         if key not in self._units:
-            first = units[:, 0].cpu() // part  # units are in kernel column order
-            uoff = torch.searchsorted(first.contiguous(), torch.arange(split + 1, dtype=torch.int32))
-            self._units[key] = uoff.to(torch.int32).to(device)
-        return units, self._units[key]
+            end = self.blocks[-1][1] * TILE
+            cuts = {0, end}
+            if split > 1:
+                total = sum(b * (t1 - t0) for t0, t1, b, _ in self.blocks)
+                for t0, t1, b, _ in self.blocks:
+                    n = max(1, min(t1 - t0, round(split * b * (t1 - t0) / total)))
+                    cuts.update((t0 + (t1 - t0) * i // n) * TILE for i in range(n + 1))
+            cuts = sorted(cuts)
+            rows, uoff = [], [0]
+            for lo, hi in zip(cuts[:-1], cuts[1:]):
+                for s, e, _, j in self.kruns:
+                    for t0, t1, b, W0 in self.blocks:
+                        a, z = max(s, t0 * TILE, lo), min(e, t1 * TILE, hi)
+                        if a < z:
+                            rows.append([a, z, b, j, W0, t1 - t0, t0 * TILE, 0])
+                uoff.append(len(rows))
+            self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
+            self._units[(-2000 - split, device)] = torch.tensor(uoff, dtype=torch.int32, device=device)
+        return self._units[key], self._units[(-2000 - split, device)]
 
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_kernel.dequant_kernel`: (n_tiles, 5) int32 tiles (bits, W0, nt, tile index

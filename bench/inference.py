@@ -141,7 +141,7 @@ def candidates(M: int) -> list[dict]:
     if M == 1:  # gemv_kernel around its default, and the fused kernel's best of 2026-11-30
         g = mixed_kernel.GEMV1
         return [dict(g)] + [dict(g, BLOCK_N=bn, TS=ts, SPLIT=sp) for bn, ts, sp in (
-            (128, 4, 4), (128, 4, 16), (64, 4, 8), (64, 4, 16), (128, 2, 8), (256, 2, 16))] + [
+            (128, 2, 8), (128, 2, 24), (128, 1, 16), (128, 4, 8), (64, 1, 32), (256, 2, 16))] + [
             dict(fma, BLOCK_N=64, unit_k=128)]
     dot16 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, num_warps=4)
     if M <= 16:

@@ -308,8 +308,8 @@ def test_kernel_under_triton_interpreter():
 
 GEMV_SCRIPT = INTERPRET_PRELUDE + r"""
 # (case, tokens, x dtype, config): every width 2..8 (case 0), a padded last tile (80, 37 columns),
-# unstructured and 2:4 pruning, SPLIT 1 (direct store) and split-K with empty parts (37 columns in
-# 4 parts), one token (gemv_kernel's pipelined path) and 2-4 tokens (its slot loop), x gathered
+# unstructured and 2:4 pruning, SPLIT 1 (direct store) and split-K (parts of one width each, a
+# unit cut at a part boundary), one token (gemv_kernel's pipelined path) and 2-4 tokens (its slot loop), x gathered
 # in the kernel or before it
 G = dict(GEMV=True, BLOCK_N=16, num_warps=4)
 RUNS = [(0, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=1, GATHER=True)),
@@ -317,19 +317,27 @@ RUNS = [(0, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=1, GATHER=True)),
         (3, 3, torch.float32, dict(G, BLOCK_M=4, TS=2, SPLIT=2, GATHER=True)),
         (4, 1, torch.float16, dict(G, BLOCK_M=1, TS=4, SPLIT=4, GATHER=True)),
         (5, 1, torch.float32, dict(G, BLOCK_M=1, TS=1, SPLIT=4, GATHER=False))]
+# longer: several runs of one width in a part, each several steps long (the one-token pipeline
+# goes on across units), parts cut inside runs, and one part for all widths
+LONG = (48, 900, [3, 2, 4, 3, 4, 5, 2, 4, 3, 5, 4], None)
+RUNS += [(LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=1, SPLIT=6, GATHER=True)),
+         (LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=1, GATHER=False)),
+         (LONG, 3, torch.float32, dict(G, BLOCK_M=4, TS=2, SPLIT=5, GATHER=True))]
 for case, M, dtype, cfg in RUNS:
-    R, C, widths, prune = t.CASES[case]
+    R, C, widths, prune = t.CASES[case] if isinstance(case, int) else case
     W, (tensors, info) = t.packed_linear(R, C, widths, prune, torch.float32, seed=11)
     bias = torch.randn(R).to(dtype)
     m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=bias, dtype=torch.float32, device="cpu")
     x = torch.randn(M, C).to(dtype)
     xg = x.index_select(1, m.kcols.int())
     units, uoff = m.split_units(cfg["SPLIT"], x.device)
-    assert uoff[0] == 0 and uoff[-1] == units.shape[0] and bool((uoff[1:] >= uoff[:-1]).all())
-    part = -(-C // (32 * cfg["SPLIT"])) * 32
-    for p in range(cfg["SPLIT"]):  # part p's units lie in its columns and cover them
+    assert uoff[0] == 0 and uoff[-1] == units.shape[0] and bool((uoff[1:] > uoff[:-1]).all())
+    # units tile the kernel columns in order; with several parts each part has one width and starts on a tile
+    assert units[0, 0] == 0 and bool((units[1:, 0] == units[:-1, 1]).all()) and units[-1, 1] >= C
+    assert (len(uoff) == 2) == (cfg["SPLIT"] == 1)
+    for p in range(len(uoff) - 1 if cfg["SPLIT"] > 1 else 0):
         us = units[uoff[p]:uoff[p + 1]]
-        assert bool((us[:, 0] >= p * part).all() and (us[:, 1] <= (p + 1) * part).all())
+        assert len(set(us[:, 2].tolist())) == 1 and int(us[0, 0]) % 32 == 0, (p, us)
     mixed_kernel.workspace(x.device, M * R, 64)
     ws, cnt = mixed_kernel._WORKSPACE[x.device]
     BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
