@@ -38,17 +38,18 @@ decodes the codes into a dense (out, in) weight in kernel column order and x's d
 kernel order once. One program per (tile of 32 kernel columns, BLOCK_N rows).
 
 One token: `gemv_kernel` instead (the same layout and grid arithmetic): a program owns BLOCK_N
-rows and 1/SPLIT of the kernel columns, walks its units with the grid applied once per unit, loads
-the next step's words and x before this step's arithmetic, and writes the output itself (SPLIT 1)
-or through the same split-K finish; only the widths in WMASK are compiled in. H200, 3.5 bits
-(bench/results/inference-NVIDIA-H200-2026-12-01-wmask.md): a LLaMA-2-7B layer 164 us against fp16
-cuBLAS's 131 (0.80x; the fused kernel took 354 us, 0.38x), a 70B layer 414 against 434 (1.05x).
-What limits it: one run of 4 bits on 4096x4096 takes 10.2 us with only its width compiled in (10.7
-with all; bench/results/gemv-probe- and gemv-wmask-probe-NVIDIA-H200-2026-12-01.md), while the same
-step stripped of the work list, grids, gather and split-K finish takes 5.5-5.6 us whether it is
-taken apart as here or slot by slot (bench/gemv_step_probe.py): what is around the loop costs about
-half. Not the layout conversions of the words (see `_gemv_unit1`); a 2D variant at 96-166
-registers, x loaded per slot, was 3-30% slower (an exploration sweep on 2026-12-01, not committed).
+rows and one part of the kernel columns (`MixedBitLinear.split_units`: about SPLIT parts of one
+width each), runs one software pipeline through all of the part's units (the next step's words and
+x, in the next unit when this one ends, loaded before this step's arithmetic), applies each run's
+grid once per unit, and writes the output itself (one part) or through the same split-K finish;
+only the widths in WMASK are compiled in. H200, one token
+(bench/results/inference-NVIDIA-H200-2026-12-01-segments.md, 28f5a4b): a LLaMA-2-7B layer at 3.5
+bits 132 us against fp16 cuBLAS's 134 (1.01x; 0.80x while the pipeline restarted at every unit), a
+70B layer 388 against 429 (1.10x); at 3.0 bits 1.12x and 1.27x. What limits it: the same 4-bit step
+stripped of the work list, grids, gather and split-K finish reaches 1.7-1.95x of fp16
+(bench/gemv_step_probe.py), gemv_kernel on that layout 1.3x; the in-kernel gather of x and the
+finish's counters cost 10-13% of a linear together (a scratch probe, bench/NOTES.md row 20); a 2D
+variant at 96-166 registers, x loaded per slot, was 3-30% slower (2026-12-01, not committed).
 
 The fused kernel (2 and 3 tokens) is exact to the output rounding, but slow: 0.16x of fp16 at 16
 tokens, 0.04x at 128, bound by latency: each small program runs a serial chain of ~10 dependent
@@ -386,7 +387,7 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
     bits, 4096x4096): 16.4 us against 23 for the slot loop with the same prefetch, whose per-slot x
     loads sit on the critical path; loading the words in the 3D layout removed 19 of 29 layout
     conversions but no time; taking a step apart slot by slot in 2D (96-166 registers) was slower.
-    Until 2026-12-02 the pipeline restarted at every unit: each unit paid one exposed load, and
+    Until 28f5a4b the pipeline restarted at every unit: each unit paid one exposed load, and
     the 3.5-bit 7B shapes hold 19-20 units (10 runs x 4 widths, cut at 8 parts)."""
     a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u)
     s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
@@ -685,7 +686,7 @@ DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 ro
 
 # one token: gemv_kernel, 128 rows x about 1/16 of the columns per program, 2 tiles a step: the
 # fastest whole LLaMA-2-7B layer at 3.0 and 3.5 bits of BLOCK_N 64-256, TS 1-4, SPLIT 4-32, 2-8 warps
-# on an H200 once a part's units share one pipeline (2026-12-02; before, 4 tiles and 8 parts)
+# on an H200 once a part's units share one pipeline (2026-12-01, fourth session; before, 4 tiles and 8 parts)
 GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num_warps=4)
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
