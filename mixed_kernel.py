@@ -73,7 +73,7 @@ import triton.language as tl
 from parallel import on_device
 
 WMASK_ALL = sum(1 << b for b in range(2, 9))  # gemv_kernel's widths 2..8, every one compiled in
-UNIT_FIELDS = 8  # int32 per unit: a, e, bits, run, W0, nt, block start, (pad)
+UNIT_FIELDS = 8  # int32 per unit: a, e, bits, run, W0, nt, block start, zero stream (offset | width << 27)
 _MAGIC = 0x4B000000  # float32 2**23: (q | MAGIC) read as float32 is 2**23 + q for 0 <= q < 2**23
 
 
@@ -187,23 +187,38 @@ def _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e
 
 @triton.jit
 def _unit_meta(unit_ptr, u, ok=True):
-    """Fields a, e, bits, run, W0, nt, block start of unit u (UNIT_FIELDS int32 a unit); zeros where not ok."""
+    """Fields a, e, bits, run, W0, nt, block start, zero stream (`_zero_points`) of unit u
+    (UNIT_FIELDS int32 a unit); zeros where not ok."""
     meta = unit_ptr + u * 8  # UNIT_FIELDS (a plain literal: jit code reads no non-constexpr globals)
     return (tl.load(meta, mask=ok, other=0), tl.load(meta + 1, mask=ok, other=0), tl.load(meta + 2, mask=ok, other=0),
             tl.load(meta + 3, mask=ok, other=0), tl.load(meta + 4, mask=ok, other=0),
-            tl.load(meta + 5, mask=ok, other=0), tl.load(meta + 6, mask=ok, other=0))
+            tl.load(meta + 5, mask=ok, other=0), tl.load(meta + 6, mask=ok, other=0),
+            tl.load(meta + 7, mask=ok, other=0))
 
 
 @triton.jit
-def _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16: tl.constexpr):
-    """fp32 scale and zero point of one run for BLOCK_N rows (scales stored as raw fp16 or fp32 bits)."""
+def _zero_points(zero_ptr, zs, rows, rmask):
+    """int32 zero points of one run for `rows`: the run's little-endian bit stream starts at word
+    zs & 0x7FFFFFF of `zero` and holds row r's zb = zs >> 27 bits at bit r * zb, possibly across
+    two words (read as one 64-bit value)."""
+    zb = zs >> 27
+    bit = rows.to(tl.int64) * zb
+    wp = zero_ptr + (zs & 0x7FFFFFF) + (bit >> 5)
+    lo = tl.load(wp, mask=rmask, other=0).to(tl.int64) & 0xFFFFFFFF
+    hi = tl.load(wp + 1, mask=rmask & ((bit & 31) + zb > 32), other=0).to(tl.int64) & 0xFFFFFFFF
+    return ((((hi << 32) | lo) >> (bit & 31)) & ((1 << zb) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16: tl.constexpr):
+    """fp32 scale and zero point of one run for BLOCK_N rows (scales stored as raw fp16 or fp32
+    bits, zero points as the run's bit stream zs)."""
     sp = scale_ptr + run.to(tl.int64) * N + rows
     if SCALE_F16:
         s = tl.load(sp, mask=rmask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
     else:
         s = tl.load(sp, mask=rmask, other=0).to(tl.float32, bitcast=True)
-    z = tl.load(zero_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.float32)
-    return s, z
+    return s, _zero_points(zero_ptr, zs, rows, rmask).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M", "has_bias"])  # one binary for every token count
@@ -216,7 +231,7 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
     pn = tl.program_id(1)
     pm = tl.program_id(2)
     n_units = tl.num_programs(0)
-    a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u)
+    a, e, bits, run, W0, nt, start, zs = _unit_meta(unit_ptr, u)
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     ms = pm * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -248,7 +263,7 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
                         8, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
 
     # per (run, row) grid: y = s * (sum q x - z * sum x)
-    s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
+    s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
     y = s[None, :] * (acc - z[None, :] * xs[:, None])  # (BLOCK_M, BLOCK_N)
 
     # split-K over units: fp32 atomics into the workspace; the last program of the tile finishes
@@ -389,10 +404,10 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
     conversions but no time; taking a step apart slot by slot in 2D (96-166 registers) was slower.
     Until 28f5a4b the pipeline restarted at every unit: each unit paid one exposed load, and
     the 3.5-bit 7B shapes hold 19-20 units (10 runs x 4 widths, cut at 8 parts)."""
-    a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u)
-    s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask, SCALE_F16)
+    a, e, bits, run, W0, nt, start, zs = _unit_meta(unit_ptr, u)
+    s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
     if ONE:
-        na, ne, nbits, nrun, nW0, nnt, nstart = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
+        na, ne, nbits, nrun, nW0, nnt, nstart, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
         P0: tl.constexpr = 4 if BITS >= 4 else 2
         P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
         S1: tl.constexpr = 4 if BITS >= 5 else 2
@@ -433,9 +448,9 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
                 acc = tl.zeros((J, BLOCK_N), tl.float32)
                 xs = tl.zeros((J,), tl.float32)
                 u += 1
-                a, e, run, W0, nt, start = na, ne, nrun, nW0, nnt, nstart
-                s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask & more, SCALE_F16)
-                na, ne, nbits, nrun, nW0, nnt, nstart = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
+                a, e, run, W0, nt, start, zs = na, ne, nrun, nW0, nnt, nstart, nzs
+                s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & more, SCALE_F16)
+                na, ne, nbits, nrun, nW0, nnt, nstart, nzs = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
                 t1 = (e - start + 31) // 32
             t = ta
             go = ~ends | more
@@ -446,9 +461,9 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
                                  BITS, BLOCK_M, BLOCK_N, TS, GATHER)
             y += s[None, :] * (acc - z[None, :] * xs[:, None])
             u += 1
-            a, e, bits, run, W0, nt, start = _unit_meta(unit_ptr, u, u < u1)
+            a, e, bits, run, W0, nt, start, zs = _unit_meta(unit_ptr, u, u < u1)
             go = (u < u1) & (bits == BITS)
-            s, z = _run_grid(scale_ptr, zero_ptr, run, N, rows, rmask & go, SCALE_F16)
+            s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & go, SCALE_F16)
     return y, u
 
 
@@ -569,12 +584,14 @@ def _round_bf16(w):
 
 
 @triton.jit
-def dequant_kernel(qw_ptr, tile_ptr, colrun_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_o,
+def dequant_kernel(qw_ptr, tile_ptr, kr_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_o,
                    BLOCK_N: tl.constexpr, SCALE_F16: tl.constexpr, SAVED: tl.constexpr, OUT_BF16: tl.constexpr):
     """Grid (tiles of 32 kernel columns, row tiles). out[r, k] (kernel column order) =
     fp32 scale[run(k), r] * (q[r, k] - zero[run(k), r]), rounded to the saved dtype (SAVED: 0 fp32,
     1 fp16, 2 bf16) and then to out's dtype: `MixedBitLinear.dequantize`'s arithmetic. Columns
-    k >= K (the last tile's padding) are not written."""
+    k >= K (the last tile's padding) are not written. kr: (runs + 1, 3) int32, the runs in kernel
+    order (first column, scale/zero row, zero stream), the last row's first column past every tile;
+    a tile's field 4 is its first run there, and it walks the runs that meet its columns."""
     t = tl.program_id(0)
     pn = tl.program_id(1)
     meta = tile_ptr + t * 5
@@ -582,7 +599,7 @@ def dequant_kernel(qw_ptr, tile_ptr, colrun_ptr, scale_ptr, zero_ptr, out_ptr, N
     W0 = tl.load(meta + 1)
     nt = tl.load(meta + 2)
     tb = tl.load(meta + 3)
-    one_run = tl.load(meta + 4)  # the tile's run if all its columns share one, else -1
+    i = tl.load(meta + 4)  # the run (kernel order) of the tile's first column
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     if bits == 2:
@@ -600,17 +617,20 @@ def dequant_kernel(qw_ptr, tile_ptr, colrun_ptr, scale_ptr, zero_ptr, out_ptr, N
     else:
         q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 8, BLOCK_N)
     k = t * 32 + tl.arange(0, 32)
-    if one_run >= 0:  # most tiles: one (BLOCK_N,) row of scales and zeros
-        sz1 = one_run.to(tl.int64) * N + rows
-        s1 = tl.broadcast_to(tl.load(scale_ptr + sz1, mask=rmask, other=0)[None, :], (32, BLOCK_N))
-        z = tl.broadcast_to(tl.load(zero_ptr + sz1, mask=rmask, other=0).to(tl.int32)[None, :], (32, BLOCK_N))
-    else:  # a tile where runs meet: each column's own run
-        run = tl.load(colrun_ptr + k).to(tl.int64)  # (32,) (padding columns: the last run)
-        sz = run[:, None] * N + rows[None, :]
-        s1 = tl.load(scale_ptr + sz, mask=rmask[None, :], other=0)
-        z = tl.load(zero_ptr + sz, mask=rmask[None, :], other=0).to(tl.int32)
+    s1 = tl.zeros((32, BLOCK_N), tl.int32)
+    z = tl.zeros((32, BLOCK_N), tl.int32)
+    c0 = tl.load(kr_ptr + i * 3)
+    while c0 < t * 32 + 32:  # each run that meets the tile (most tiles: one): its columns take its grid
+        c1 = tl.load(kr_ptr + i * 3 + 3)
+        run = tl.load(kr_ptr + i * 3 + 1)
+        zs = tl.load(kr_ptr + i * 3 + 2)
+        here = ((k >= c0) & (k < c1))[:, None]
+        s1 = tl.where(here, tl.load(scale_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.int32)[None, :], s1)
+        z = tl.where(here, _zero_points(zero_ptr, zs, rows, rmask)[None, :], z)
+        i += 1
+        c0 = c1
     if SCALE_F16:
-        s = s1.to(tl.float16, bitcast=True).to(tl.float32)
+        s = s1.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     else:
         s = s1.to(tl.float32, bitcast=True)
     w = s * (q - z).to(tl.float32)  # q - z is exact in fp32: one rounding, as in dequantize()
@@ -660,19 +680,19 @@ def dense_workspace(device: torch.device, dtype: torch.dtype, N: int, K: int) ->
 _SAVED = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tensor, colrun: torch.Tensor,
+def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tensor, kr: torch.Tensor,
                     scale_bits: torch.Tensor, zero: torch.Tensor, saved_dtype: torch.dtype, cfg: dict) -> torch.Tensor:
     """Decode the packed codes into out (N, K) (row stride free, columns contiguous) in kernel column
     order and out's dtype, bit for bit `MixedBitLinear.dequantize()[:, kcols[:K]]` when K is
-    in_features. tiles: (n_tiles, 5) int32 bits, W0, nt, tile in block, run or -1; colrun: (n_tiles*32,) int16
-    (or int32) run (scale/zero row) of each kernel column (`MixedBitLinear.dequant_meta`)."""
+    in_features. tiles: (n_tiles, 5) int32 bits, W0, nt, tile in block, first run; kr: (runs + 1, 3)
+    int32 runs in kernel order (`MixedBitLinear.dequant_meta`); zero: the zero-point bit streams."""
     N, K = out.shape
     if out.stride(1) != 1 or K > tiles.shape[0] * 32:
         raise ValueError(f"out {tuple(out.shape)} stride {out.stride()}: columns must be contiguous, within the tiles")
     BN = cfg.get("BLOCK_N", 32)
     grid = (triton.cdiv(K, 32), triton.cdiv(N, BN))
     with on_device(out.device):  # Triton launches on the current device, which need not be out's
-        dequant_kernel[grid](qweight, tiles, colrun, scale_bits, zero, out, N, K, out.stride(0),
+        dequant_kernel[grid](qweight, tiles, kr, scale_bits, zero, out, N, K, out.stride(0),
                              BLOCK_N=BN, SCALE_F16=scale_bits.dtype == torch.int16, SAVED=_SAVED[saved_dtype],
                              OUT_BF16=out.dtype == torch.bfloat16, num_warps=cfg.get("num_warps", 2))
     return out
@@ -767,27 +787,28 @@ def _warm_one(item: tuple[dict, str]) -> None:
     cfg, dtype_name = item
     dev = torch.device("cuda")
     N = K = 1024  # multiples of 16, like every real shape: the same specialisation, the same binary
+    zs = 4 << 27  # one run of 4 bits: its zero points a 4-bit stream at word 0
+    zero = torch.zeros(N // 8, dtype=torch.int32, device=dev)
     if cfg.get("DENSE"):  # the decode, for fp16 scales and a checkpoint saved in the same dtype
         dtype = getattr(torch, dtype_name)
         tiles = torch.tensor([[4, 0, K // 32, t, 0] for t in range(K // 32)], dtype=torch.int32, device=dev)
+        kr = torch.tensor([[0, 0, zs], [K, 0, 0]], dtype=torch.int32, device=dev)
         z = dict(device=dev)
         dequantize_into(torch.empty(N, K, dtype=dtype, **z), torch.zeros(4 * K // 32, N, dtype=torch.int32, **z), tiles,
-                        torch.zeros(K, dtype=torch.int16, **z), torch.zeros(1, N, dtype=torch.int16, **z),
-                        torch.zeros(1, N, dtype=torch.uint8, **z), dtype, cfg)
+                        kr, torch.zeros(1, N, dtype=torch.int16, **z), zero, dtype, cfg)
         torch.cuda.synchronize()
         return
     x = torch.randn(max(1, cfg["BLOCK_M"]), K, device=dev).to(getattr(torch, dtype_name))
-    units = torch.tensor([[0, 32, 4, 0, 0, K // 32, 0, 0]], dtype=torch.int32, device=dev)
+    units = torch.tensor([[0, 32, 4, 0, 0, K // 32, 0, zs]], dtype=torch.int32, device=dev)
     if cfg.get("GEMV"):
         uoff = torch.tensor([0] + [1] * cfg["SPLIT"], dtype=torch.int32, device=dev)
         gemv(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
-             units, uoff, torch.zeros(1, N, dtype=torch.int16, device=dev), torch.zeros(1, N, dtype=torch.uint8, device=dev),
+             units, uoff, torch.zeros(1, N, dtype=torch.int16, device=dev), zero,
              None, N, cfg, xg=x)  # fp16 scales, as the solver saves them
         torch.cuda.synchronize()
         return
     launch(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
-           units, torch.zeros(1, N, dtype=torch.int32, device=dev), torch.zeros(1, N, dtype=torch.uint8, device=dev),
-           None, N, cfg, xg=x)
+           units, torch.zeros(1, N, dtype=torch.int32, device=dev), zero, None, N, cfg, xg=x)
     torch.cuda.synchronize()
 
 

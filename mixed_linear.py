@@ -19,6 +19,8 @@ At 50% sparsity that costs the full width per weight; the file's bitmask costs 1
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,22 @@ def _unpack_plane(words: torch.Tensor, pb: int) -> torch.Tensor:
     c = (words.t()[:, :, None] >> shifts) & ((1 << pb) - 1)  # (R, tile*word, slot)
     R = words.shape[1]
     return c.reshape(R, -1, pb, per).transpose(2, 3).reshape(R, -1)
+
+
+def _bit_stream(values: torch.Tensor, b: int) -> torch.Tensor:
+    """Non-negative integers < 2**b -> int32 words of their little-endian bit stream (value i at
+    bits [i*b, i*b + b), across word boundaries where they fall), the last word zero-padded."""
+    v = values.to(torch.int64).reshape(-1)
+    bits = ((v[:, None] >> torch.arange(b, device=v.device)) & 1).reshape(-1)
+    bits = torch.cat([bits, bits.new_zeros((-bits.numel()) % 32)]).reshape(-1, 32)
+    words = (bits << torch.arange(32, device=v.device)).sum(1)  # < 2**32
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def _from_bit_stream(words: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """The first n values of a `_bit_stream` of width b, as int32."""
+    bits = ((words.to(torch.int64)[:, None] >> torch.arange(32, device=words.device)) & 1).reshape(-1)[:n * b]
+    return (bits.reshape(n, b) << torch.arange(b, device=words.device)).sum(1).to(torch.int32)
 
 
 class MixedBitLinear(torch.nn.Module):
@@ -119,13 +137,24 @@ class MixedBitLinear(torch.nn.Module):
             m.register_buffer("scale_bits", sc.half().view(torch.int16).to(device))
         else:
             m.register_buffer("scale_bits", sc.view(torch.int32).to(device))
-        m.register_buffer("zero", zero.t().contiguous().to(torch.uint8).to(device))  # (n_runs, R)
+        # zero points as one bit stream per run at the run's width (wider only if a zero needs it), each
+        # from a word boundary: m.zs[j] = its first word | its width << 27 (mixed_kernel._zero_points)
+        streams, m.zs, off = [], [], 0
+        for j, (_, _, b) in enumerate(runs):
+            zj = zero[:, j].to(torch.int64).cpu()
+            zb = max(b, int(zj.max()).bit_length())
+            streams.append(_bit_stream(zj, zb))
+            m.zs.append(off | zb << 27)
+            off += streams[-1].numel()
+        if off >= 1 << 27:
+            raise ValueError(f"zero-point streams of {off} words: more than the 2**27 the layout addresses")
+        m.register_buffer("zero", torch.cat(streams).to(device))
         m.register_buffer("bias", None if bias is None else bias.detach().to(dtype).to(device))
         return m
 
     def units(self, unit_k: int, device: torch.device) -> torch.Tensor:
         """(n_units, 8) int32 work list on `device`: [a, e) inside one run and one width block, cut
-        at multiples of unit_k; fields a, e, bits, run, W0, nt, block start, 0."""
+        at multiples of unit_k; fields a, e, bits, run, W0, nt, block start, zero stream (`zs`)."""
         key = (unit_k, device)
         if key not in self._units:
             rows = []
@@ -135,7 +164,7 @@ class MixedBitLinear(torch.nn.Module):
                     c = lo
                     while c < hi:
                         nxt = min(hi, (c // unit_k + 1) * unit_k)
-                        rows.append([c, nxt, b, j, W0, t1 - t0, t0 * TILE, 0])
+                        rows.append([c, nxt, b, j, W0, t1 - t0, t0 * TILE, self.zs[j]])
                         c = nxt
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
         return self._units[key]
@@ -163,29 +192,31 @@ class MixedBitLinear(torch.nn.Module):
                     for t0, t1, b, W0 in self.blocks:
                         a, z = max(s, t0 * TILE, lo), min(e, t1 * TILE, hi)
                         if a < z:
-                            rows.append([a, z, b, j, W0, t1 - t0, t0 * TILE, 0])
+                            rows.append([a, z, b, j, W0, t1 - t0, t0 * TILE, self.zs[j]])
                 uoff.append(len(rows))
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
             self._units[(-2000 - split, device)] = torch.tensor(uoff, dtype=torch.int32, device=device)
         return self._units[key], self._units[(-2000 - split, device)]
 
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `mixed_kernel.dequant_kernel`: (n_tiles, 5) int32 tiles (bits, W0, nt, tile index
-        in its block, the tile's run if its 32 columns share one else -1) and (n_tiles * 32,) int16 (int32
-        from 32768 runs) run (scale/zero row) of each kernel column; the padding past in_features takes
-        the last run."""
+        """For `mixed_kernel.dequant_kernel`: (n_tiles, 5) int32 tiles (bits, W0, nt, tile index in
+        its block, the run in kernel order of its first column) and (runs + 1, 3) int32 runs in
+        kernel order (first column, scale/zero row, zero stream), closed by a row whose first
+        column lies past every tile."""
         key = (-2, device)
         if key not in self._units:
-            tiles = [[b, W0, t1 - t0, t - t0] for t0, t1, b, W0 in self.blocks for t in range(t0, t1)]
-            colrun = torch.empty(len(tiles) * TILE, dtype=torch.int32)
-            for s, e, _, j in self.kruns:
-                colrun[s:e] = j
-            colrun[self.in_features:] = self.kruns[-1][3]
-            for t, c in zip(tiles, colrun.reshape(-1, TILE).tolist()):
-                t.append(c[0] if min(c) == max(c) else -1)
+            starts = [s for s, _, _, _ in self.kruns]
+            tiles = [[b, W0, t1 - t0, t - t0, bisect.bisect_right(starts, t * TILE) - 1]
+                     for t0, t1, b, W0 in self.blocks for t in range(t0, t1)]
+            kr = [[s, j, self.zs[j]] for s, _, _, j in self.kruns] + [[len(tiles) * TILE + TILE, 0, 0]]
             self._units[key] = torch.tensor(tiles, dtype=torch.int32, device=device)
-            self._units[(-3, device)] = colrun.to(torch.int16 if len(self.kruns) < 2 ** 15 else torch.int32).to(device)
+            self._units[(-3, device)] = torch.tensor(kr, dtype=torch.int32, device=device)
         return self._units[key], self._units[(-3, device)]
+
+    def zero_points(self) -> torch.Tensor:
+        """(n_runs, out) int32 zero points, decoded from their bit streams."""
+        R = self.out_features
+        return torch.stack([_from_bit_stream(self.zero[zs & (2 ** 27 - 1):], zs >> 27, R) for zs in self.zs])
 
     # ------------------------------------------------------------ decoding (reference)
     def codes_kernel_order(self) -> torch.Tensor:
@@ -214,7 +245,7 @@ class MixedBitLinear(torch.nn.Module):
             col_run[s:e] = j
         col_run = col_run.to(q.device)
         sc = self.scale()[col_run].t()  # (out, C) fp32
-        z = self.zero[col_run].t().float()
+        z = self.zero_points()[col_run].t().float()
         Wk = sc * (q.float() - z)  # the solver's decode, in fp32
         W = torch.empty(Wk.shape, dtype=torch.float32, device=Wk.device)  # row-major, as the dense weight
         W[:, self.kcols[:C].long()] = Wk
@@ -254,9 +285,9 @@ class MixedBitLinear(torch.nn.Module):
         # (M, K) kernel order; padding columns never used. kcols is int16 for models up to 32767 inputs and
         # index_select takes no int16: a transient int32 copy, rather than a second one kept beside it
         xg = x.index_select(1, self.kcols[:K].int())
-        tiles, colrun = self.dequant_meta(dev)
+        tiles, kr = self.dequant_meta(dev)
         Wk = mixed_kernel.dense_workspace(dev, x.dtype, self.out_features, K)
-        mixed_kernel.dequantize_into(Wk, self.qweight, tiles, colrun, self.scale_bits, self.zero, self.saved_dtype,
+        mixed_kernel.dequantize_into(Wk, self.qweight, tiles, kr, self.scale_bits, self.zero, self.saved_dtype,
                                      cfg or mixed_kernel.DENSE)
         return F.linear(xg, Wk, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -33,9 +33,9 @@ def main() -> None:
         mods = [m] + [copy.deepcopy(m) for _ in range(copies_for(m.packed_bytes()) - 1)]
         Ws = [torch.randn(R, C, device=dev, dtype=dt) for _ in range(copies_for(2 * R * C))]
         Wk = mixed_kernel.dense_workspace(dev, dt, R, C)
-        tiles, colrun = m.dequant_meta(dev)
+        tiles, kr = m.dequant_meta(dev)
         decode = graph_time([lambda mm=mm: mixed_kernel.dequantize_into(
-            Wk, mm.qweight, tiles, colrun, mm.scale_bits, mm.zero, mm.saved_dtype, mixed_kernel.DENSE)
+            Wk, mm.qweight, tiles, kr, mm.scale_bits, mm.zero, mm.saved_dtype, mixed_kernel.DENSE)
             for mm in mods]) / len(mods)
         for M in args.tokens:
             x = torch.randn(M, C, device=dev, dtype=dt)

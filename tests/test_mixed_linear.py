@@ -138,11 +138,25 @@ def test_layout_is_compact_and_survives_casts():
     stored_bits = m.qweight.numel() * 32
     assert exact_bits <= stored_bits <= exact_bits + len(widths) * 32 * 8 * 128  # one shared tile per width change
     assert stored_bits / exact_bits < 1.02
-    assert m.scale_bits.dtype == torch.int16 and m.zero.dtype == torch.uint8
+    assert m.scale_bits.dtype == torch.int16
+    # zero points: one bit stream per run at the run's width, each from a word boundary
+    assert m.zero.dtype == torch.int32 and m.zero.numel() == sum(-(-128 * b // 32) for _, _, b in info["runs"])
+    assert torch.equal(m.zero_points().t(), packing.decode_parts(tensors, info)["zero"].int())
     before = m.dequantize()
     m.half()
     assert bits_equal(m.dequantize(torch.float32), before)
     assert "avg_bits=" in repr(m) and "widths={2:" in repr(m)
+
+
+def test_zero_points_wider_than_their_run_are_kept():
+    """A zero point that does not fit its run's width (not one a b-bit grid makes, but legal in
+    the parts) widens that run's stream instead of being cut."""
+    _, (tensors, info) = packed_linear(40, 96, [3, 2, 5], None, torch.float32, seed=4)
+    parts = packing.decode_parts(tensors, info)
+    parts["zero"][7, 1] = 200.0  # run 1 is 2 bits wide
+    m = MixedBitLinear.from_parts(parts, bias=None, dtype=torch.float32, device="cpu")
+    assert torch.equal(m.zero_points().t(), parts["zero"].int())
+    assert m.zs[1] >> 27 == 8 and m.zs[0] >> 27 == 3
 
 
 def test_fp16_exact_scales_are_stored_in_fp16():
