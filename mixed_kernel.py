@@ -617,18 +617,27 @@ def dequant_kernel(qw_ptr, tile_ptr, kr_ptr, scale_ptr, zero_ptr, out_ptr, N, K,
     else:
         q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 8, BLOCK_N)
     k = t * 32 + tl.arange(0, 32)
-    s1 = tl.zeros((32, BLOCK_N), tl.int32)
-    z = tl.zeros((32, BLOCK_N), tl.int32)
-    c0 = tl.load(kr_ptr + i * 3)
-    while c0 < t * 32 + 32:  # each run that meets the tile (most tiles: one): its columns take its grid
-        c1 = tl.load(kr_ptr + i * 3 + 3)
-        run = tl.load(kr_ptr + i * 3 + 1)
-        zs = tl.load(kr_ptr + i * 3 + 2)
-        here = ((k >= c0) & (k < c1))[:, None]
-        s1 = tl.where(here, tl.load(scale_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.int32)[None, :], s1)
-        z = tl.where(here, _zero_points(zero_ptr, zs, rows, rmask)[None, :], z)
-        i += 1
-        c0 = c1
+    run = tl.load(kr_ptr + i * 3 + 1)
+    zs = tl.load(kr_ptr + i * 3 + 2)
+    c1 = tl.load(kr_ptr + i * 3 + 3)
+    if c1 >= t * 32 + 32:  # most tiles: one run, one (BLOCK_N,) row of scales and zeros
+        s1 = tl.broadcast_to(tl.load(scale_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.int32)[None, :],
+                             (32, BLOCK_N))
+        z = tl.broadcast_to(_zero_points(zero_ptr, zs, rows, rmask)[None, :], (32, BLOCK_N))
+    else:  # a tile where runs meet: each run that meets it gives its columns its grid
+        s1 = tl.zeros((32, BLOCK_N), tl.int32)
+        z = tl.zeros((32, BLOCK_N), tl.int32)
+        c0 = tl.load(kr_ptr + i * 3)
+        while c0 < t * 32 + 32:
+            c1 = tl.load(kr_ptr + i * 3 + 3)
+            run = tl.load(kr_ptr + i * 3 + 1)
+            zs = tl.load(kr_ptr + i * 3 + 2)
+            here = ((k >= c0) & (k < c1))[:, None]
+            s1 = tl.where(here, tl.load(scale_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.int32)[None, :],
+                          s1)
+            z = tl.where(here, _zero_points(zero_ptr, zs, rows, rmask)[None, :], z)
+            i += 1
+            c0 = c1
     if SCALE_F16:
         s = s1.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     else:
