@@ -20,9 +20,13 @@ Layout (built by `mixed_linear.MixedBitLinear.from_parts`; this file only reads 
                 (c % (32/pb)) * pb. Each word row is (out_features,) int32: rows of W are
                 contiguous, so a warp's loads are coalesced along the output dimension.
   units         the work list: a range [a, e) of kernel columns inside one run and one width
-                block, at most `unit_k` long, with its width, run, W0, nt and block start.
-  scale, zero   (n_runs, out) per (run, row): the fp32 (or fp16) scale stored as raw int bits,
-                so that casting the model (`.half()`) cannot round it; the zero point as uint8.
+                block, at most `unit_k` long, with its width, run, W0, nt, block start and the
+                run's zero stream.
+  scale         (n_runs, out) per (run, row): the fp32 (or fp16) scale stored as raw int bits,
+                so that casting the model (`.half()`) cannot round it.
+  zero          int32 words: one little-endian bit stream per run, row r's zero point at bit r*zb
+                (zb the run's width), each stream from a word boundary; a run's stream is named
+                by zs = first word | zb << 27 (`_zero_points`).
 
 One program computes, for one unit, BLOCK_N output rows and BLOCK_M tokens:
     y[m, r] += s[r] * (sum_k q[r, k] x[m, k] - z[r] * sum_k x[m, k])        (k in the unit)
