@@ -74,11 +74,24 @@ import torch
 import triton
 import triton.language as tl
 
+from mixed_linear import PLANES
 from parallel import on_device
 
 WMASK_ALL = sum(1 << b for b in range(2, 9))  # gemv_kernel's widths 2..8, every one compiled in
 UNIT_FIELDS = 8  # int32 per unit: a, e, bits, run, W0, nt, block start, zero stream (offset | width << 27)
 _MAGIC = 0x4B000000  # float32 2**23: (q | MAGIC) read as float32 is 2**23 + q for 0 <= q < 2**23
+
+
+@triton.constexpr_function
+def _plane_bits(bits, i):
+    """Bits of plane i of a width (0: the width has no such plane), from `mixed_linear.PLANES`."""
+    return PLANES[bits][i][0] if i < len(PLANES[bits]) else 0
+
+
+@triton.constexpr_function
+def _plane_shift(bits, i):
+    """The code bits below plane i of a width (0 where it has no such plane)."""
+    return PLANES[bits][i][1] if i < len(PLANES[bits]) else 0
 
 
 @triton.jit
@@ -95,10 +108,10 @@ def _tile_dot(x_ptr, kcol_ptr, qw_ptr, N, xrow, rows, rmask, t, a, e, start, W0,
     code * x, xsum (P0,) += x. Plane 0 has P0 words per tile; each word is loaded once and its
     slots are taken apart in registers; the bits of the narrower planes are ORed into the same
     code (their words loaded in plane 0's shape), so one multiply-add per weight."""
-    P0: tl.constexpr = 4 if BITS >= 4 else 2
-    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-    S1: tl.constexpr = 4 if BITS >= 5 else 2
-    P2: tl.constexpr = 1 if BITS == 7 else 0
+    P0: tl.constexpr = _plane_bits(BITS, 0)
+    P1: tl.constexpr = _plane_bits(BITS, 1)
+    S1: tl.constexpr = _plane_shift(BITS, 1)
+    P2: tl.constexpr = _plane_bits(BITS, 2)
     PER: tl.constexpr = 32 // P0
     w = tl.arange(0, P0)
     live = start + t * 32 < e  # the step's last tile can lie past the unit (and past the block)
@@ -148,10 +161,10 @@ def _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e
           USE_DOT: tl.constexpr, GATHER: tl.constexpr):
     """sum_k q x (BLOCK_M, BLOCK_N) and sum_k x (BLOCK_M,) over the unit's columns [a, e).
     Planes (module docstring): width BITS = (P0 bits at 0) [+ (P1 bits at S1)] [+ (1 bit at 6)]."""
-    P0: tl.constexpr = 4 if BITS >= 4 else 2
-    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-    S1: tl.constexpr = 4 if BITS >= 5 else 2
-    P2: tl.constexpr = 1 if BITS == 7 else 0
+    P0: tl.constexpr = _plane_bits(BITS, 0)
+    P1: tl.constexpr = _plane_bits(BITS, 1)
+    S1: tl.constexpr = _plane_shift(BITS, 1)
+    P2: tl.constexpr = _plane_bits(BITS, 2)
     k0 = (a - start) - (a - start) % 32  # block-relative; units start anywhere, loads on the tile below
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -243,28 +256,13 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
     if not USE_DOT:  # one token per program (BLOCK_M is 1)
         ms = pm
         mmask = pm < M
-    # one specialised copy of the loop per width: shifts and masks are constants inside it
-    if bits == 2:
-        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                        2, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
-    elif bits == 3:
-        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                        3, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
-    elif bits == 4:
-        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                        4, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
-    elif bits == 5:
-        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                        5, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
-    elif bits == 6:
-        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                        6, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
-    elif bits == 7:
-        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                        7, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
-    else:
-        acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
-                        8, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
+    # one specialised copy of the loop per width (2..8): shifts and masks are constants inside it
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    xs = tl.zeros((BLOCK_M,), tl.float32)
+    for b in tl.static_range(2, 9):
+        if bits == b:
+            acc, xs = _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e, W0, nt, start,
+                            b, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, GATHER)
 
     # per (run, row) grid: y = s * (sum q x - z * sum x)
     s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
@@ -314,10 +312,10 @@ def _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a,
     slots are taken apart in registers and each code meets its token's x in one fp32 FMA.
     gemv_kernel's path for BLOCK_M > 1 (2-4 tokens; pick_config does not choose it: at one token it
     took 23 us against `_gemv_unit1`'s 16.4 on a 4096x4096 linear, and 2-3 tokens are not timed)."""
-    P0: tl.constexpr = 4 if BITS >= 4 else 2
-    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-    S1: tl.constexpr = 4 if BITS >= 5 else 2
-    P2: tl.constexpr = 1 if BITS == 7 else 0
+    P0: tl.constexpr = _plane_bits(BITS, 0)
+    P1: tl.constexpr = _plane_bits(BITS, 1)
+    S1: tl.constexpr = _plane_shift(BITS, 1)
+    P2: tl.constexpr = _plane_bits(BITS, 2)
     PER: tl.constexpr = 32 // P0
     J: tl.constexpr = TS * P0
     j = tl.arange(0, J)
@@ -354,10 +352,10 @@ def _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS: tl.constexpr, TS: 
     each (TS * P0, BLOCK_N) in plane 0's shape: row j = tile j // P0, word j % P0 of plane 0; plane
     1's word for the same columns is w % P1 (column s*P0 + w sits at its slot s*P0/P1 + w//P1), plane
     2 (7 bits) has one 1-bit word per tile. Planes a width lacks come back as plane 0 (unused)."""
-    P0: tl.constexpr = 4 if BITS >= 4 else 2
-    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-    S1: tl.constexpr = 4 if BITS >= 5 else 2
-    P2: tl.constexpr = 1 if BITS == 7 else 0
+    P0: tl.constexpr = _plane_bits(BITS, 0)
+    P1: tl.constexpr = _plane_bits(BITS, 1)
+    S1: tl.constexpr = _plane_shift(BITS, 1)
+    P2: tl.constexpr = _plane_bits(BITS, 2)
     j = tl.arange(0, TS * P0)
     tt = t0 + j // P0
     w = j % P0
@@ -378,7 +376,7 @@ def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0
                 BITS: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
     """Everything one step of `_gemv_segment`'s one-token loop reads, issued together: `_step_words` and x at their
     columns, (TS * P0, PER) (slot s of word row j)."""
-    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P0: tl.constexpr = _plane_bits(BITS, 0)
     PER: tl.constexpr = 32 // P0
     j = tl.arange(0, TS * P0)
     w0, w1, w2 = _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS, TS)
@@ -412,10 +410,10 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
     s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
     if ONE:
         na, ne, nbits, nrun, nW0, nnt, nstart, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
-        P0: tl.constexpr = 4 if BITS >= 4 else 2
-        P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-        S1: tl.constexpr = 4 if BITS >= 5 else 2
-        P2: tl.constexpr = 1 if BITS == 7 else 0
+        P0: tl.constexpr = _plane_bits(BITS, 0)
+        P1: tl.constexpr = _plane_bits(BITS, 1)
+        S1: tl.constexpr = _plane_shift(BITS, 1)
+        P2: tl.constexpr = _plane_bits(BITS, 2)
         PER: tl.constexpr = 32 // P0
         J: tl.constexpr = TS * P0
         w = tl.arange(0, J) % P0
@@ -512,28 +510,12 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     u1 = tl.load(uoff_ptr + ps + 1)
     while u < u1:
         bits = tl.load(unit_ptr + u * 8 + 2)
-        # one specialised copy of the segment's loop per width
-        if bits == 2:
-            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
-                               rmask, u, u1, y, 2, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
-        elif bits == 3:
-            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
-                               rmask, u, u1, y, 3, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
-        elif bits == 4:
-            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
-                               rmask, u, u1, y, 4, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
-        elif bits == 5:
-            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
-                               rmask, u, u1, y, 5, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
-        elif bits == 6:
-            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
-                               rmask, u, u1, y, 6, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
-        elif bits == 7:
-            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
-                               rmask, u, u1, y, 7, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
-        else:
-            y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
-                               rmask, u, u1, y, 8, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
+        if (bits < 2) | (bits > 8):  # a width from_parts never builds: skipped, not looped on forever
+            u += 1
+        for b in tl.static_range(2, 9):  # one specialised copy of the segment's loop per width
+            if bits == b:
+                y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask,
+                                   rows, rmask, u, u1, y, b, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
     rows2 = ms[:, None] * 0 + rows[None, :]
     ms2 = ms[:, None] + rows[None, :] * 0
     omask = (ms2 < M) & (rows2 < N)
@@ -565,10 +547,10 @@ def _plane_tile(qw_ptr, N, rows, rmask, base, PB: tl.constexpr, BLOCK_N: tl.cons
 def _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """(32, BLOCK_N) int32 codes of tile tb (block-relative) of a width-BITS block: the planes of
     the module docstring, plane (pb bits, off code bits below it) at word rows W0 + off*nt + tb*pb."""
-    P0: tl.constexpr = 4 if BITS >= 4 else 2
-    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-    S1: tl.constexpr = 4 if BITS >= 5 else 2
-    P2: tl.constexpr = 1 if BITS == 7 else 0
+    P0: tl.constexpr = _plane_bits(BITS, 0)
+    P1: tl.constexpr = _plane_bits(BITS, 1)
+    S1: tl.constexpr = _plane_shift(BITS, 1)
+    P2: tl.constexpr = _plane_bits(BITS, 2)
     q = _plane_tile(qw_ptr, N, rows, rmask, W0 + tb * P0, P0, BLOCK_N)
     if P1 > 0:
         q |= _plane_tile(qw_ptr, N, rows, rmask, W0 + S1 * nt + tb * P1, P1, BLOCK_N) << S1
@@ -606,20 +588,10 @@ def dequant_kernel(qw_ptr, tile_ptr, kr_ptr, scale_ptr, zero_ptr, out_ptr, N, K,
     i = tl.load(meta + 4)  # the run (kernel order) of the tile's first column
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    if bits == 2:
-        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 2, BLOCK_N)
-    elif bits == 3:
-        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 3, BLOCK_N)
-    elif bits == 4:
-        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 4, BLOCK_N)
-    elif bits == 5:
-        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 5, BLOCK_N)
-    elif bits == 6:
-        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 6, BLOCK_N)
-    elif bits == 7:
-        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 7, BLOCK_N)
-    else:
-        q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, 8, BLOCK_N)
+    q = tl.zeros((32, BLOCK_N), tl.int32)
+    for b in tl.static_range(2, 9):  # one specialised copy of the decode per width
+        if bits == b:
+            q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, b, BLOCK_N)
     k = t * 32 + tl.arange(0, 32)
     run = tl.load(kr_ptr + i * 3 + 1)
     zs = tl.load(kr_ptr + i * 3 + 2)
