@@ -20,24 +20,14 @@ import torch  # noqa: E402
 
 import mixed_kernel  # noqa: E402
 import packing  # noqa: E402
+from bench.inference import file_bytes  # noqa: E402
 from mixed_linear import MixedBitLinear  # noqa: E402
-
-
-def stored_bytes(folder: str) -> dict[str, int]:
-    """Stored bytes per packed linear of a packed save (codes, scales, zeros, perm, mask)."""
-    header, stored = packing.read_packed(folder)
-    out: dict[str, int] = {}
-    for k, t in stored.items():
-        name, _, part = k.rpartition(".")
-        if name in header["linears"] and part in packing.PACKED_PARTS:
-            out[name] = out.get(name, 0) + t.numel() * t.element_size()
-    return out
 
 
 def measure(folder: str) -> dict:
     model = packing.load_packed(folder, dtype=torch.float16, device="cpu", keep_packed=True)
     mixed = {n: m for n, m in model.named_modules() if isinstance(m, MixedBitLinear)}
-    file_b = sum(stored_bytes(folder)[n] for n in mixed)
+    file_b = sum(file_bytes(folder)[n] for n in mixed)
     n_w = sum(m.in_features * m.out_features for m in mixed.values())
     buffers: dict[str, int] = {}
     for m in mixed.values():
