@@ -215,8 +215,11 @@ class MixedBitLinear(torch.nn.Module):
 
     def zero_points(self) -> torch.Tensor:
         """(n_runs, out) int32 zero points, decoded from their bit streams."""
-        R = self.out_features
-        return torch.stack([_from_bit_stream(self.zero[zs & (2 ** 27 - 1):], zs >> 27, R) for zs in self.zs])
+        R, out = self.out_features, []
+        for zs in self.zs:
+            w0, zb = zs & (2 ** 27 - 1), zs >> 27
+            out.append(_from_bit_stream(self.zero[w0:w0 + -(-R * zb // 32)], zb, R))
+        return torch.stack(out)
 
     # ------------------------------------------------------------ decoding (reference)
     def codes_kernel_order(self) -> torch.Tensor:
