@@ -409,7 +409,7 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
     a, e, bits, run, W0, nt, start, zs = _unit_meta(unit_ptr, u)
     s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
     if ONE:
-        na, ne, nbits, nrun, nW0, nnt, nstart, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
+        na, ne, nbits, nrun, _, _, _, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
         P0: tl.constexpr = _plane_bits(BITS, 0)
         P1: tl.constexpr = _plane_bits(BITS, 1)
         S1: tl.constexpr = _plane_shift(BITS, 1)
@@ -429,12 +429,11 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
             ends = t + TS >= t1  # this step is the unit's last
             more = (u + 1 < u1) & (nbits == BITS)  # the segment goes on into the next unit
             # the next step: in this unit, or the next unit's first (nothing when the segment ends)
-            ta = tl.where(ends, (na - nstart) // 32, t + TS)
-            tz = tl.where(ends, tl.where(more, (ne - nstart + 31) // 32, ta), t1)
+            ta = tl.where(ends, (na - start) // 32, t + TS)
+            tz = tl.where(ends, tl.where(more, (ne - start + 31) // 32, ta), t1)
             n0, n1, n2, nx = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask,
                                          tl.where(ends, na, a), tl.where(ends & ~more, na, tl.where(ends, ne, e)),
-                                         tl.where(ends, nW0, W0), tl.where(ends, nnt, nt),
-                                         tl.where(ends, nstart, start), ta, tz, BITS, TS, GATHER)
+                                         W0, nt, start, ta, tz, BITS, TS, GATHER)
             code = (w0[:, None, :] >> (sl * P0)[None, :, None]) & ((1 << P0) - 1)  # (J, PER, BLOCK_N)
             if P1 > 0:
                 sh1 = ((sl * (P0 // P1))[None, :] + (w // P1)[:, None]) * P1
@@ -450,9 +449,9 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
                 acc = tl.zeros((J, BLOCK_N), tl.float32)
                 xs = tl.zeros((J,), tl.float32)
                 u += 1
-                a, e, run, W0, nt, start, zs = na, ne, nrun, nW0, nnt, nstart, nzs
+                a, e, run, zs = na, ne, nrun, nzs  # (W0, nt, start: a width has one block, shared)
                 s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & more, SCALE_F16)
-                na, ne, nbits, nrun, nW0, nnt, nstart, nzs = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
+                na, ne, nbits, nrun, _, _, _, nzs = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
                 t1 = (e - start + 31) // 32
             t = ta
             go = ~ends | more
