@@ -311,7 +311,7 @@ def _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a,
     loaded as one (TS * P0, BLOCK_N) block (rows of W contiguous: wide, coalesced loads), the
     slots are taken apart in registers and each code meets its token's x in one fp32 FMA.
     gemv_kernel's path for BLOCK_M > 1 (2-4 tokens; pick_config does not choose it: at one token it
-    took 23 us against `_gemv_unit1`'s 16.4 on a 4096x4096 linear, and 2-3 tokens are not timed)."""
+    took 23 us against the one-token loop's 16.4 on a 4096x4096 linear, and 2-3 tokens are not timed)."""
     P0: tl.constexpr = _plane_bits(BITS, 0)
     P1: tl.constexpr = _plane_bits(BITS, 1)
     S1: tl.constexpr = _plane_shift(BITS, 1)
