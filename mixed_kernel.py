@@ -74,24 +74,11 @@ import torch
 import triton
 import triton.language as tl
 
-from mixed_linear import PLANES
 from parallel import on_device
 
 WMASK_ALL = sum(1 << b for b in range(2, 9))  # gemv_kernel's widths 2..8, every one compiled in
 UNIT_FIELDS = 8  # int32 per unit: a, e, bits, run, W0, nt, block start, zero stream (offset | width << 27)
 _MAGIC = 0x4B000000  # float32 2**23: (q | MAGIC) read as float32 is 2**23 + q for 0 <= q < 2**23
-
-
-@triton.constexpr_function
-def _plane_bits(bits, i):
-    """Bits of plane i of a width (0: the width has no such plane), from `mixed_linear.PLANES`."""
-    return PLANES[bits][i][0] if i < len(PLANES[bits]) else 0
-
-
-@triton.constexpr_function
-def _plane_shift(bits, i):
-    """The code bits below plane i of a width (0 where it has no such plane)."""
-    return PLANES[bits][i][1] if i < len(PLANES[bits]) else 0
 
 
 @triton.jit
@@ -108,10 +95,10 @@ def _tile_dot(x_ptr, kcol_ptr, qw_ptr, N, xrow, rows, rmask, t, a, e, start, W0,
     code * x, xsum (P0,) += x. Plane 0 has P0 words per tile; each word is loaded once and its
     slots are taken apart in registers; the bits of the narrower planes are ORed into the same
     code (their words loaded in plane 0's shape), so one multiply-add per weight."""
-    P0: tl.constexpr = _plane_bits(BITS, 0)
-    P1: tl.constexpr = _plane_bits(BITS, 1)
-    S1: tl.constexpr = _plane_shift(BITS, 1)
-    P2: tl.constexpr = _plane_bits(BITS, 2)
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: tl.constexpr = 4 if BITS >= 5 else 2
+    P2: tl.constexpr = 1 if BITS == 7 else 0
     PER: tl.constexpr = 32 // P0
     w = tl.arange(0, P0)
     live = start + t * 32 < e  # the step's last tile can lie past the unit (and past the block)
@@ -161,10 +148,10 @@ def _unit(x_ptr, kcol_ptr, qw_ptr, stride_xm, M, N, ms, mmask, rows, rmask, a, e
           USE_DOT: tl.constexpr, GATHER: tl.constexpr):
     """sum_k q x (BLOCK_M, BLOCK_N) and sum_k x (BLOCK_M,) over the unit's columns [a, e).
     Planes (module docstring): width BITS = (P0 bits at 0) [+ (P1 bits at S1)] [+ (1 bit at 6)]."""
-    P0: tl.constexpr = _plane_bits(BITS, 0)
-    P1: tl.constexpr = _plane_bits(BITS, 1)
-    S1: tl.constexpr = _plane_shift(BITS, 1)
-    P2: tl.constexpr = _plane_bits(BITS, 2)
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: tl.constexpr = 4 if BITS >= 5 else 2
+    P2: tl.constexpr = 1 if BITS == 7 else 0
     k0 = (a - start) - (a - start) % 32  # block-relative; units start anywhere, loads on the tile below
     if USE_DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -312,10 +299,10 @@ def _gemv_unit(x_ptr, kcol_ptr, qw_ptr, N, stride_xm, ms, mmask, rows, rmask, a,
     slots are taken apart in registers and each code meets its token's x in one fp32 FMA.
     gemv_kernel's path for BLOCK_M > 1 (2-4 tokens; pick_config does not choose it: at one token it
     took 23 us against the one-token loop's 16.4 on a 4096x4096 linear, and 2-3 tokens are not timed)."""
-    P0: tl.constexpr = _plane_bits(BITS, 0)
-    P1: tl.constexpr = _plane_bits(BITS, 1)
-    S1: tl.constexpr = _plane_shift(BITS, 1)
-    P2: tl.constexpr = _plane_bits(BITS, 2)
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: tl.constexpr = 4 if BITS >= 5 else 2
+    P2: tl.constexpr = 1 if BITS == 7 else 0
     PER: tl.constexpr = 32 // P0
     J: tl.constexpr = TS * P0
     j = tl.arange(0, J)
@@ -352,10 +339,10 @@ def _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS: tl.constexpr, TS: 
     each (TS * P0, BLOCK_N) in plane 0's shape: row j = tile j // P0, word j % P0 of plane 0; plane
     1's word for the same columns is w % P1 (column s*P0 + w sits at its slot s*P0/P1 + w//P1), plane
     2 (7 bits) has one 1-bit word per tile. Planes a width lacks come back as plane 0 (unused)."""
-    P0: tl.constexpr = _plane_bits(BITS, 0)
-    P1: tl.constexpr = _plane_bits(BITS, 1)
-    S1: tl.constexpr = _plane_shift(BITS, 1)
-    P2: tl.constexpr = _plane_bits(BITS, 2)
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: tl.constexpr = 4 if BITS >= 5 else 2
+    P2: tl.constexpr = 1 if BITS == 7 else 0
     j = tl.arange(0, TS * P0)
     tt = t0 + j // P0
     w = j % P0
@@ -376,7 +363,7 @@ def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0
                 BITS: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
     """Everything one step of `_gemv_segment`'s one-token loop reads, issued together: `_step_words` and x at their
     columns, (TS * P0, PER) (slot s of word row j)."""
-    P0: tl.constexpr = _plane_bits(BITS, 0)
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
     PER: tl.constexpr = 32 // P0
     j = tl.arange(0, TS * P0)
     w0, w1, w2 = _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS, TS)
@@ -410,10 +397,10 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
     s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
     if ONE:
         na, ne, nbits, nrun, _, _, _, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
-        P0: tl.constexpr = _plane_bits(BITS, 0)
-        P1: tl.constexpr = _plane_bits(BITS, 1)
-        S1: tl.constexpr = _plane_shift(BITS, 1)
-        P2: tl.constexpr = _plane_bits(BITS, 2)
+        P0: tl.constexpr = 4 if BITS >= 4 else 2
+        P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+        S1: tl.constexpr = 4 if BITS >= 5 else 2
+        P2: tl.constexpr = 1 if BITS == 7 else 0
         PER: tl.constexpr = 32 // P0
         J: tl.constexpr = TS * P0
         w = tl.arange(0, J) % P0
@@ -546,10 +533,10 @@ def _plane_tile(qw_ptr, N, rows, rmask, base, PB: tl.constexpr, BLOCK_N: tl.cons
 def _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """(32, BLOCK_N) int32 codes of tile tb (block-relative) of a width-BITS block: the planes of
     the module docstring, plane (pb bits, off code bits below it) at word rows W0 + off*nt + tb*pb."""
-    P0: tl.constexpr = _plane_bits(BITS, 0)
-    P1: tl.constexpr = _plane_bits(BITS, 1)
-    S1: tl.constexpr = _plane_shift(BITS, 1)
-    P2: tl.constexpr = _plane_bits(BITS, 2)
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: tl.constexpr = 4 if BITS >= 5 else 2
+    P2: tl.constexpr = 1 if BITS == 7 else 0
     q = _plane_tile(qw_ptr, N, rows, rmask, W0 + tb * P0, P0, BLOCK_N)
     if P1 > 0:
         q |= _plane_tile(qw_ptr, N, rows, rmask, W0 + S1 * nt + tb * P1, P1, BLOCK_N) << S1
