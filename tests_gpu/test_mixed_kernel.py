@@ -14,6 +14,8 @@ order differs from cuBLAS and atomics add the units in any order, which moves th
 """
 from __future__ import annotations
 
+import os
+import warnings
 
 import pytest
 import torch
@@ -36,6 +38,11 @@ SHAPES = [  # (out, in, widths, pruning)
 ]
 
 
+FUSED_MANY = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
+GEMV_VARIANTS = [dict(SPLIT=1), dict(SPLIT=4, TS=2), dict(SPLIT=16, BLOCK_N=64), dict(SPLIT=8, GATHER=False),
+                 dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2)]
+
+
 def captured(module, static_x: torch.Tensor):
     """(CUDA graph of module(static_x), its output tensor), after a warm-up call outside the
     capture (compilation, work lists, tables, the dense buffer)."""
@@ -52,6 +59,32 @@ def captured(module, static_x: torch.Tensor):
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).norm() / ref.norm())
+
+
+def kernel_configs(layers) -> list[tuple[dict, torch.dtype]]:
+    """The kernel configurations (and input dtypes) the tests below launch, with the width masks
+    of their modules: what `compiled_ahead` compiles."""
+    masks = sorted({MixedBitLinear.from_parts(parts, bias=None, dtype=torch.float16, device="cpu").wmask
+                    for parts, _, _ in layers.values()})
+    items = []
+    for dt in (torch.float16, torch.bfloat16):
+        for M in (1, 4, 16, 128):
+            c = mixed_kernel.pick_config(M, 1024, 1024, dt, dense=False)
+            items += [(dict(c, WMASK=m), dt) for m in masks] if c.get("GEMV") else [(c, dt)]
+        items += [(mixed_kernel.DENSE, dt), (FUSED_MANY, dt)]
+    items += [(dict(mixed_kernel.GEMV1, WMASK=m, **v), torch.float16) for v in GEMV_VARIANTS for m in masks]
+    return items
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_ahead(layers):
+    """Compile the configurations first, in parallel processes (`mixed_kernel.warm_up`, into
+    Triton's disk cache): the tests then load binaries instead of compiling ~100 of them one after
+    another. Only a speed-up: where it fails, the tests compile as they go."""
+    try:
+        mixed_kernel.warm_up(kernel_configs(layers), processes=min(16, os.cpu_count() or 1))
+    except Exception as e:  # noqa: BLE001 (any failure here only costs time)
+        warnings.warn(f"compiling ahead failed ({type(e).__name__}: {e}); the tests compile as they go")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +119,6 @@ def test_kernel_matches_reference(layers, case, M, dtype):
     assert not ws.any() and not cnt.any()  # the kernel leaves its workspace clean for the next call
 
 
-FUSED_MANY = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
 
 
 @pytest.mark.parametrize("case", range(len(SHAPES)))
@@ -160,8 +192,7 @@ def test_repeat_and_cuda_graph(layers):
 
 
 @pytest.mark.parametrize("case", range(len(SHAPES)))
-@pytest.mark.parametrize("variant", [dict(SPLIT=1), dict(SPLIT=4, TS=2), dict(SPLIT=16, BLOCK_N=64),
-                                     dict(SPLIT=8, GATHER=False), dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2)])
+@pytest.mark.parametrize("variant", GEMV_VARIANTS)
 def test_gemv_variants(layers, case, variant):
     """gemv_kernel's tuning space: direct store (SPLIT 1) and split-K, smaller steps and rows, x
     gathered first, and its 2-4 token path (pick_config does not choose that one yet); graph replays
