@@ -553,6 +553,7 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     u1 = tl.load(uoff_ptr + ps + 1)
     rt = pn
     G = tl.num_programs(0)
+    u_first = u
     while u < u1:
         bits = tl.load(unit_ptr + u * 8 + 2)
         if (bits < 2) | (bits > 8):  # a width from_parts never builds: skipped, not looped on forever
@@ -564,6 +565,13 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
                                                     mmask, rows, rmask, u, u1, y, rt, n_rt, G, b, BLOCK_M, BLOCK_N,
                                                     TS, GATHER, SCALE_F16, ONE, WMASK, PERSIST)
     _gemv_out(y, ms, rows, M, N, rt, n_split, bias_ptr, out_ptr, ws_ptr, cnt_ptr, has_bias, ATOMIC, BLOCK_M, BLOCK_N)
+    if PERSIST:
+        if u_first == u1:  # an empty part still adds (nothing) once to every row tile it serves
+            rt += G
+            while rt < n_rt:
+                _gemv_out(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), ms, rt * BLOCK_N + tl.arange(0, BLOCK_N), M, N, rt,
+                          n_split, bias_ptr, out_ptr, ws_ptr, cnt_ptr, has_bias, ATOMIC, BLOCK_M, BLOCK_N)
+                rt += G
 
 
 # ---------------------------------------------------------------- dequantize (many tokens)

@@ -367,6 +367,12 @@ for case, M, dtype, cfg in RUNS:
     tol = 1e-6 if dtype == torch.float32 else 2e-3  # fp32 sums; fp16 output rounding
     assert out.dtype == dtype and out.shape == (M, R) and err < tol, (case, M, cfg, err)
     assert not ws.any() and not cnt.any()  # left clean for the next call
+# an empty part (not one split_units makes) with fewer programs than row tiles still counts for every tile
+uoff2 = torch.cat([uoff[:1], uoff])
+BUFFERS.append((uoff2.data_ptr(), uoff2.data_ptr() + uoff2.numel() * 4))
+out = outputs_allowed(mixed_kernel.gemv, x, m.kcols, m.qweight, units, uoff2, m.scale_bits, m.zero, bias, R,
+                      dict(cfg, ROW_PROGRAMS=1), xg, m.wmask)
+assert float((out.double() - ref).abs().max() / ref.abs().max()) < tol and not ws.any() and not cnt.any()
 try:
     mixed_kernel.gemv(torch.randn(2, 96), m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, None, R,
                       dict(G, BLOCK_M=1, TS=1, SPLIT=1, GATHER=True))
