@@ -152,30 +152,37 @@ class MixedBitLinear(torch.nn.Module):
         m.register_buffer("bias", None if bias is None else bias.detach().to(dtype).to(device))
         return m
 
+    def _work_list(self, cuts: list[int]) -> list[list[int]]:
+        """Rows of a work list in kernel column order: each run's columns inside each width block,
+        cut further at the kernel columns `cuts` (sorted, the last at or past every column); fields
+        a, e, bits, run, W0, nt, block start, zero stream (`zs`)."""
+        rows = []
+        for s, e, _, j in self.kruns:
+            for t0, t1, b, W0 in self.blocks:
+                c, hi = max(s, t0 * TILE), min(e, t1 * TILE)
+                while c < hi:
+                    nxt = min(hi, cuts[bisect.bisect_right(cuts, c)])
+                    rows.append([c, nxt, b, j, W0, t1 - t0, t0 * TILE, self.zs[j]])
+                    c = nxt
+        return rows
+
     def units(self, unit_k: int, device: torch.device) -> torch.Tensor:
-        """(n_units, 8) int32 work list on `device`: [a, e) inside one run and one width block, cut
-        at multiples of unit_k; fields a, e, bits, run, W0, nt, block start, zero stream (`zs`)."""
+        """(n_units, 8) int32 work list on `device` (`_work_list`): [a, e) inside one run and one
+        width block, cut at multiples of unit_k."""
         key = (unit_k, device)
         if key not in self._units:
-            rows = []
-            for s, e, _, j in self.kruns:
-                for t0, t1, b, W0 in self.blocks:
-                    lo, hi = max(s, t0 * TILE), min(e, t1 * TILE)
-                    c = lo
-                    while c < hi:
-                        nxt = min(hi, (c // unit_k + 1) * unit_k)
-                        rows.append([c, nxt, b, j, W0, t1 - t0, t0 * TILE, self.zs[j]])
-                        c = nxt
+            end = self.blocks[-1][1] * TILE
+            rows = self._work_list(list(range(unit_k, end + unit_k, unit_k)))
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
         return self._units[key]
 
     def split_units(self, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `mixed_kernel.gemv_kernel`: a work list of units (fields as in `units`) in kernel
-        column order, cut into parts, and (parts + 1,) int32 offsets: part p is units uoff[p] ..
-        uoff[p + 1]. split 1: one part, every unit. More: about `split` parts, each a tile-aligned
-        range inside one width block, so that a program's units share one width (one pipelined loop
-        over all of them); a block gets parts in proportion to its bits (at least one), so parts
-        hold about equal bytes. Units are cut at run and part boundaries only."""
+        """For `mixed_kernel.gemv_kernel`: a work list of units (`_work_list`) cut into parts, and
+        (parts + 1,) int32 offsets: part p is units uoff[p] .. uoff[p + 1]. split 1: one part, every
+        unit. More: about `split` parts, each a tile-aligned range inside one width block, so that a
+        program's units share one width (one pipelined loop over all of them); a block gets parts
+        in proportion to its bits (at least one), so parts hold about equal bytes. Units are cut at
+        run and part boundaries only."""
         key = (-1000 - split, device)
         if key not in self._units:
             end = self.blocks[-1][1] * TILE
@@ -186,14 +193,9 @@ class MixedBitLinear(torch.nn.Module):
                     n = max(1, min(t1 - t0, round(split * b * (t1 - t0) / total)))
                     cuts.update((t0 + (t1 - t0) * i // n) * TILE for i in range(n + 1))
             cuts = sorted(cuts)
-            rows, uoff = [], [0]
-            for lo, hi in zip(cuts[:-1], cuts[1:]):
-                for s, e, _, j in self.kruns:
-                    for t0, t1, b, W0 in self.blocks:
-                        a, z = max(s, t0 * TILE, lo), min(e, t1 * TILE, hi)
-                        if a < z:
-                            rows.append([a, z, b, j, W0, t1 - t0, t0 * TILE, self.zs[j]])
-                uoff.append(len(rows))
+            rows = self._work_list(cuts)
+            starts = [r[0] for r in rows]  # units are in kernel column order and never cross a cut
+            uoff = [bisect.bisect_left(starts, c) for c in cuts]
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
             self._units[(-2000 - split, device)] = torch.tensor(uoff, dtype=torch.int32, device=device)
         return self._units[key], self._units[(-2000 - split, device)]
