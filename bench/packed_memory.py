@@ -27,7 +27,8 @@ from mixed_linear import MixedBitLinear  # noqa: E402
 def measure(folder: str) -> dict:
     model = packing.load_packed(folder, dtype=torch.float16, device="cpu", keep_packed=True)
     mixed = {n: m for n, m in model.named_modules() if isinstance(m, MixedBitLinear)}
-    file_b = sum(file_bytes(folder)[n] for n in mixed)
+    stored = file_bytes(folder)  # reads the packed file's tensors: once
+    file_b = sum(stored[n] for n in mixed)
     n_w = sum(m.in_features * m.out_features for m in mixed.values())
     buffers: dict[str, int] = {}
     for m in mixed.values():
