@@ -820,7 +820,9 @@ def _warm_one(item: tuple[dict, str]) -> None:
     """Compile one configuration for one input dtype with a tiny launch (fills Triton's disk cache)."""
     cfg, dtype_name = item
     dev = torch.device("cuda")
-    N = K = 1024  # multiples of 16, like every real shape: the same specialisation, the same binary
+    K = 1024  # multiples of 16, like every real shape: the same specialisation, the same binary
+    # ROW_PROGRAMS compiles its walking binary (PERSIST) only where there are more row tiles than programs
+    N = max(K, cfg.get("BLOCK_N", 0) * ((cfg.get("ROW_PROGRAMS") or 0) + 1))
     zs = 4 << 27  # one run of 4 bits: its zero points a 4-bit stream at word 0
     zero = torch.zeros(N // 8, dtype=torch.int32, device=dev)
     if cfg.get("DENSE"):  # the decode, for fp16 scales and a checkpoint saved in the same dtype

@@ -4,10 +4,13 @@ stored bits (bench.inference's synthetic mixed-width linears), per linear and su
 over 8 distinct copies of the linear (more bytes than the 50 MB L2), median of 15 replays. The last
 configurations set ROW_PROGRAMS (gemv_kernel's PERSIST: fewer programs than row tiles, each
 carrying its pipeline from one row tile to the next).
-Prints a line per case and a layer table; writes $OUT/gemv-sweep.json (default /tmp).
+Prints a line per case and a layer table; writes $OUT/gemv-sweep.json (default /tmp). Every
+configuration is compiled first, in parallel processes (`mixed_kernel.warm_up`).
 
-    python -m bench.gemv_sweep
+    python -m bench.gemv_sweep                      # all configurations
+    python -m bench.gemv_sweep --configs 9 21 22    # some of them, by their index in CFGS
 """
+import argparse
 import json
 import os
 import sys
@@ -16,6 +19,7 @@ sys.path.insert(0, ".")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import mixed_kernel  # noqa: E402
 from bench.inference import graph_time, synthetic_parts  # noqa: E402
 from mixed_linear import MixedBitLinear  # noqa: E402
 
@@ -36,8 +40,17 @@ LAYER = [(4096, 4096, 4), (11008, 4096, 2), (4096, 11008, 1)]  # (out, in, linea
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", type=int, default=list(range(len(CFGS))),
+                    help="indices into CFGS (default: all)")
+    args = ap.parse_args()
     dev = torch.device("cuda:0")
     res, layer = [], {}
+    wmasks = {MixedBitLinear.from_parts(synthetic_parts(R, C, t, 0.0, seed=1, device="cpu"), bias=None,
+                                        dtype=torch.float16, device="cpu").wmask
+              for R, C, _ in LAYER for t in (3.5, 3.0)}
+    mixed_kernel.warm_up([(dict(BASE, **CFGS[i], WMASK=m), torch.float16) for i in args.configs for m in wmasks],
+                         processes=min(16, os.cpu_count() or 1))
     for R, C, n in LAYER:
         x = torch.randn(1, C, device=dev, dtype=torch.float16)
         ws = [torch.randn(R, C, device=dev, dtype=torch.float16) for _ in range(8)]
@@ -47,7 +60,8 @@ def main() -> None:
             parts = synthetic_parts(R, C, target, 0.0, seed=1, device=dev)
             mods = [MixedBitLinear.from_parts(parts, bias=None, dtype=torch.float16, device=dev) for _ in range(8)]
             ref = F.linear(x.float(), mods[0].dequantize(torch.float32))
-            for i, extra in enumerate(CFGS):
+            for i in args.configs:
+                extra = CFGS[i]
                 cfg = dict(BASE, **extra)
                 for m in mods:
                     m.tune = cfg
