@@ -622,10 +622,12 @@ def dequant_kernel(qw_ptr, tile_ptr, kr_ptr, scale_ptr, zero_ptr, out_ptr, N, K,
     1 fp16, 2 bf16) and then to out's dtype: `MixedBitLinear.dequantize`'s arithmetic. Columns
     k >= K (the last tile's padding) are not written. kr: (runs + 1, 3) int32, the runs in kernel
     order (first column, scale/zero row, zero stream), the last row's first column past every tile;
-    a tile's field 4 is its first run there, and it walks the runs that meet its columns."""
+    a tile's field 4 is its first run there; a tile of one run has that run's scale/zero row and
+    zero stream in fields 5 and 6 (one load, no second dependent one), the others (field 5 -1)
+    walk the runs that meet their columns."""
     t = tl.program_id(0)
     pn = tl.program_id(1)
-    meta = tile_ptr + t * 5
+    meta = tile_ptr + t * 7
     bits = tl.load(meta)
     W0 = tl.load(meta + 1)
     nt = tl.load(meta + 2)
@@ -638,10 +640,9 @@ def dequant_kernel(qw_ptr, tile_ptr, kr_ptr, scale_ptr, zero_ptr, out_ptr, N, K,
         if bits == b:
             q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, b, BLOCK_N)
     k = t * 32 + tl.arange(0, 32)
-    run = tl.load(kr_ptr + i * 3 + 1)
-    zs = tl.load(kr_ptr + i * 3 + 2)
-    c1 = tl.load(kr_ptr + i * 3 + 3)
-    if c1 >= t * 32 + 32:  # most tiles: one run, one (BLOCK_N,) row of scales and zeros
+    run = tl.load(meta + 5)
+    zs = tl.load(meta + 6)
+    if run >= 0:  # most tiles: one run, one (BLOCK_N,) row of scales and zeros
         s1 = tl.broadcast_to(tl.load(scale_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.int32)[None, :],
                              (32, BLOCK_N))
         z = tl.broadcast_to(_zero_points(zero_ptr, zs, rows, rmask)[None, :], (32, BLOCK_N))
@@ -714,8 +715,9 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tenso
                     scale_bits: torch.Tensor, zero: torch.Tensor, saved_dtype: torch.dtype, cfg: dict) -> torch.Tensor:
     """Decode the packed codes into out (N, K) (row stride free, columns contiguous) in kernel column
     order and out's dtype, bit for bit `MixedBitLinear.dequantize()[:, kcols[:K]]` when K is
-    in_features. tiles: (n_tiles, 5) int32 bits, W0, nt, tile in block, first run; kr: (runs + 1, 3)
-    int32 runs in kernel order (`MixedBitLinear.dequant_meta`); zero: the zero-point bit streams."""
+    in_features. tiles: (n_tiles, 7) int32 bits, W0, nt, tile in block, first run, and a one-run tile's
+    scale/zero row and zero stream (else -1, 0); kr: (runs + 1, 3) int32 runs in kernel order
+    (`MixedBitLinear.dequant_meta`); zero: the zero-point bit streams."""
     N, K = out.shape
     if out.stride(1) != 1 or K > tiles.shape[0] * 32:
         raise ValueError(f"out {tuple(out.shape)} stride {out.stride()}: columns must be contiguous, within the tiles")
@@ -827,7 +829,7 @@ def _warm_one(item: tuple[dict, str]) -> None:
     zero = torch.zeros(N // 8, dtype=torch.int32, device=dev)
     if cfg.get("DENSE"):  # the decode, for fp16 scales and a checkpoint saved in the same dtype
         dtype = getattr(torch, dtype_name)
-        tiles = torch.tensor([[4, 0, K // 32, t, 0] for t in range(K // 32)], dtype=torch.int32, device=dev)
+        tiles = torch.tensor([[4, 0, K // 32, t, 0, 0, zs] for t in range(K // 32)], dtype=torch.int32, device=dev)
         kr = torch.tensor([[0, 0, zs], [K, 0, 0]], dtype=torch.int32, device=dev)
         z = dict(device=dev)
         dequantize_into(torch.empty(N, K, dtype=dtype, **z), torch.zeros(4 * K // 32, N, dtype=torch.int32, **z), tiles,

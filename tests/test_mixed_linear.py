@@ -159,6 +159,29 @@ def test_zero_points_wider_than_their_run_are_kept():
     assert m.zs[1] >> 27 == 8 and m.zs[0] >> 27 == 3
 
 
+@pytest.mark.parametrize("R,C,widths,prune", CASES + [(32, 1024, [3, 5, 2], None)])
+def test_dequant_tiles_name_their_one_run(R, C, widths, prune):
+    """dequant_meta's tile table: a tile whose 32 kernel columns (padding included) lie in one run
+    carries that run's scale/zero row and zero stream; a tile where runs meet carries -1 and
+    walks the runs from its first one (field 4). Checked against a per-column run map."""
+    _, (tensors, info) = packed_linear(R, C, widths, prune, torch.float32, seed=R + C)
+    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
+    tiles, kr = m.dequant_meta(torch.device("cpu"))
+    col_run = torch.full((tiles.shape[0] * 32,), -1)
+    for s, e, _, j in m.kruns:
+        col_run[s:e] = j
+    col_run[m.kruns[-1][1]:] = m.kruns[-1][3]  # the padding columns: the last run's
+    meets = 0
+    for t, (b, W0, nt, tb, i, run, zs) in enumerate(tiles.tolist()):
+        runs = col_run[t * 32:(t + 1) * 32].unique().tolist()
+        assert kr[i, 0] <= t * 32 < kr[i + 1, 0] and kr[i, 1] == col_run[t * 32]
+        if len(runs) == 1:
+            assert (run, zs) == (runs[0], m.zs[runs[0]])
+        else:
+            assert (run, zs) == (-1, 0)
+            meets += 1
+    assert meets > 0 and (C < 1024 or meets < tiles.shape[0] // 2)  # wide runs: mostly one-run tiles
+
 def test_fp16_exact_scales_are_stored_in_fp16():
     W, (tensors, info) = packed_linear(32, 96, [4, 3], None, torch.float16, seed=5)
     tensors = dict(tensors, scale=tensors["scale"].half().float())  # a grid that fp16 holds exactly
@@ -405,14 +428,14 @@ for case, saved, dtype, xdtype, BN in RUNS:
     bias = torch.randn(R).to(dtype)
     m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=bias, dtype=dtype, device="cpu",
                                   saved_dtype=saved)
-    tiles, colrun = m.dequant_meta(torch.device("cpu"))
+    tiles, kr = m.dequant_meta(torch.device("cpu"))
     Kp = tiles.shape[0] * 32
     # decode into a wider buffer (row stride Kp): columns past in_features must stay untouched
     buf = torch.full((R, Kp), float("nan"), dtype=xdtype)
     out = buf[:, :C]
     BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
-                  for b in (m.qweight, tiles, colrun, m.scale_bits, m.zero, buf)]
-    mixed_kernel.dequantize_into(out, m.qweight, tiles, colrun, m.scale_bits, m.zero, m.saved_dtype,
+                  for b in (m.qweight, tiles, kr, m.scale_bits, m.zero, buf)]
+    mixed_kernel.dequantize_into(out, m.qweight, tiles, kr, m.scale_bits, m.zero, m.saved_dtype,
                                  dict(BLOCK_N=BN, num_warps=4))
     ref = m.dequantize(xdtype)[:, m.kcols[:C].long()]
     assert t.bits_equal(out, ref), (case, saved, dtype, xdtype, int((out != ref).sum()))
@@ -422,7 +445,7 @@ for case, saved, dtype, xdtype, BN in RUNS:
     mixed_kernel.dense_workspace(x.device, xdtype, R, C)  # grown here, so its address is known
     ws = mixed_kernel._DENSE[x.device]
     BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
-                  for b in (m.qweight, tiles, colrun, m.scale_bits, m.zero, ws)]
+                  for b in (m.qweight, tiles, kr, m.scale_bits, m.zero, ws)]
     y = m.forward_dense(x, dict(BLOCK_N=BN, num_warps=4))
     assert mixed_kernel._DENSE[x.device] is ws  # reused, not reallocated
     assert y.dtype == xdtype and y.shape == (33, R)
