@@ -378,16 +378,11 @@ def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0
 
 
 @triton.jit
-def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                  M, N, stride_xm, has_bias, n_split, ms, mmask, rows, rmask, u, u1, y, rt, n_rt, G,
+def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows, rmask, u, u1, y,
                   BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr,
-                  GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, PERSIST: tl.constexpr):
+                  GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr):
     """y += the units u, u + 1, ... of width BITS (up to u1 or the first unit of another width), each
-    with its run's grid: y += s (sum q x - z sum x). Returns y, the first unit not done, and the
-    rows, their mask and row tile rt the program ends on.
-    PERSIST (one token, a part of one width): the program serves row tiles rt, rt + G, ... < n_rt;
-    when the part's last step for one row tile is computed, the pipeline goes on with the part's
-    first step for the next, whose loads were issued before that tile's split-K finish.
+    with its run's grid: y += s (sum q x - z sum x). Returns y and the first unit not done.
     One token (ONE): one software pipeline over every step of every unit of the segment: the next
     step's words and x (in the next unit when this one ends) are loaded before this step's
     arithmetic, so a unit boundary (a run, or a part of it) costs no exposed load. 2-4 tokens: the
@@ -401,7 +396,6 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_p
     a, e, bits, run, W0, nt, start, zs = _unit_meta(unit_ptr, u)
     s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
     if ONE:
-        u0, a0, e0, run0, zs0 = u, a, e, run, zs  # where PERSIST comes back for the next row tile
         na, ne, nbits, nrun, _, _, _, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
         P0: tl.constexpr = 4 if BITS >= 4 else 2
         P1: tl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
@@ -424,20 +418,9 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_p
             # the next step: in this unit, or the next unit's first (nothing when the segment ends)
             ta = tl.where(ends, (na - start) // 32, t + TS)
             tz = tl.where(ends, tl.where(more, (ne - start + 31) // 32, ta), t1)
-            a_n = tl.where(ends, na, a)
-            e_n = tl.where(ends & ~more, na, tl.where(ends, ne, e))
-            rows_n = rows
-            rmask_n = rmask
-            if PERSIST:  # after the part's last step: its first step on the next row tile
-                wrap = ends & ~more & (rt + G < n_rt)
-                ta = tl.where(wrap, (a0 - start) // 32, ta)
-                tz = tl.where(wrap, (e0 - start + 31) // 32, tz)
-                a_n = tl.where(wrap, a0, a_n)
-                e_n = tl.where(wrap, e0, e_n)
-                rows_n = tl.where(wrap, rows + G * BLOCK_N, rows)
-                rmask_n = rows_n < N
-            n0, n1, n2, nx = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows_n, rmask_n, a_n, e_n, W0, nt, start, ta, tz,
-                                         BITS, TS, GATHER)
+            n0, n1, n2, nx = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask,
+                                         tl.where(ends, na, a), tl.where(ends & ~more, na, tl.where(ends, ne, e)),
+                                         W0, nt, start, ta, tz, BITS, TS, GATHER)
             code = (w0[:, None, :] >> (sl * P0)[None, :, None]) & ((1 << P0) - 1)  # (J, PER, BLOCK_N)
             if P1 > 0:
                 sh1 = ((sl * (P0 // P1))[None, :] + (w // P1)[:, None]) * P1
@@ -456,23 +439,9 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_p
                 a, e, run, zs = na, ne, nrun, nzs  # (W0, nt, start: a width has one block, shared)
                 s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & more, SCALE_F16)
                 na, ne, nbits, nrun, _, _, _, nzs = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
-                if PERSIST:
-                    if wrap:  # this row tile is done: its partials out, the part again on the next
-                        _gemv_out(y, ms, rows, M, N, rt, n_split, bias_ptr, out_ptr, ws_ptr, cnt_ptr, has_bias, True,
-                                  BLOCK_M, BLOCK_N)
-                        y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                        rt += G
-                        rows = rows_n
-                        rmask = rmask_n
-                        u = u0
-                        a, e, run, zs = a0, e0, run0, zs0
-                        s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
-                        na, ne, nbits, nrun, _, _, _, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
                 t1 = (e - start + 31) // 32
             t = ta
             go = ~ends | more
-            if PERSIST:
-                go = go | wrap
     else:
         go = u < u1
         while go:
@@ -483,54 +452,31 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_p
             a, e, bits, run, W0, nt, start, zs = _unit_meta(unit_ptr, u, u < u1)
             go = (u < u1) & (bits == BITS)
             s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & go, SCALE_F16)
-    return y, u, rows, rmask, rt
+    return y, u
 
 
 @triton.jit
-def _gemv_out(y, ms, rows, M, N, tile, n_split, bias_ptr, out_ptr, ws_ptr, cnt_ptr, has_bias, ATOMIC: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y (BLOCK_M, BLOCK_N) of row tile `tile` out: stored with the bias (one part), or added through
-    `_split_k_finish` (several)."""
-    rows2 = ms[:, None] * 0 + rows[None, :]
-    ms2 = ms[:, None] + rows[None, :] * 0
-    omask = (ms2 < M) & (rows2 < N)
-    offs = ms2.to(tl.int64) * N + rows2
-    if not ATOMIC:
-        if has_bias:
-            y += tl.load(bias_ptr + rows2, mask=omask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        _split_k_finish(y, offs, omask, rows2, tile, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias,
-                        BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                M, N, stride_xm, has_bias, n_split, ms, mmask, rows, rmask, u, u1, y, rt, n_rt, G,
+def _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows, rmask, u, u1, y,
                 BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr,
-                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr,
-                PERSIST: tl.constexpr):
+                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
     """`_gemv_segment` for width BITS if BITS is in WMASK; else the unit is skipped (that branch is
     not compiled, so the registers the kernel takes are those of the widths it serves: offline
     sm_90 compiles with Triton 3.6, the GPU box's, ptxas's counts for the former per-unit loop: 119
     for 2 or 4 bits alone, 124 for 3, 165 for 5, 128 for 2-4, 165 for 2-5, 255 and a 16-byte spill
     for all seven)."""
     if ((WMASK >> BITS) & 1) == 1:
-        y, u, rows, rmask, rt = _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
-                                              ws_ptr, cnt_ptr, M, N, stride_xm, has_bias, n_split, ms, mmask, rows,
-                                              rmask, u, u1, y, rt, n_rt, G, BITS, BLOCK_M, BLOCK_N, TS, GATHER,
-                                              SCALE_F16, ONE, PERSIST)
+        y, u = _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
+                             rmask, u, u1, y, BITS, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE)
     else:
         u += 1
-    return y, u, rows, rmask, rt
+    return y, u
 
 
-@triton.jit(do_not_specialize=["M", "has_bias", "n_split", "n_rt"])
+@triton.jit(do_not_specialize=["M", "has_bias", "n_split"])
 def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                M, N, stride_xm, has_bias, n_split, n_rt,
+                M, N, stride_xm, has_bias, n_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr, ATOMIC: tl.constexpr,
-                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr,
-                PERSIST: tl.constexpr = False):
+                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
     """Grid (row tiles, parts = n_split; ATOMIC: more than one part). WMASK: bit b set for each
     width b the units hold (`MixedBitLinear.wmask`); only those widths' loops are compiled in.
     out (M, N) = x (M, K) @ W.T (+ bias) for M <= BLOCK_M tokens.
@@ -538,10 +484,7 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     contiguous range of kernel columns, one width each when there are several parts): it works
     through them one segment of equal width at a time (`_gemv_segment`), with the grid of each run
     applied once per unit, y += s (sum q x - z sum x), so it reads every code once for all its
-    tokens. One part writes the output; more add partials through `_split_k_finish`.
-    PERSIST (one token, several parts): grid (G, parts) with G < n_rt row tiles; program (pn, ps)
-    serves row tiles pn, pn + G, ... with one pipeline (`_gemv_segment`), so that a tile's
-    prologue and finish overlap another's loads (an option to measure; off by default)."""
+    tokens. One part writes the output; more add partials through `_split_k_finish`."""
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -551,27 +494,25 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     u = tl.load(uoff_ptr + ps)
     u1 = tl.load(uoff_ptr + ps + 1)
-    rt = pn
-    G = tl.num_programs(0)
-    u_first = u
     while u < u1:
         bits = tl.load(unit_ptr + u * 8 + 2)
         if (bits < 2) | (bits > 8):  # a width from_parts never builds: skipped, not looped on forever
             u += 1
         for b in tl.static_range(2, 9):  # one specialised copy of the segment's loop per width
             if bits == b:
-                y, u, rows, rmask, rt = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, bias_ptr,
-                                                    out_ptr, ws_ptr, cnt_ptr, M, N, stride_xm, has_bias, n_split, ms,
-                                                    mmask, rows, rmask, u, u1, y, rt, n_rt, G, b, BLOCK_M, BLOCK_N,
-                                                    TS, GATHER, SCALE_F16, ONE, WMASK, PERSIST)
-    _gemv_out(y, ms, rows, M, N, rt, n_split, bias_ptr, out_ptr, ws_ptr, cnt_ptr, has_bias, ATOMIC, BLOCK_M, BLOCK_N)
-    if PERSIST:
-        if u_first == u1:  # an empty part still adds (nothing) once to every row tile it serves
-            rt += G
-            while rt < n_rt:
-                _gemv_out(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), ms, rt * BLOCK_N + tl.arange(0, BLOCK_N), M, N, rt,
-                          n_split, bias_ptr, out_ptr, ws_ptr, cnt_ptr, has_bias, ATOMIC, BLOCK_M, BLOCK_N)
-                rt += G
+                y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask,
+                                   rows, rmask, u, u1, y, b, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
+    rows2 = ms[:, None] * 0 + rows[None, :]
+    ms2 = ms[:, None] + rows[None, :] * 0
+    omask = (ms2 < M) & (rows2 < N)
+    offs = ms2.to(tl.int64) * N + rows2
+    if not ATOMIC:
+        if has_bias:
+            y += tl.load(bias_ptr + rows2, mask=omask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        _split_k_finish(y, offs, omask, rows2, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias,
+                        BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------- dequantize (many tokens)
@@ -799,21 +740,17 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
         raise ValueError(f"{M} tokens for a GEMV configuration of BLOCK_M {cfg['BLOCK_M']}")
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     BN, split = cfg["BLOCK_N"], uoff.numel() - 1
-    n_rt = triton.cdiv(N, BN)
-    one = cfg["BLOCK_M"] == 1 and cfg.get("ONE", True)
-    # ROW_PROGRAMS: that many programs per part walk the row tiles (PERSIST; one token, split-K only)
-    rp = cfg.get("ROW_PROGRAMS") or n_rt
-    persist = rp < n_rt and split > 1 and one
-    grid = (rp if persist else n_rt, split)
-    ws, cnt = workspace(x.device, M * N, n_rt) if split > 1 else (out, out)
+    grid = (triton.cdiv(N, BN), split)
+    ws, cnt = workspace(x.device, M * N, grid[0]) if split > 1 else (out, out)
     src = x if cfg["GATHER"] else xg
     with on_device(x.device):  # Triton launches on the current device, which need not be x's
         gemv_kernel[grid](
             src, kcols, qweight, units, uoff, scale_bits, zero, bias if bias is not None else out, out, ws, cnt,
-            M, N, src.stride(0), int(bias is not None), split, n_rt,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BN, TS=cfg["TS"], ATOMIC=split > 1, GATHER=cfg["GATHER"], ONE=one,
-            SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask), PERSIST=persist,
-            num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+            M, N, src.stride(0), int(bias is not None), split,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BN, TS=cfg["TS"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
+            ONE=cfg["BLOCK_M"] == 1 and cfg.get("ONE", True),
+            SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask), num_warps=cfg["num_warps"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
 
 
@@ -822,9 +759,7 @@ def _warm_one(item: tuple[dict, str]) -> None:
     """Compile one configuration for one input dtype with a tiny launch (fills Triton's disk cache)."""
     cfg, dtype_name = item
     dev = torch.device("cuda")
-    K = 1024  # multiples of 16, like every real shape: the same specialisation, the same binary
-    # ROW_PROGRAMS compiles its walking binary (PERSIST) only where there are more row tiles than programs
-    N = max(K, cfg.get("BLOCK_N", 0) * ((cfg.get("ROW_PROGRAMS") or 0) + 1))
+    N = K = 1024  # multiples of 16, like every real shape: the same specialisation, the same binary
     zs = 4 << 27  # one run of 4 bits: its zero points a 4-bit stream at word 0
     zero = torch.zeros(N // 8, dtype=torch.int32, device=dev)
     if cfg.get("DENSE"):  # the decode, for fp16 scales and a checkpoint saved in the same dtype

@@ -1,9 +1,7 @@
 """One token on a CUDA machine: gemv_kernel's configurations on LLaMA-2-7B shapes at 3.0 and 3.5
 stored bits (bench.inference's synthetic mixed-width linears), per linear and summed into a layer
 (4 x 4096x4096, 2 x 11008x4096, 1 x 4096x11008), against fp16 F.linear. Each time is a CUDA graph
-over 8 distinct copies of the linear (more bytes than the 50 MB L2), median of 15 replays. The last
-configurations set ROW_PROGRAMS (gemv_kernel's PERSIST: fewer programs than row tiles, each
-carrying its pipeline from one row tile to the next).
+over 8 distinct copies of the linear (more bytes than the 50 MB L2), median of 15 replays.
 Prints a line per case and a layer table; writes $OUT/gemv-sweep.json (default /tmp). Every
 configuration is compiled first, in parallel processes (`mixed_kernel.warm_up`).
 
@@ -31,11 +29,7 @@ CFGS = [dict(), dict(SPLIT=16), dict(SPLIT=4), dict(SPLIT=32), dict(BLOCK_N=64, 
         dict(TS=1, SPLIT=16), dict(TS=1, SPLIT=32), dict(TS=1, SPLIT=8),
         dict(TS=2, SPLIT=16, BLOCK_N=256, num_warps=8), dict(TS=2, SPLIT=32, BLOCK_N=64, num_warps=2),
         dict(TS=1, SPLIT=32, BLOCK_N=64, num_warps=2), dict(TS=2, SPLIT=16, num_warps=8),
-        dict(TS=1, SPLIT=16, BLOCK_N=256, num_warps=8),
-        # fewer programs than row tiles, each walking several with one pipeline (PERSIST; not measured yet)
-        dict(TS=2, SPLIT=16, ROW_PROGRAMS=16), dict(TS=2, SPLIT=16, ROW_PROGRAMS=8),
-        dict(TS=2, SPLIT=32, ROW_PROGRAMS=16), dict(TS=2, SPLIT=32, ROW_PROGRAMS=8),
-        dict(TS=4, SPLIT=16, ROW_PROGRAMS=16)]
+        dict(TS=1, SPLIT=16, BLOCK_N=256, num_warps=8)]
 LAYER = [(4096, 4096, 4), (11008, 4096, 2), (4096, 11008, 1)]  # (out, in, linears of that shape)
 
 

@@ -142,7 +142,6 @@ def candidates(M: int) -> list[dict]:
         g = mixed_kernel.GEMV1
         return [dict(g)] + [dict(g, BLOCK_N=bn, TS=ts, SPLIT=sp) for bn, ts, sp in (
             (128, 2, 8), (128, 2, 24), (128, 1, 16), (128, 4, 8), (64, 1, 32), (256, 2, 16))] + [
-            dict(g, ROW_PROGRAMS=16)] + [
             dict(fma, BLOCK_N=64, unit_k=128)]
     dot16 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, num_warps=4)
     if M <= 16:
@@ -156,8 +155,7 @@ def candidates(M: int) -> list[dict]:
 
 def cfg_name(c: dict) -> str:
     if c.get("GEMV"):
-        rp = f" rows/{c['ROW_PROGRAMS']}" if c.get("ROW_PROGRAMS") else ""
-        return f"gemv n{c['BLOCK_N']} ts{c['TS']} split{c['SPLIT']} w{c['num_warps']}{rp}"
+        return f"gemv n{c['BLOCK_N']} ts{c['TS']} split{c['SPLIT']} w{c['num_warps']}"
     kind = f"dot{c['BLOCK_M']}" if c["USE_DOT"] else "fma"
     return f"{kind} n{c['BLOCK_N']} k{c['BLOCK_K']} w{c['num_warps']} u{c['unit_k']}{'' if c['GATHER'] else ' pregather'}"
 

@@ -40,7 +40,7 @@ SHAPES = [  # (out, in, widths, pruning)
 
 FUSED_MANY = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
 GEMV_VARIANTS = [dict(SPLIT=1), dict(SPLIT=4, TS=2), dict(SPLIT=16, BLOCK_N=64), dict(SPLIT=8, GATHER=False),
-                 dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2), dict(SPLIT=16, ROW_PROGRAMS=2)]
+                 dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2)]
 
 
 def captured(module, static_x: torch.Tensor):
@@ -195,8 +195,8 @@ def test_repeat_and_cuda_graph(layers):
 @pytest.mark.parametrize("variant", GEMV_VARIANTS)
 def test_gemv_variants(layers, case, variant):
     """gemv_kernel's tuning space: direct store (SPLIT 1) and split-K, smaller steps and rows, x
-    gathered first, its 2-4 token path (pick_config does not choose that one yet) and fewer programs
-    than row tiles (PERSIST); graph replays of the split-K form leave the workspace clean."""
+    gathered first, and its 2-4 token path (pick_config does not choose that one yet); graph replays
+    of the split-K form leave the workspace clean."""
     parts, W, bias = layers[case]
     m = MixedBitLinear.from_parts(parts, bias=bias.half(), dtype=torch.float16, device="cuda")
     m.tune = dict(mixed_kernel.GEMV1, **variant)
