@@ -204,13 +204,16 @@ def _unit_meta(unit_ptr, u, ok=True):
 def _zero_points(zero_ptr, zs, rows, rmask):
     """int32 zero points of one run for `rows`: the run's little-endian bit stream starts at word
     zs & 0x7FFFFFF of `zero` and holds row r's zb = zs >> 27 bits at bit r * zb, possibly across
-    two words (read as one 64-bit value)."""
+    two words (32-bit arithmetic throughout)."""
     zb = zs >> 27
-    bit = rows.to(tl.int64) * zb
+    bit = rows * zb  # < 2**31 for any real height (rows * 8)
+    sh = (bit & 31).to(tl.uint32)
     wp = zero_ptr + (zs & 0x7FFFFFF) + (bit >> 5)
-    lo = tl.load(wp, mask=rmask, other=0).to(tl.int64) & 0xFFFFFFFF
-    hi = tl.load(wp + 1, mask=rmask & ((bit & 31) + zb > 32), other=0).to(tl.int64) & 0xFFFFFFFF
-    return ((((hi << 32) | lo) >> (bit & 31)) & ((1 << zb) - 1)).to(tl.int32)
+    lo = tl.load(wp, mask=rmask, other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(wp + 1, mask=rmask & ((bit & 31) + zb > 32), other=0).to(tl.uint32, bitcast=True)
+    # (hi << 1) << (31 - sh): hi's bits above the sh-bit cut, no shift by 32 (hi is 0 where sh is 0)
+    v = (lo >> sh) | ((hi << 1) << (31 - sh))
+    return (v & ((1 << zb) - 1).to(tl.uint32)).to(tl.int32)
 
 
 @triton.jit
@@ -563,12 +566,12 @@ def dequant_kernel(qw_ptr, tile_ptr, kr_ptr, scale_ptr, zero_ptr, out_ptr, N, K,
     1 fp16, 2 bf16) and then to out's dtype: `MixedBitLinear.dequantize`'s arithmetic. Columns
     k >= K (the last tile's padding) are not written. kr: (runs + 1, 3) int32, the runs in kernel
     order (first column, scale/zero row, zero stream), the last row's first column past every tile;
-    a tile's field 4 is its first run there; a tile of one run has that run's scale/zero row and
-    zero stream in fields 5 and 6 (one load, no second dependent one), the others (field 5 -1)
-    walk the runs that meet their columns."""
+    a tile's fields 4-7 are its first run there, that run's scale/zero row, zero stream and end
+    column, so a tile of one run (most) loads its grid right after its own fields; where runs
+    meet, the tile walks the further runs from the table."""
     t = tl.program_id(0)
     pn = tl.program_id(1)
-    meta = tile_ptr + t * 7
+    meta = tile_ptr + t * 8
     bits = tl.load(meta)
     W0 = tl.load(meta + 1)
     nt = tl.load(meta + 2)
@@ -581,31 +584,20 @@ def dequant_kernel(qw_ptr, tile_ptr, kr_ptr, scale_ptr, zero_ptr, out_ptr, N, K,
         if bits == b:
             q = _tile_codes(qw_ptr, N, rows, rmask, W0, nt, tb, b, BLOCK_N)
     k = t * 32 + tl.arange(0, 32)
-    run = tl.load(meta + 5)
-    zs = tl.load(meta + 6)
-    if run >= 0:  # most tiles: one run, one (BLOCK_N,) row of scales and zeros
-        s1 = tl.broadcast_to(tl.load(scale_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.int32)[None, :],
-                             (32, BLOCK_N))
-        z = tl.broadcast_to(_zero_points(zero_ptr, zs, rows, rmask)[None, :], (32, BLOCK_N))
-    else:  # a tile where runs meet: each run that meets it gives its columns its grid
-        s1 = tl.zeros((32, BLOCK_N), tl.int32)
-        z = tl.zeros((32, BLOCK_N), tl.int32)
-        c0 = tl.load(kr_ptr + i * 3)
+    qf = q.to(tl.float32)
+    # the tile's first run from its own fields (most tiles hold one run: no further load)
+    s, z = _run_grid(scale_ptr, zero_ptr, tl.load(meta + 5), tl.load(meta + 6), N, rows, rmask, SCALE_F16)
+    c1 = tl.load(meta + 7)
+    w = s[None, :] * (qf - z[None, :])  # q - z is exact in fp32: one rounding, as in dequantize()
+    if c1 < t * 32 + 32:  # runs meet in this tile: each further run gives its columns their grid
+        c0 = c1
         while c0 < t * 32 + 32:
-            c1 = tl.load(kr_ptr + i * 3 + 3)
-            run = tl.load(kr_ptr + i * 3 + 1)
-            zs = tl.load(kr_ptr + i * 3 + 2)
-            here = ((k >= c0) & (k < c1))[:, None]
-            s1 = tl.where(here, tl.load(scale_ptr + run.to(tl.int64) * N + rows, mask=rmask, other=0).to(tl.int32)[None, :],
-                          s1)
-            z = tl.where(here, _zero_points(zero_ptr, zs, rows, rmask)[None, :], z)
             i += 1
+            c1 = tl.load(kr_ptr + i * 3 + 3)
+            s, z = _run_grid(scale_ptr, zero_ptr, tl.load(kr_ptr + i * 3 + 1), tl.load(kr_ptr + i * 3 + 2), N, rows,
+                             rmask, SCALE_F16)
+            w = tl.where(((k >= c0) & (k < c1))[:, None], s[None, :] * (qf - z[None, :]), w)
             c0 = c1
-    if SCALE_F16:
-        s = s1.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        s = s1.to(tl.float32, bitcast=True)
-    w = s * (q - z).to(tl.float32)  # q - z is exact in fp32: one rounding, as in dequantize()
     if SAVED == 1:
         w = w.to(tl.float16).to(tl.float32)
     elif SAVED == 2:
@@ -656,8 +648,8 @@ def dequantize_into(out: torch.Tensor, qweight: torch.Tensor, tiles: torch.Tenso
                     scale_bits: torch.Tensor, zero: torch.Tensor, saved_dtype: torch.dtype, cfg: dict) -> torch.Tensor:
     """Decode the packed codes into out (N, K) (row stride free, columns contiguous) in kernel column
     order and out's dtype, bit for bit `MixedBitLinear.dequantize()[:, kcols[:K]]` when K is
-    in_features. tiles: (n_tiles, 7) int32 bits, W0, nt, tile in block, first run, and a one-run tile's
-    scale/zero row and zero stream (else -1, 0); kr: (runs + 1, 3) int32 runs in kernel order
+    in_features. tiles: (n_tiles, 8) int32 bits, W0, nt, tile in block, then the first run's index,
+    scale/zero row, zero stream and end column; kr: (runs + 1, 3) int32 runs in kernel order
     (`MixedBitLinear.dequant_meta`); zero: the zero-point bit streams."""
     N, K = out.shape
     if out.stride(1) != 1 or K > tiles.shape[0] * 32:
@@ -764,7 +756,7 @@ def _warm_one(item: tuple[dict, str]) -> None:
     zero = torch.zeros(N // 8, dtype=torch.int32, device=dev)
     if cfg.get("DENSE"):  # the decode, for fp16 scales and a checkpoint saved in the same dtype
         dtype = getattr(torch, dtype_name)
-        tiles = torch.tensor([[4, 0, K // 32, t, 0, 0, zs] for t in range(K // 32)], dtype=torch.int32, device=dev)
+        tiles = torch.tensor([[4, 0, K // 32, t, 0, 0, zs, K] for t in range(K // 32)], dtype=torch.int32, device=dev)
         kr = torch.tensor([[0, 0, zs], [K, 0, 0]], dtype=torch.int32, device=dev)
         z = dict(device=dev)
         dequantize_into(torch.empty(N, K, dtype=dtype, **z), torch.zeros(4 * K // 32, N, dtype=torch.int32, **z), tiles,

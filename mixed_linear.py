@@ -201,11 +201,11 @@ class MixedBitLinear(torch.nn.Module):
         return self._units[key], self._units[(-2000 - split, device)]
 
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """For `mixed_kernel.dequant_kernel`: (n_tiles, 7) int32 tiles (bits, W0, nt, tile index in
-        its block, the run in kernel order of its first column, and where one run holds all its
-        columns that run's scale/zero row and zero stream, else -1 and 0) and (runs + 1, 3) int32
-        runs in kernel order (first column, scale/zero row, zero stream), closed by a row whose
-        first column lies past every tile. A one-run tile (most) needs nothing from the runs."""
+        """For `mixed_kernel.dequant_kernel`: (n_tiles, 8) int32 tiles (bits, W0, nt, tile index in
+        its block, then the run in kernel order of its first column and that run's scale/zero row,
+        zero stream and end column) and (runs + 1, 3) int32 runs in kernel order (first column,
+        scale/zero row, zero stream), closed by a row whose first column lies past every tile. A
+        tile inside one run (most) needs nothing from the runs."""
         key = (-2, device)
         if key not in self._units:
             starts = [s for s, _, _, _ in self.kruns]
@@ -215,8 +215,7 @@ class MixedBitLinear(torch.nn.Module):
             for t0, t1, b, W0 in self.blocks:
                 for t in range(t0, t1):
                     i = bisect.bisect_right(starts, t * TILE) - 1
-                    one = kr[i + 1][0] >= (t + 1) * TILE  # (padding columns belong to the last run)
-                    tiles.append([b, W0, t1 - t0, t - t0, i] + ([kr[i][1], kr[i][2]] if one else [-1, 0]))
+                    tiles.append([b, W0, t1 - t0, t - t0, i, kr[i][1], kr[i][2], kr[i + 1][0]])
             self._units[key] = torch.tensor(tiles, dtype=torch.int32, device=device)
             self._units[(-3, device)] = torch.tensor(kr, dtype=torch.int32, device=device)
         return self._units[key], self._units[(-3, device)]

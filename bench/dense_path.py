@@ -3,6 +3,7 @@ for one 3.5-bit synthetic linear of each shape at a few token counts (a quick ch
 
     python -m bench.dense_path                                    # on a CUDA GPU, ~1 minute
     python -m bench.dense_path --shapes 4096x4096 11008x4096 --tokens 16 32 128
+    python -m bench.dense_path --tokens 16 --decode_configs 32x2 32x4 64x4   # the decode's rows x warps
 
 Timing as in bench/inference.py: CUDA graphs over enough copies that they do not fit in L2, CUDA
 events, median. 'fused' forces the fused kernel (pick_config's rule for the count, as if
@@ -25,6 +26,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["4096x4096", "11008x4096", "4096x11008"], help="OUTxIN")
     ap.add_argument("--tokens", nargs="+", type=int, default=[16, 32, 128])
+    ap.add_argument("--decode_configs", nargs="*", default=[],
+                    help="also time the decode alone with these BLOCK_NxWARPS (e.g. 32x4)")
     args = ap.parse_args()
     dev, dt = torch.device("cuda:0"), torch.float16
     for shape in args.shapes:
@@ -37,6 +40,12 @@ def main() -> None:
         decode = graph_time([lambda mm=mm: mixed_kernel.dequantize_into(
             Wk, mm.qweight, tiles, kr, mm.scale_bits, mm.zero, mm.saved_dtype, mixed_kernel.DENSE)
             for mm in mods]) / len(mods)
+        for c in args.decode_configs:
+            bn, nw = (int(v) for v in c.split("x"))
+            cfg = dict(mixed_kernel.DENSE, BLOCK_N=bn, num_warps=nw)
+            tc = graph_time([lambda mm=mm: mixed_kernel.dequantize_into(
+                Wk, mm.qweight, tiles, kr, mm.scale_bits, mm.zero, mm.saved_dtype, cfg) for mm in mods]) / len(mods)
+            print(f"{R}x{C}: decode alone with BLOCK_N {bn}, {nw} warps: {tc * 1e6:.1f} us", flush=True)
         for M in args.tokens:
             x = torch.randn(M, C, device=dev, dtype=dt)
             t = {"fp16": graph_time([lambda w=w: F.linear(x, w) for w in Ws]) / len(Ws)}

@@ -160,10 +160,10 @@ def test_zero_points_wider_than_their_run_are_kept():
 
 
 @pytest.mark.parametrize("R,C,widths,prune", CASES + [(32, 1024, [3, 5, 2], None)])
-def test_dequant_tiles_name_their_one_run(R, C, widths, prune):
-    """dequant_meta's tile table: a tile whose 32 kernel columns (padding included) lie in one run
-    carries that run's scale/zero row and zero stream; a tile where runs meet carries -1 and
-    walks the runs from its first one (field 4). Checked against a per-column run map."""
+def test_dequant_tiles_name_their_first_run(R, C, widths, prune):
+    """dequant_meta's tile table: each tile names the run of its first kernel column, that run's
+    scale/zero row, zero stream and end column; the tile lies in one run (padding included) exactly
+    when that end is past the tile. Checked against a per-column run map."""
     _, (tensors, info) = packed_linear(R, C, widths, prune, torch.float32, seed=R + C)
     m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
     tiles, kr = m.dequant_meta(torch.device("cpu"))
@@ -172,14 +172,12 @@ def test_dequant_tiles_name_their_one_run(R, C, widths, prune):
         col_run[s:e] = j
     col_run[m.kruns[-1][1]:] = m.kruns[-1][3]  # the padding columns: the last run's
     meets = 0
-    for t, (b, W0, nt, tb, i, run, zs) in enumerate(tiles.tolist()):
-        runs = col_run[t * 32:(t + 1) * 32].unique().tolist()
-        assert kr[i, 0] <= t * 32 < kr[i + 1, 0] and kr[i, 1] == col_run[t * 32]
-        if len(runs) == 1:
-            assert (run, zs) == (runs[0], m.zs[runs[0]])
-        else:
-            assert (run, zs) == (-1, 0)
-            meets += 1
+    for t, (b, W0, nt, tb, i, run, zs, end) in enumerate(tiles.tolist()):
+        assert kr[i, 0] <= t * 32 < kr[i + 1, 0] == end
+        assert run == kr[i, 1] == col_run[t * 32] and zs == m.zs[run]
+        one = len(col_run[t * 32:(t + 1) * 32].unique()) == 1
+        assert one == (end >= (t + 1) * 32)
+        meets += not one
     assert meets > 0 and (C < 1024 or meets < tiles.shape[0] // 2)  # wide runs: mostly one-run tiles
 
 def test_fp16_exact_scales_are_stored_in_fp16():
