@@ -47,9 +47,11 @@ width each), runs one software pipeline through all of the part's units (the nex
 x, in the next unit when this one ends, loaded before this step's arithmetic), applies each run's
 grid once per unit, and writes the output itself (one part) or through the same split-K finish;
 only the widths in WMASK are compiled in. H200, one token
-(bench/results/inference-NVIDIA-H200-2026-12-01-segments.md, 28f5a4b): a LLaMA-2-7B layer at 3.5
-bits 132 us against fp16 cuBLAS's 134 (1.01x; 0.80x while the pipeline restarted at every unit), a
-70B layer 388 against 429 (1.10x); at 3.0 bits 1.12x and 1.27x. What limits it: the same 4-bit step
+(bench/results/inference-NVIDIA-H200-2026-12-01-final.md, e0f90a4): a LLaMA-2-7B layer at 3.5
+bits 130 us against fp16 cuBLAS's 133 (1.02x; 0.80x while the pipeline restarted at every unit), a
+70B layer 378 against 443 (1.17x); at 3.0 bits 1.08x and 1.27x. What limits it (Nsight Compute,
+bench/results/ncu-NVIDIA-H200-2026-12-01.md, bench/NOTES.md row 25): ~10.7 instructions per weight
+issued by 4 programs per SM (one wave), not the bandwidth (9% of DRAM peak). The same 4-bit step
 stripped of the work list, grids, gather and split-K finish reaches 1.7-1.95x of fp16
 (bench/gemv_step_probe.py), gemv_kernel on that layout 1.3x; the in-kernel gather of x and the
 finish's counters cost 10-13% of a linear together (a scratch probe, bench/NOTES.md row 20); a 2D
@@ -58,11 +60,12 @@ variant at 96-166 registers, x loaded per slot, was 3-30% slower (2026-12-01, no
 The fused kernel (2 and 3 tokens) is exact to the output rounding, but slow: 0.16x of fp16 at 16
 tokens, 0.04x at 128, bound by latency: each small program runs a serial chain of ~10 dependent
 memory round trips and nothing is software-pipelined.
-The dense path (H200, 3.5 bits, `python -m bench.dense_path`; the 7B layer table in
-bench/results/inference-NVIDIA-H200-2026-11-30-dense.md): a whole LLaMA-2-7B layer at 128 tokens
-0.34x of fp16 cuBLAS (425 vs 143 us; the fused kernel 0.04x); per linear at 128 tokens 4096x4096
-41 us against fp16's 15, 11008x4096 84 against 28. The decode alone takes 20 and 50 us of that,
-about 2.5x what its bytes need at full bandwidth: it is what to speed up next. At 16 tokens the
+The dense path (H200, 3.5 bits, bench/results/inference-NVIDIA-H200-2026-12-01-final.md and
+dense-path-NVIDIA-H200-2026-12-01.md): a whole LLaMA-2-7B or 70B layer at 16 and 128 tokens takes
+0.31-0.35x of fp16 cuBLAS; per linear at 128 tokens 4096x4096 42 us against fp16's 14, 11008x4096
+86 against 28. The decode alone takes 20.6 and 50.3 us of that (71 registers; at 96, before the
+tile table named its first run's grid, 26.4 and 66.0), about 2.5x what its bytes need at full
+bandwidth: it is what to speed up next for prefill. At 16 tokens the
 dense path was already faster than the fused kernel (38 vs 78 us for 4096x4096), and at 4 and 8
 tokens too (4096x4096: 37.5 vs 54.5 and 59.8 us; 11008x4096: 82 vs 124 and 137 us;
 bench/results/dense-path-NVIDIA-H200-2026-11-30.md), so DENSE_MIN_TOKENS is 4; at one token the
