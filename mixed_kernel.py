@@ -365,28 +365,72 @@ def _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS: tl.constexpr, TS: 
 
 
 @triton.jit
-def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0, t1,
-                BITS: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
-    """Everything one step of `_gemv_segment`'s one-token loop reads, issued together: `_step_words` and x at their
-    columns, (TS * P0, PER) (slot s of word row j)."""
-    P0: tl.constexpr = 4 if BITS >= 4 else 2
-    PER: tl.constexpr = 32 // P0
+def _step_x(x_ptr, kcol_ptr, a, e, start, t0, C0: tl.constexpr, P0: tl.constexpr, NSL: tl.constexpr,
+            TS: tl.constexpr, GATHER: tl.constexpr):
+    """x (fp32) of one step at slots 0 .. NSL of every word row j (tile t0 + j // P0, word j % P0 of
+    plane 0), C0 kernel columns further on: (TS * P0, NSL); columns outside [a, e) read as 0."""
     j = tl.arange(0, TS * P0)
-    w0, w1, w2 = _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS, TS)
-    c = (start + (t0 + j // P0) * 32 + j % P0)[:, None] + (tl.arange(0, PER) * P0)[None, :]  # (J, PER) kernel columns
+    c = (start + (t0 + j // P0) * 32 + j % P0 + C0)[:, None] + (tl.arange(0, NSL) * P0)[None, :]  # kernel columns
     cm = (c >= a) & (c < e)
     if GATHER:
         col = tl.load(kcol_ptr + c, mask=cm, other=0).to(tl.int64)
     else:
         col = c.to(tl.int64)
-    xv = tl.load(x_ptr + col, mask=cm, other=0.0).to(tl.float32)
-    return w0, w1, w2, xv
+    return tl.load(x_ptr + col, mask=cm, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0, t1,
+                BITS: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
+    """Everything one step of `_gemv_segment`'s one-token loop reads, issued together: `_step_words` and x at their
+    columns, (TS * P0, PER) (slot s of word row j)."""
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    w0, w1, w2 = _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS, TS)
+    return w0, w1, w2, _step_x(x_ptr, kcol_ptr, a, e, start, t0, 0, P0, 32 // P0, TS, GATHER)
+
+
+@triton.jit
+def _step_load2(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t0, t1,
+                BITS: tl.constexpr, TS: tl.constexpr, GATHER: tl.constexpr):
+    """`_step_load1` for the in-place decode: x of the slots in each word's low 16 bits and of those
+    in its high 16 bits, (TS * P0, PER / 2) each."""
+    P0: tl.constexpr = 4 if BITS >= 4 else 2
+    w0, w1, w2 = _step_words(qw_ptr, N, rows, rmask, W0, nt, t0, t1, BITS, TS)
+    return (w0, w1, w2, _step_x(x_ptr, kcol_ptr, a, e, start, t0, 0, P0, 16 // P0, TS, GATHER),
+            _step_x(x_ptr, kcol_ptr, a, e, start, t0, 16, P0, 16 // P0, TS, GATHER))
+
+
+@triton.jit
+def _pow2(k):
+    """2.0 ** k as fp32 for integer -126 <= k <= 127 (built from its exponent bits)."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _field_float(v):
+    """v (int32, 0 <= v < 2**23) as the fp32 value v * 2**-23, exactly: its bits read as a float are
+    the denormal v * 2**-149, times 2**126 (one multiply, no conversion unit, no magic exponent)."""
+    return v.to(tl.float32, bitcast=True) * 8.507059173023462e37
+
+
+@triton.jit
+def _inplace_dot(w0, w1, w2, x, m0, sc0, m1, sc1, m2, sc2, P1: tl.constexpr, P2: tl.constexpr):
+    """sum over slots of code * x for the slots of one 16-bit half of each word, codes decoded in
+    place: a field q at bit p of a word is masked (m) and read as the float q * 2**(p - 23)
+    (`_field_float`), then multiplied by x * 2**(23 + shift - p) (sc), so a weight costs a logic op,
+    a multiply and a multiply-add per plane. (J, BLOCK_N)."""
+    t = _field_float(w0[:, None, :] & m0[None, :, None]) * (x * sc0[None, :])[:, :, None]
+    if P1 > 0:
+        t += _field_float(w1[:, None, :] & m1[:, :, None]) * (x * sc1)[:, :, None]
+    if P2 > 0:
+        t += _field_float(w2[:, None, :] & m2[:, :, None]) * (x * sc2)[:, :, None]
+    return tl.sum(t, axis=1)
 
 
 @triton.jit
 def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows, rmask, u, u1, y,
                   BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr,
-                  GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr):
+                  GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, INPLACE: tl.constexpr):
     """y += the units u, u + 1, ... of width BITS (up to u1 or the first unit of another width), each
     with its run's grid: y += s (sum q x - z sum x). Returns y and the first unit not done.
     One token (ONE): one software pipeline over every step of every unit of the segment: the next
@@ -411,12 +455,29 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
         J: tl.constexpr = TS * P0
         w = tl.arange(0, J) % P0
         sl = tl.arange(0, PER)
+        # INPLACE: per half-word slot s' the field of plane 0 sits at bit s' * P0, of plane 1 at p1, of
+        # plane 2 at p2 (the high half's the same after a 16-bit shift): masks and x's scales
+        hs = tl.arange(0, 16 // P0)
+        m0 = ((1 << P0) - 1) << (hs * P0)
+        sc0 = _pow2(23 - hs * P0)
+        p1 = ((hs * (P0 // max(P1, 1)))[None, :] + (w // max(P1, 1))[:, None]) * P1
+        m1 = ((1 << P1) - 1) << p1
+        sc1 = _pow2(23 + S1 - p1)
+        p2 = (hs * P0)[None, :] + w[:, None]
+        m2 = 1 << p2
+        sc2 = _pow2(29 - p2)
         acc = tl.zeros((J, BLOCK_N), tl.float32)
         xs = tl.zeros((J,), tl.float32)
         t = (a - start) // 32  # block-relative tiles [t, t1) hold the unit
         t1 = (e - start + 31) // 32
-        w0, w1, w2, xv = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t, t1, BITS, TS,
-                                     GATHER)
+        IP: tl.constexpr = INPLACE and (P1 == 0 or INPLACE == 2)  # 1: one-plane widths only; 2: every width
+        if IP:
+            w0, w1, w2, xv, xh = _step_load2(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t, t1, BITS,
+                                             TS, GATHER)
+        else:
+            w0, w1, w2, xv = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t, t1, BITS, TS,
+                                         GATHER)
+            xh = xv
         go = u < u1
         while go:
             ends = t + TS >= t1  # this step is the unit's last
@@ -424,19 +485,28 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
             # the next step: in this unit, or the next unit's first (nothing when the segment ends)
             ta = tl.where(ends, (na - start) // 32, t + TS)
             tz = tl.where(ends, tl.where(more, (ne - start + 31) // 32, ta), t1)
-            n0, n1, n2, nx = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask,
-                                         tl.where(ends, na, a), tl.where(ends & ~more, na, tl.where(ends, ne, e)),
-                                         W0, nt, start, ta, tz, BITS, TS, GATHER)
-            code = (w0[:, None, :] >> (sl * P0)[None, :, None]) & ((1 << P0) - 1)  # (J, PER, BLOCK_N)
-            if P1 > 0:
-                sh1 = ((sl * (P0 // P1))[None, :] + (w // P1)[:, None]) * P1
-                code |= ((w1[:, None, :] >> sh1[:, :, None]) & ((1 << P1) - 1)) << S1
-            if P2 > 0:
-                sh2 = (sl * P0)[None, :] + w[:, None]
-                code |= ((w2[:, None, :] >> sh2[:, :, None]) & 1) << 6
-            acc += tl.sum(_as_float(code) * xv[:, :, None], axis=1)
-            xs += tl.sum(xv, axis=1)
-            w0, w1, w2, xv = n0, n1, n2, nx
+            a_n = tl.where(ends, na, a)
+            e_n = tl.where(ends & ~more, na, tl.where(ends, ne, e))
+            if IP:
+                n0, n1, n2, nx, nh = _step_load2(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a_n, e_n, W0, nt, start, ta,
+                                                 tz, BITS, TS, GATHER)
+                acc += _inplace_dot(w0, w1, w2, xv, m0, sc0, m1, sc1, m2, sc2, P1, P2)
+                acc += _inplace_dot(w0 >> 16, w1 >> 16, w2 >> 16, xh, m0, sc0, m1, sc1, m2, sc2, P1, P2)
+                xs += tl.sum(xv, axis=1) + tl.sum(xh, axis=1)
+                w0, w1, w2, xv, xh = n0, n1, n2, nx, nh
+            else:
+                n0, n1, n2, nx = _step_load1(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a_n, e_n, W0, nt, start, ta, tz,
+                                             BITS, TS, GATHER)
+                code = (w0[:, None, :] >> (sl * P0)[None, :, None]) & ((1 << P0) - 1)  # (J, PER, BLOCK_N)
+                if P1 > 0:
+                    sh1 = ((sl * (P0 // P1))[None, :] + (w // P1)[:, None]) * P1
+                    code |= ((w1[:, None, :] >> sh1[:, :, None]) & ((1 << P1) - 1)) << S1
+                if P2 > 0:
+                    sh2 = (sl * P0)[None, :] + w[:, None]
+                    code |= ((w2[:, None, :] >> sh2[:, :, None]) & 1) << 6
+                acc += tl.sum(_as_float(code) * xv[:, :, None], axis=1)
+                xs += tl.sum(xv, axis=1)
+                w0, w1, w2, xv = n0, n1, n2, nx
             if ends:  # the unit's grid, once; then the next unit's fields, grid and successor
                 y += s[None, :] * (tl.sum(acc, axis=0)[None, :] - z[None, :] * tl.sum(xs, axis=0))
                 acc = tl.zeros((J, BLOCK_N), tl.float32)
@@ -464,7 +534,8 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
 @triton.jit
 def _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows, rmask, u, u1, y,
                 BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr,
-                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
+                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr,
+                INPLACE: tl.constexpr):
     """`_gemv_segment` for width BITS if BITS is in WMASK; else the unit is skipped (that branch is
     not compiled, so the registers the kernel takes are those of the widths it serves: offline
     sm_90 compiles with Triton 3.6, the GPU box's, ptxas's counts for the former per-unit loop: 119
@@ -472,7 +543,7 @@ def _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, strid
     for all seven)."""
     if ((WMASK >> BITS) & 1) == 1:
         y, u = _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask, rows,
-                             rmask, u, u1, y, BITS, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE)
+                             rmask, u, u1, y, BITS, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, INPLACE)
     else:
         u += 1
     return y, u
@@ -482,7 +553,8 @@ def _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, strid
 def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 M, N, stride_xm, has_bias, n_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr, ATOMIC: tl.constexpr,
-                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr):
+                GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr,
+                INPLACE: tl.constexpr = False):
     """Grid (row tiles, parts = n_split; ATOMIC: more than one part). WMASK: bit b set for each
     width b the units hold (`MixedBitLinear.wmask`); only those widths' loops are compiled in.
     out (M, N) = x (M, K) @ W.T (+ bias) for M <= BLOCK_M tokens.
@@ -507,7 +579,8 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
         for b in tl.static_range(2, 9):  # one specialised copy of the segment's loop per width
             if bits == b:
                 y, u = _gemv_width(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, stride_xm, ms, mmask,
-                                   rows, rmask, u, u1, y, b, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK)
+                                   rows, rmask, u, u1, y, b, BLOCK_M, BLOCK_N, TS, GATHER, SCALE_F16, ONE, WMASK,
+                                   INPLACE)
     rows2 = ms[:, None] * 0 + rows[None, :]
     ms2 = ms[:, None] + rows[None, :] * 0
     omask = (ms2 < M) & (rows2 < N)
@@ -744,7 +817,8 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
             M, N, src.stride(0), int(bias is not None), split,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BN, TS=cfg["TS"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
             ONE=cfg["BLOCK_M"] == 1 and cfg.get("ONE", True),
-            SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask), num_warps=cfg["num_warps"],
+            SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask), INPLACE=cfg.get("INPLACE", False),
+            num_warps=cfg["num_warps"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
 

@@ -358,6 +358,10 @@ LONG = (48, 900, [3, 2, 4, 3, 4, 5, 2, 4, 3, 5, 4], None)
 RUNS += [(LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=1, SPLIT=6, GATHER=True)),
          (LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=1, GATHER=False)),
          (LONG, 3, torch.float32, dict(G, BLOCK_M=4, TS=2, SPLIT=5, GATHER=True))]
+# the in-place decode (INPLACE): every width, split-K and direct store, long runs
+RUNS += [(0, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=4, GATHER=True, INPLACE=True)),
+         (0, 1, torch.float16, dict(G, BLOCK_M=1, TS=1, SPLIT=1, GATHER=False, INPLACE=True)),
+         (LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=6, GATHER=True, INPLACE=True))]
 for case, M, dtype, cfg in RUNS:
     R, C, widths, prune = t.CASES[case] if isinstance(case, int) else case
     W, (tensors, info) = t.packed_linear(R, C, widths, prune, torch.float32, seed=11)

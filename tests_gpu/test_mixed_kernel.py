@@ -40,7 +40,7 @@ SHAPES = [  # (out, in, widths, pruning)
 
 FUSED_MANY = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
 GEMV_VARIANTS = [dict(SPLIT=1), dict(SPLIT=4, TS=2), dict(SPLIT=16, BLOCK_N=64), dict(SPLIT=8, GATHER=False),
-                 dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2)]
+                 dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2), dict(SPLIT=16, INPLACE=1), dict(SPLIT=4, INPLACE=2)]
 
 
 def captured(module, static_x: torch.Tensor):
