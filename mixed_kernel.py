@@ -747,8 +747,11 @@ DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 ro
 
 # one token: gemv_kernel, 128 rows x about 1/16 of the columns per program, 2 tiles a step: the
 # fastest whole LLaMA-2-7B layer at 3.0 and 3.5 bits of BLOCK_N 64-256, TS 1-4, SPLIT 4-32, 2-8 warps
-# on an H200 once a part's units share one pipeline (2026-12-01, fourth session; before, 4 tiles and 8 parts)
-GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num_warps=4)
+# on an H200 once a part's units share one pipeline (2026-12-01, fourth session; before, 4 tiles and 8 parts).
+# INPLACE 1: widths 2 and 4 decoded where they sit (`_inplace_dot`): the 7B layer 131.3 -> 124.8 us at
+# 3.5 bits, 120.5 -> 114.9 at 3.0 (bench.gemv_sweep, same run); INPLACE 2 (every width) took 158
+# registers and was slower (149.3 / 137.7 us): bench/results/gemv-sweep-NVIDIA-H200-2026-12-01-inplace.md
+GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num_warps=4, INPLACE=1)
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
