@@ -46,7 +46,8 @@ rows and one part of the kernel columns (`MixedBitLinear.split_units`: about SPL
 width each), runs one software pipeline through all of the part's units (the next step's words and
 x, in the next unit when this one ends, loaded before this step's arithmetic), applies each run's
 grid once per unit, and writes the output itself (one part) or through the same split-K finish;
-only the widths in WMASK are compiled in. H200, one token
+only the widths in WMASK are compiled in; widths 2 and 4 are decoded where they sit (INPLACE,
+`_inplace_dot`: +5% on the 7B layer, gemv-sweep-NVIDIA-H200-2026-12-01-inplace.md). H200, one token
 (bench/results/inference-NVIDIA-H200-2026-12-01-final.md, e0f90a4): a LLaMA-2-7B layer at 3.5
 bits 130 us against fp16 cuBLAS's 133 (1.02x; 0.80x while the pipeline restarted at every unit), a
 70B layer 378 against 443 (1.17x); at 3.0 bits 1.08x and 1.27x. What limits it (Nsight Compute,
@@ -437,6 +438,8 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
     step's words and x (in the next unit when this one ends) are loaded before this step's
     arithmetic, so a unit boundary (a run, or a part of it) costs no exposed load. 2-4 tokens: the
     slot loop of `_gemv_unit`, unit by unit.
+    INPLACE (one token): 1 decodes the one-plane widths (2, 4) in place (`_inplace_dot`, x loaded as
+    the slots of each word's low and high 16 bits), 2 every width; 0 shifts and masks each code.
     A step is (J, PER, BLOCK_N) codes against (J, PER) x, every slot at once. History (H200, 3.5
     bits, 4096x4096): 16.4 us against 23 for the slot loop with the same prefetch, whose per-slot x
     loads sit on the critical path; loading the words in the 3D layout removed 19 of 29 layout
