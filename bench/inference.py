@@ -155,7 +155,8 @@ def candidates(M: int) -> list[dict]:
 
 def cfg_name(c: dict) -> str:
     if c.get("GEMV"):
-        return f"gemv n{c['BLOCK_N']} ts{c['TS']} split{c['SPLIT']} w{c['num_warps']}"
+        ip = f" inplace{int(c['INPLACE'])}" if c.get("INPLACE") else ""
+        return f"gemv n{c['BLOCK_N']} ts{c['TS']} split{c['SPLIT']} w{c['num_warps']}{ip}"
     kind = f"dot{c['BLOCK_M']}" if c["USE_DOT"] else "fma"
     return f"{kind} n{c['BLOCK_N']} k{c['BLOCK_K']} w{c['num_warps']} u{c['unit_k']}{'' if c['GATHER'] else ' pregather'}"
 
