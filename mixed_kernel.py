@@ -415,17 +415,18 @@ def _field_float(v):
 
 
 @triton.jit
-def _inplace_dot(w0, w1, w2, x, m0, sc0, m1, sc1, m2, sc2, P1: tl.constexpr, P2: tl.constexpr):
+def _inplace_dot(w0, w1, w2, x, m0, sh1, m1, sh2, m2, sc0, P1: tl.constexpr, P2: tl.constexpr):
     """sum over slots of code * x for the slots of one 16-bit half of each word, codes decoded in
-    place: a field q at bit p of a word is masked (m) and read as the float q * 2**(p - 23)
-    (`_field_float`), then multiplied by x * 2**(23 + shift - p) (sc), so a weight costs a logic op,
-    a multiply and a multiply-add per plane. (J, BLOCK_N)."""
-    t = _field_float(w0[:, None, :] & m0[None, :, None]) * (x * sc0[None, :])[:, :, None]
+    place: plane 0's field q0 stays at its bit p of the word (mask m0), the narrower planes' bits are
+    shifted left (sh1, sh2) to sit above it (masks m1, m2), the whole code q at bit p is read as the
+    float q * 2**(p - 23) (`_field_float`) and multiplied by x * 2**(23 - p) (sc0): per weight a logic
+    op, a shift and a logic op per further plane, a multiply and a multiply-add. (J, BLOCK_N)."""
+    v = w0[:, None, :] & m0[None, :, None]
     if P1 > 0:
-        t += _field_float(w1[:, None, :] & m1[:, :, None]) * (x * sc1)[:, :, None]
+        v |= (w1[:, None, :] << sh1[:, :, None]) & m1[None, :, None]
     if P2 > 0:
-        t += _field_float(w2[:, None, :] & m2[:, :, None]) * (x * sc2)[:, :, None]
-    return tl.sum(t, axis=1)
+        v |= (w2[:, None, :] << sh2[:, :, None]) & m2[None, :, None]
+    return tl.sum(_field_float(v) * (x * sc0[None, :])[:, :, None], axis=1)
 
 
 @triton.jit
@@ -439,7 +440,8 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
     arithmetic, so a unit boundary (a run, or a part of it) costs no exposed load. 2-4 tokens: the
     slot loop of `_gemv_unit`, unit by unit.
     INPLACE (one token): 1 decodes the one-plane widths (2, 4) in place (`_inplace_dot`, x loaded as
-    the slots of each word's low and high 16 bits), 2 every width; 0 shifts and masks each code.
+    the slots of each word's low and high 16 bits), 2 every width (the narrower planes' bits shifted
+    up beside plane 0's field); 0 shifts and masks each code.
     A step is (J, PER, BLOCK_N) codes against (J, PER) x, every slot at once. History (H200, 3.5
     bits, 4096x4096): 16.4 us against 23 for the slot loop with the same prefetch, whose per-slot x
     loads sit on the critical path; loading the words in the 3D layout removed 19 of 29 layout
@@ -463,12 +465,11 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
         hs = tl.arange(0, 16 // P0)
         m0 = ((1 << P0) - 1) << (hs * P0)
         sc0 = _pow2(23 - hs * P0)
-        p1 = ((hs * (P0 // max(P1, 1)))[None, :] + (w // max(P1, 1))[:, None]) * P1
-        m1 = ((1 << P1) - 1) << p1
-        sc1 = _pow2(23 + S1 - p1)
-        p2 = (hs * P0)[None, :] + w[:, None]
-        m2 = 1 << p2
-        sc2 = _pow2(29 - p2)
+        p1 = ((hs * (P0 // max(P1, 1)))[None, :] + (w // max(P1, 1))[:, None]) * P1  # (J, H) plane 1's bit
+        sh1 = (hs * P0 + S1)[None, :] - p1  # >= 0: moved up to sit above plane 0's field
+        m1 = ((1 << P1) - 1) << (hs * P0 + S1)
+        sh2 = (hs * P0 + 6)[None, :] - ((hs * P0)[None, :] + w[:, None])
+        m2 = 1 << (hs * P0 + 6)
         acc = tl.zeros((J, BLOCK_N), tl.float32)
         xs = tl.zeros((J,), tl.float32)
         t = (a - start) // 32  # block-relative tiles [t, t1) hold the unit
@@ -493,8 +494,8 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
             if IP:
                 n0, n1, n2, nx, nh = _step_load2(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a_n, e_n, W0, nt, start, ta,
                                                  tz, BITS, TS, GATHER)
-                acc += _inplace_dot(w0, w1, w2, xv, m0, sc0, m1, sc1, m2, sc2, P1, P2)
-                acc += _inplace_dot(w0 >> 16, w1 >> 16, w2 >> 16, xh, m0, sc0, m1, sc1, m2, sc2, P1, P2)
+                acc += _inplace_dot(w0, w1, w2, xv, m0, sh1, m1, sh2, m2, sc0, P1, P2)
+                acc += _inplace_dot(w0 >> 16, w1 >> 16, w2 >> 16, xh, m0, sh1, m1, sh2, m2, sc0, P1, P2)
                 xs += tl.sum(xv, axis=1) + tl.sum(xh, axis=1)
                 w0, w1, w2, xv, xh = n0, n1, n2, nx, nh
             else:
@@ -752,8 +753,10 @@ DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 ro
 # fastest whole LLaMA-2-7B layer at 3.0 and 3.5 bits of BLOCK_N 64-256, TS 1-4, SPLIT 4-32, 2-8 warps
 # on an H200 once a part's units share one pipeline (2026-12-01, fourth session; before, 4 tiles and 8 parts).
 # INPLACE 1: widths 2 and 4 decoded where they sit (`_inplace_dot`): the 7B layer 131.3 -> 124.8 us at
-# 3.5 bits, 120.5 -> 114.9 at 3.0 (bench.gemv_sweep, same run); INPLACE 2 (every width) took 158
-# registers and was slower (149.3 / 137.7 us): bench/results/gemv-sweep-NVIDIA-H200-2026-12-01-inplace.md
+# 3.5 bits, 120.5 -> 114.9 at 3.0 (bench.gemv_sweep, same run; bench/results/gemv-sweep-NVIDIA-H200-
+# 2026-12-01-inplace.md). INPLACE 2 (every width) as first written, each plane its own product, took
+# 158 registers and was slower (149.3 / 137.7 us); it now joins the planes in the integer domain
+# (127 registers for widths 2-5, 2,536 instructions against 2,888, offline sm_90): not yet timed.
 GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num_warps=4, INPLACE=1)
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below

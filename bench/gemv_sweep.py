@@ -30,7 +30,7 @@ CFGS = [dict(), dict(SPLIT=16), dict(SPLIT=4), dict(SPLIT=32), dict(BLOCK_N=64, 
         dict(TS=2, SPLIT=16, BLOCK_N=256, num_warps=8), dict(TS=2, SPLIT=32, BLOCK_N=64, num_warps=2),
         dict(TS=1, SPLIT=32, BLOCK_N=64, num_warps=2), dict(TS=2, SPLIT=16, num_warps=8),
         dict(TS=1, SPLIT=16, BLOCK_N=256, num_warps=8),
-        # codes decoded in place (INPLACE 1: the one-plane widths 2 and 4; 2: every width)
+        # codes decoded in place (INPLACE 1: the one-plane widths 2 and 4; 2: every width, its planes joined)
         dict(TS=2, SPLIT=16, INPLACE=1), dict(TS=2, SPLIT=16, INPLACE=2)]
 LAYER = [(4096, 4096, 4), (11008, 4096, 2), (4096, 11008, 1)]  # (out, in, linears of that shape)
 

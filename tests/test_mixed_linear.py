@@ -358,10 +358,18 @@ LONG = (48, 900, [3, 2, 4, 3, 4, 5, 2, 4, 3, 5, 4], None)
 RUNS += [(LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=1, SPLIT=6, GATHER=True)),
          (LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=1, GATHER=False)),
          (LONG, 3, torch.float32, dict(G, BLOCK_M=4, TS=2, SPLIT=5, GATHER=True))]
-# the in-place decode (INPLACE): every width, split-K and direct store, long runs
-RUNS += [(0, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=4, GATHER=True, INPLACE=True)),
-         (0, 1, torch.float16, dict(G, BLOCK_M=1, TS=1, SPLIT=1, GATHER=False, INPLACE=True)),
-         (LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=6, GATHER=True, INPLACE=True))]
+# runs of widths 6, 7 and 8 that fill whole tiles (case 0 stores its narrow 6 and 7-bit runs in
+# tiles of other widths), with and without the in-place decode
+WIDE = (32, 640, [6, 7, 8], None)
+RUNS += [(WIDE, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=5, GATHER=True)),
+         (WIDE, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=5, GATHER=True, INPLACE=2)),
+         (WIDE, 2, torch.float32, dict(G, BLOCK_M=2, TS=1, SPLIT=1, GATHER=True))]
+# the in-place decode (INPLACE 1: widths 2 and 4; 2: every width): split-K and direct store, long runs
+RUNS += [(0, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=4, GATHER=True, INPLACE=1)),
+         (0, 1, torch.float16, dict(G, BLOCK_M=1, TS=1, SPLIT=1, GATHER=False, INPLACE=2)),
+         (0, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=4, GATHER=True, INPLACE=2)),
+         (LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=2, SPLIT=6, GATHER=True, INPLACE=1)),
+         (LONG, 1, torch.float32, dict(G, BLOCK_M=1, TS=1, SPLIT=6, GATHER=True, INPLACE=2))]
 for case, M, dtype, cfg in RUNS:
     R, C, widths, prune = t.CASES[case] if isinstance(case, int) else case
     W, (tensors, info) = t.packed_linear(R, C, widths, prune, torch.float32, seed=11)
@@ -382,6 +390,8 @@ for case, M, dtype, cfg in RUNS:
     BUFFERS[:] = [(b.data_ptr(), b.data_ptr() + b.numel() * b.element_size())
                   for b in (x, xg, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, ws, cnt)]
     assert all((m.wmask >> b) & 1 for _, _, b, _ in m.blocks)  # every stored width's loop compiled in
+    if case is WIDE:
+        assert {6, 7, 8} <= {b for _, _, b, _ in m.blocks}
     out = outputs_allowed(mixed_kernel.gemv, x, m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, bias, R, cfg, xg,
                           m.wmask)
     ref = torch.nn.functional.linear(x.double(), W.double(), bias.double())
