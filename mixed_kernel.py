@@ -415,17 +415,17 @@ def _field_float(v):
 
 
 @triton.jit
-def _inplace_dot(w0, w1, w2, x, m0, sh1, m1, sh2, m2, sc0, P1: tl.constexpr, P2: tl.constexpr):
+def _inplace_dot(w0, w1, w2, x, m0, up1, m1, up2, m2, sc0, P1: tl.constexpr, P2: tl.constexpr):
     """sum over slots of code * x for the slots of one 16-bit half of each word, codes decoded in
     place: plane 0's field q0 stays at its bit p of the word (mask m0), the narrower planes' bits are
-    shifted left (sh1, sh2) to sit above it (masks m1, m2), the whole code q at bit p is read as the
+    shifted left (up1, up2) to sit above it (masks m1, m2), the whole code q at bit p is read as the
     float q * 2**(p - 23) (`_field_float`) and multiplied by x * 2**(23 - p) (sc0): per weight a logic
     op, a shift and a logic op per further plane, a multiply and a multiply-add. (J, BLOCK_N)."""
     v = w0[:, None, :] & m0[None, :, None]
     if P1 > 0:
-        v |= (w1[:, None, :] << sh1[:, :, None]) & m1[None, :, None]
+        v |= (w1[:, None, :] << up1[:, :, None]) & m1[None, :, None]
     if P2 > 0:
-        v |= (w2[:, None, :] << sh2[:, :, None]) & m2[None, :, None]
+        v |= (w2[:, None, :] << up2[:, :, None]) & m2[None, :, None]
     return tl.sum(_field_float(v) * (x * sc0[None, :])[:, :, None], axis=1)
 
 
@@ -460,15 +460,16 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
         J: tl.constexpr = TS * P0
         w = tl.arange(0, J) % P0
         sl = tl.arange(0, PER)
-        # INPLACE: per half-word slot s' the field of plane 0 sits at bit s' * P0, of plane 1 at p1, of
-        # plane 2 at p2 (the high half's the same after a 16-bit shift): masks and x's scales
+        # INPLACE: in each 16-bit half of a word, slot s' of plane 0 sits at bit s' * P0 (mask m0, x
+        # scaled by sc0); the same column's plane-1 bits sit at p1 and move up by up1 to bit
+        # s' * P0 + S1 (mask m1), its plane-2 bit (7 bits) at s' * P0 + w moves up by up2 to s' * P0 + 6
         hs = tl.arange(0, 16 // P0)
         m0 = ((1 << P0) - 1) << (hs * P0)
         sc0 = _pow2(23 - hs * P0)
-        p1 = ((hs * (P0 // max(P1, 1)))[None, :] + (w // max(P1, 1))[:, None]) * P1  # (J, H) plane 1's bit
-        sh1 = (hs * P0 + S1)[None, :] - p1  # >= 0: moved up to sit above plane 0's field
+        p1 = ((hs * (P0 // max(P1, 1)))[None, :] + (w // max(P1, 1))[:, None]) * P1  # (J, H)
+        up1 = (hs * P0 + S1)[None, :] - p1  # >= 0
         m1 = ((1 << P1) - 1) << (hs * P0 + S1)
-        sh2 = (hs * P0 + 6)[None, :] - ((hs * P0)[None, :] + w[:, None])
+        up2 = 6 - w[:, None] + hs[None, :] * 0  # (J, H), >= 3
         m2 = 1 << (hs * P0 + 6)
         acc = tl.zeros((J, BLOCK_N), tl.float32)
         xs = tl.zeros((J,), tl.float32)
@@ -494,8 +495,8 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
             if IP:
                 n0, n1, n2, nx, nh = _step_load2(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a_n, e_n, W0, nt, start, ta,
                                                  tz, BITS, TS, GATHER)
-                acc += _inplace_dot(w0, w1, w2, xv, m0, sh1, m1, sh2, m2, sc0, P1, P2)
-                acc += _inplace_dot(w0 >> 16, w1 >> 16, w2 >> 16, xh, m0, sh1, m1, sh2, m2, sc0, P1, P2)
+                acc += _inplace_dot(w0, w1, w2, xv, m0, up1, m1, up2, m2, sc0, P1, P2)
+                acc += _inplace_dot(w0 >> 16, w1 >> 16, w2 >> 16, xh, m0, up1, m1, up2, m2, sc0, P1, P2)
                 xs += tl.sum(xv, axis=1) + tl.sum(xh, axis=1)
                 w0, w1, w2, xv, xh = n0, n1, n2, nx, nh
             else:
