@@ -460,23 +460,23 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
         J: tl.constexpr = TS * P0
         w = tl.arange(0, J) % P0
         sl = tl.arange(0, PER)
-        # INPLACE: in each 16-bit half of a word, slot s' of plane 0 sits at bit s' * P0 (mask m0, x
-        # scaled by sc0); the same column's plane-1 bits sit at p1 and move up by up1 to bit
-        # s' * P0 + S1 (mask m1), its plane-2 bit (7 bits) at s' * P0 + w moves up by up2 to s' * P0 + 6
-        hs = tl.arange(0, 16 // P0)
-        m0 = ((1 << P0) - 1) << (hs * P0)
-        sc0 = _pow2(23 - hs * P0)
-        p1 = ((hs * (P0 // max(P1, 1)))[None, :] + (w // max(P1, 1))[:, None]) * P1  # (J, H)
-        up1 = (hs * P0 + S1)[None, :] - p1  # >= 0
-        m1 = ((1 << P1) - 1) << (hs * P0 + S1)
-        up2 = 6 - w[:, None] + hs[None, :] * 0  # (J, H), >= 3
-        m2 = 1 << (hs * P0 + 6)
         acc = tl.zeros((J, BLOCK_N), tl.float32)
         xs = tl.zeros((J,), tl.float32)
         t = (a - start) // 32  # block-relative tiles [t, t1) hold the unit
         t1 = (e - start + 31) // 32
         IP: tl.constexpr = INPLACE and (P1 == 0 or INPLACE == 2)  # 1: one-plane widths only; 2: every width
         if IP:
+            # INPLACE: in each 16-bit half of a word, slot s' of plane 0 sits at bit s' * P0 (mask m0, x
+            # scaled by sc0); the same column's plane-1 bits sit at p1 and move up by up1 to bit
+            # s' * P0 + S1 (mask m1), its plane-2 bit (7 bits) at s' * P0 + w moves up by up2 to s' * P0 + 6
+            hs = tl.arange(0, 16 // P0)
+            m0 = ((1 << P0) - 1) << (hs * P0)
+            sc0 = _pow2(23 - hs * P0)
+            p1 = ((hs * (P0 // max(P1, 1)))[None, :] + (w // max(P1, 1))[:, None]) * P1  # (J, H)
+            up1 = (hs * P0 + S1)[None, :] - p1  # >= 0
+            m1 = ((1 << P1) - 1) << (hs * P0 + S1)
+            up2 = 6 - w[:, None] + hs[None, :] * 0  # (J, H), >= 3
+            m2 = 1 << (hs * P0 + 6)
             w0, w1, w2, xv, xh = _step_load2(x_ptr, kcol_ptr, qw_ptr, N, rows, rmask, a, e, W0, nt, start, t, t1, BITS,
                                              TS, GATHER)
         else:
