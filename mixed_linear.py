@@ -67,6 +67,12 @@ def _from_bit_stream(words: torch.Tensor, b: int, n: int) -> torch.Tensor:
     return (bits.reshape(n, b) << torch.arange(b, device=words.device)).sum(1).to(torch.int32)
 
 
+def width_mask(widths) -> int:
+    """Bits lo..hi set for the narrowest and widest of `widths` (gemv_kernel's WMASK)."""
+    ws = list(widths)
+    return sum(1 << b for b in range(min(ws), max(ws) + 1))
+
+
 class MixedBitLinear(torch.nn.Module):
     """y = x Wᵀ (+ bias) with W held as bit-packed mixed-width codes (see mixed_kernel.py)."""
 
@@ -314,8 +320,7 @@ class MixedBitLinear(torch.nn.Module):
         compiles only those widths' loops (fewer registers: on an H200 at one token, 11008x4096 at
         3.5 bits took 31.8 us against 37.8 with all seven). A range, not the exact set, so that a
         model's linears share a few binaries (each new one compiles for seconds)."""
-        ws = [b for _, _, b, _ in self.blocks]
-        return sum(1 << b for b in range(min(ws), max(ws) + 1))
+        return width_mask(b for _, _, b, _ in self.blocks)
 
     def widths(self) -> dict[int, int]:
         """{width: input channels}."""

@@ -50,7 +50,7 @@ import mixed_kernel
 import packing
 from datautils import get_eval_tokens
 from layerwise import perplexity
-from mixed_linear import MixedBitLinear
+from mixed_linear import MixedBitLinear, width_mask
 from model_io import ARCHS, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -493,8 +493,7 @@ def main() -> None:
         fused = [M for M in args.tokens if not mixed_kernel.pick_config(M, 1024, 1024, torch.float16).get("DENSE")]
         configs = [(c, torch.float16) for M in fused for c in candidates(M)]
         # gemv_kernel compiles per width range (MixedBitLinear.wmask): the synthetic linears' ranges
-        masks = {sum(1 << b for b in range(min(WIDTHS[SETTINGS[s][0]]), max(WIDTHS[SETTINGS[s][0]]) + 1))
-                 for s in args.settings}
+        masks = {width_mask(WIDTHS[SETTINGS[s][0]]) for s in args.settings}
         configs += [(dict(c, WMASK=m), d) for c, d in configs if c.get("GEMV") for m in masks]
         configs += [(mixed_kernel.pick_config(M, 1024, 1024, d), d) for M in set(args.tokens) | set(TOKENS) | {32}
                     for d in (torch.float16, torch.bfloat16, torch.float32)]
