@@ -184,11 +184,22 @@ def order_groups(groups: list[torch.Tensor], diag: torch.Tensor) -> list[torch.T
 
 
 # ---------------------------------------------------------------- bit allocation
+def run_sizes(size: int, groupsize: int = -1) -> list[int]:
+    """The runs (one grid per row each) a group of `size` columns is cut into: runs of
+    `groupsize` columns and the rest last, as the solver cuts it; one run without a groupsize."""
+    if groupsize <= 0 or size <= groupsize:
+        return [size]
+    return [min(groupsize, size - c) for c in range(0, size, groupsize)]
+
+
 def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor], candidates: list[int],
                    sparsity: float = 0.0, sym: bool = False, row_splits: list[int] | None = None,
-                   on_device: bool = False, mse: bool = False, max_bytes: int = 2 ** 27) -> torch.Tensor:
+                   on_device: bool = False, mse: bool = False, max_bytes: int = 2 ** 27,
+                   groupsize: int = -1) -> torch.Tensor:
     """err[g, b] = tr(E H_gg E^T), E the round-to-nearest error of W[:, g] (per-row grid) at
-    width candidates[b]. With sparsity, the lowest w^2 H_jj of each row are pruned first, so
+    width candidates[b]. groupsize > 0: a group longer than that is cut into runs of groupsize
+    columns in the solver's order (descending H_jj), each with its own grid, as the solver
+    will cut it. With sparsity, the lowest w^2 H_jj of each row are pruned first, so
     only the kept weights count (the pruning error does not depend on the width).
     row_splits: W stacks several linears sharing H (rows per linear); then one err per
     linear comes back, (n, G, B), from a single pass. on_device: leave the result on W's device
@@ -206,6 +217,8 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
     splits = row_splits or [R]
     rows = max(1, max_bytes // (4 * C))
     dH = torch.diag(H)
+    if groupsize > 0:  # the solver's order inside a group, where its runs are cut
+        groups = [g[torch.argsort(dH[g], descending=True)] if g.numel() > groupsize else g for g in groups]
     Hgs = [H[g][:, g] for g in groups]  # (s, s) each
     maxq = (2.0 ** torch.tensor(candidates, device=W.device, dtype=torch.float32))[:, None] - 1  # (B, 1)
     per_row = torch.empty(len(groups), len(candidates), R, dtype=torch.float64, device=W.device)
@@ -219,10 +232,14 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
         for gi, (g, Hg) in enumerate(zip(groups, Hgs)):
             Wg = Wc[:, g]  # (r, s)
             kept = Wg != 0
-            scale, zero = fit_grid(Wg, maxq, sym, mse)  # every candidate width at once: (B, r) grids
-            Q = quantize(Wg[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
-            E = (Wg[None] - Q) * kept[None]
-            del Q
+            E = torch.empty(len(candidates), *Wg.shape, dtype=Wg.dtype, device=Wg.device)
+            c = 0
+            for n in run_sizes(Wg.shape[1], groupsize):
+                Wr = Wg[:, c:c + n]
+                scale, zero = fit_grid(Wr, maxq, sym, mse)  # every candidate width at once: (B, r) grids
+                E[:, :, c:c + n] = Wr[None] - quantize(Wr[None], scale[:, :, None], zero[:, :, None], maxq[:, :, None])
+                c += n
+            E *= kept[None]
             per_row[gi, :, r0:r0 + rows] = ((E @ Hg) * E).sum(dim=2).double()  # (B, r)
     err = torch.zeros(len(splits), len(groups), len(candidates), dtype=torch.float64, device=W.device)
     for gi in range(len(groups)):
@@ -315,31 +332,36 @@ def allocate(err: torch.Tensor | np.ndarray, costs: np.ndarray, budget: int, low
 
 
 def allocate_stored(err: torch.Tensor | np.ndarray, sizes: list[int], candidates: list[int], target: float,
-                    rows: int, pruned: list[int] | None = None, nm: tuple[int, int] = (0, 0)
-                    ) -> tuple[list[int], float] | None:
+                    rows: int, pruned: list[int] | None = None, nm: tuple[int, int] = (0, 0),
+                    groupsize: int = -1) -> tuple[list[int], float] | None:
     """Widths per group minimising sum err[g, width] such that everything the packed file holds
     for this linear (rows x sum(sizes) weights) averages at most `target` bits per weight:
-    codes, fp16 scales and zero points per (row, group), the permutation, and the sparsity
-    encoding (packing.py's layout). pruned[g]: weights pruned per row in group g, exact where
-    the solver prunes an exact count per row and block; with it, the codes of pruned weights
-    are dropped behind a 1-bit mask when that is cheaper, as the packed file does. nm: N:M
-    sparsity (its index is stored; kept codes per group are taken as their expected count).
-    Returns (widths, summed error), or None where no choice fits."""
+    codes, fp16 scales and zero points per (row, run), the permutation, and the sparsity
+    encoding (packing.py's layout). A group is one run, or with groupsize > 0 the runs
+    run_sizes cuts it into. pruned[r]: weights pruned per row in run r (all groups' runs in
+    order), exact where the solver prunes an exact count per row and block; with it, the codes
+    of pruned weights are dropped behind a 1-bit mask when that is cheaper, as the packed file
+    does. nm: N:M sparsity (its index is stored; kept codes per run are taken as their
+    expected count). Returns (widths, summed error), or None where no choice fits."""
     import packing
     C = sum(sizes)
     total = int(np.floor(target * rows * C + 1e-6))
+    runs = [run_sizes(s, groupsize) for s in sizes]
+    n_runs = sum(len(r) for r in runs)
     layouts = []
     if nm[1]:
-        layouts.append(("nm", [round(s * (nm[1] - nm[0]) / nm[1]) for s in sizes]))
+        layouts.append(("nm", [[round(n * (nm[1] - nm[0]) / nm[1]) for n in r] for r in runs]))
     else:
-        layouts.append(("dense", list(sizes)))
+        layouts.append(("dense", runs))
         if pruned and any(pruned):
-            layouts.append(("bitmask", [s - p for s, p in zip(sizes, pruned)]))
+            left = iter(pruned)
+            layouts.append(("bitmask", [[n - next(left) for n in r] for r in runs]))
     err = np.asarray(err, dtype=np.float64)
     best = None
     for mode, kept in layouts:
-        budget = (total - packing.fixed_bits(rows, C, mode, nm, len(sizes))) // rows  # bits per row
-        costs = np.array([[packing.run_row_bits(k, b) for b in candidates] for k in kept], dtype=np.int64)
+        budget = (total - packing.fixed_bits(rows, C, mode, nm, n_runs)) // rows  # bits per row
+        costs = np.array([[sum(packing.run_row_bits(k, b) for k in ks) for b in candidates] for ks in kept],
+                         dtype=np.int64)
         picks = allocate(err, costs, int(budget))
         if picks is None:
             continue

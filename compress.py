@@ -79,6 +79,16 @@ class Plan:
     mi_stats: dict | None
     mi: torch.Tensor | None
     seconds: float
+    groupsize: int = -1  # MI mode: a group longer than this is cut into runs of it, each with its own grid
+
+
+def solve_options(cfg: CompressConfig, plan: Plan) -> dict:
+    """LinearSolver.solve_steps' keyword arguments for this plan: the configuration's, with the
+    plan's runs inside groups in MI mode."""
+    options = cfg.solver_options()
+    if cfg.mixed:
+        options["groupsize"] = plan.groupsize
+    return options
 
 
 @dataclass
@@ -146,12 +156,50 @@ def gather_set_statistics(team: Team, sets: list[tuple[str, ...]], cfg: Compress
 AUTO_GROUPS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # what --n_groups auto tries (up to --n_groups_max)
 
 
+TRIAL_ROWS = 512  # rows per linear that a trial solve of --auto_select solve works on
+
+
 def candidate_ks(cfg: CompressConfig, columns: int) -> list[int]:
     """The numbers of clusters to try: --n_groups, or for auto every AUTO_GROUPS value up to
     --n_groups_max (and the number of channels)."""
     if not cfg.auto_groups:
         return [min(cfg.n_groups, columns)]
     return sorted({min(k, columns) for k in AUTO_GROUPS if k <= cfg.n_groups_max})
+
+
+def candidate_groupsizes(cfg: CompressConfig) -> list[int]:
+    """Runs inside clusters to try: whole clusters (-1), and with auto and a stored budget also
+    clusters cut into runs of --auto_groupsize columns (more grids, paid from the same budget)."""
+    if cfg.auto_groups and cfg.bits_budget == "stored" and cfg.auto_groupsize > 0:
+        return [-1, cfg.auto_groupsize]
+    return [-1]
+
+
+def shortlist(options: list[tuple]) -> list[int]:
+    """The options (proxy error, k, groupsize, ...) worth a trial solve: for each groupsize, the
+    number of clusters of least proxy error and its neighbours in k, and the fewest clusters
+    (one cluster cut into runs: uniform act-order GPTQ at the width the budget allows).
+    Measured on Qwen2.5-0.5B and SmolLM2 layers, the proxy (round-to-nearest error, no
+    compensation) ranks neighbouring k about right but misjudges runs against clusters."""
+    picked = set()
+    for G in sorted({o[2] for o in options}):
+        idx = sorted((i for i, o in enumerate(options) if o[2] == G), key=lambda i: options[i][1])
+        best = min(range(len(idx)), key=lambda j: options[idx[j]][0])
+        picked.update(idx[max(0, best - 1):best + 2])
+        if G > 0:
+            picked.add(idx[0])
+    return sorted(picked)
+
+
+def trial_loss(cfg: CompressConfig, solver, weights: list, groups: list, bits: list, groupsize: int, dev,
+               rows: list[torch.Tensor]) -> float:
+    """The solver's calibration loss (sum over rows of tr(E H E^T) / 2 after compensation) for
+    this plan, from a solve of the given rows of each linear on a copy of H, scaled to all rows."""
+    twin = solver.copy_to(dev)
+    options = dict(cfg.solver_options(), groupsize=groupsize)
+    res = twin.solve([W[r.to(W.device)] for W, r in zip(weights, rows)], groups, bits, **options)
+    twin.free()
+    return sum(x.loss * W.shape[0] / len(r) for x, W, r in zip(res, weights, rows))
 
 
 def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample, dev,
@@ -162,7 +210,7 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
     the clustering runs on the first, the allocation errors are split by rows over all.
     keep_mi: return a CPU copy of the MI matrix (for --plot)."""
     from channel_grouping import (AFFINITY_METHODS, group_channels, groups_for_ks, order_groups,
-                                  pruned_per_group)
+                                  pruned_per_group, run_sizes)
     from mutual_info import abs_correlation, estimate_mi, mi_summary
     devs = device_list(dev)
     dev = devs[0]
@@ -195,26 +243,40 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
             by_k = {ks[0]: group_channels(cfg.grouping, ks[0], diag=diag, seed=cfg.seed, columns=columns)}
         del dependence
     candidates = list(range(cfg.min_bits, cfg.max_bits + 1))
-    best = None
+    options = []  # (proxy error, k, groupsize, groups, widths) of every plan that fits the budget
     with timer("allocation"):
-        for k, groups in by_k.items():
-            groups = order_groups(groups, diag)
-            sizes = [int(g.numel()) for g in groups]
-            errs = _cluster_errors(cfg, H, weights, groups, candidates, devs)
-            pruned = pruned_per_group(sizes, cfg.sparsity) if cfg.sparsity and cfg.mask_scope == "row" else None
-            choice = _allocate(cfg, errs, sizes, candidates, [W.shape[0] for W in weights], pruned)
-            if choice is not None and (best is None or choice[1] < best[2]):
-                best = (groups, choice[0], choice[1])
-        if best is None:  # no number of clusters fits a stored budget: the cheapest widths, with a warning
+        for G in candidate_groupsizes(cfg):
+            for k, groups in by_k.items():
+                groups = order_groups(groups, diag)
+                sizes = [int(g.numel()) for g in groups]
+                if G > 0 and max(sizes) <= G:
+                    continue  # no cluster is cut: the plan without runs
+                errs = _cluster_errors(cfg, H, weights, groups, candidates, devs, G)
+                runs = [n for size in sizes for n in run_sizes(size, G)]
+                pruned = pruned_per_group(runs, cfg.sparsity) if cfg.sparsity and cfg.mask_scope == "row" else None
+                choice = _allocate(cfg, errs, sizes, candidates, [W.shape[0] for W in weights], pruned, G)
+                if choice is not None:
+                    options.append((choice[1], k, G, groups, choice[0]))
+        if not options:  # no number of clusters fits a stored budget: the cheapest widths, with a warning
             groups = order_groups(by_k[min(by_k)], diag)
-            best = (groups, [[cfg.min_bits] * len(groups) for _ in weights], float("inf"))
+            options.append((float("inf"), min(by_k), -1, groups, [[cfg.min_bits] * len(groups) for _ in weights]))
+    pick = min(range(len(options)), key=lambda i: options[i][0])
+    if cfg.auto_groups and cfg.auto_select == "solve" and len(options) > 1:
+        with timer("trial solves"):
+            gen = torch.Generator().manual_seed(cfg.seed)
+            rows = [torch.sort(torch.randperm(W.shape[0], generator=gen)[:TRIAL_ROWS]).values for W in weights]
+            losses = {i: trial_loss(cfg, solver, weights, options[i][3], options[i][4], options[i][2], dev, rows)
+                      for i in shortlist(options)}
+            pick = min(losses, key=losses.get)
+    _, _, G, groups, bits = options[pick]
     for d in devs:
         if d.type == "cuda":
             torch.cuda.synchronize(d)
-    return Plan(best[0], best[1], stats, kept, time.perf_counter() - tick)
+    return Plan(groups, bits, stats, kept, time.perf_counter() - tick, G)
 
 
-def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candidates: list[int], devs: list):
+def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candidates: list[int], devs: list,
+                    groupsize: int = -1):
     """err[linear, group, width] (see channel_grouping.cluster_errors): one pass over the
     stacked linears that share H, their rows split over the devices where there are enough
     (parallel.split_parts). The proxy uses min-max
@@ -231,12 +293,13 @@ def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candida
         gd = groups if d == dev else [g.to(d) for g in groups]
         return cluster_errors(torch.cat([W[rows].to(d) for W, rows in zip(weights, share)], 0), Hd, gd,
                               candidates, cfg.target_sparsity, cfg.sym,
-                              row_splits=[r.stop - r.start for r in share], on_device=True)
+                              row_splits=[r.stop - r.start for r in share], on_device=True, groupsize=groupsize)
     parts = interleave([launched(errors, d, share) for d, share in zip(used, shares)], used)
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
 
 
-def _allocate(cfg: CompressConfig, errs, sizes: list[int], candidates: list[int], rows: list[int], pruned):
+def _allocate(cfg: CompressConfig, errs, sizes: list[int], candidates: list[int], rows: list[int], pruned,
+              groupsize: int = -1):
     """(widths per linear, summed error) within the budget, or None where a stored budget
     cannot be met with these groups."""
     from channel_grouping import allocate_bits, allocate_stored
@@ -245,7 +308,8 @@ def _allocate(cfg: CompressConfig, errs, sizes: list[int], candidates: list[int]
         return bits, sum(float(err[g, candidates.index(b)]) for err, bb in zip(errs, bits) for g, b in enumerate(bb))
     out, total = [], 0.0
     for err, r in zip(errs, rows):
-        choice = allocate_stored(err, sizes, candidates, cfg.target_avg_bits, r, pruned, (cfg.prunen, cfg.prunem))
+        choice = allocate_stored(err, sizes, candidates, cfg.target_avg_bits, r, pruned, (cfg.prunen, cfg.prunem),
+                                 groupsize)
         if choice is None:
             return None
         out.append(choice[0])
@@ -266,7 +330,7 @@ def solve_set(cfg: CompressConfig, solver, weights: list, plan: Plan, devs: list
         shares_rows = row_shares(rows, 1 if coupled else split_parts(sum(rows), len(devs)))
         used = devs[:len(shares_rows)]
         twins = [solver] + [solver.copy_to(d) for d in used[1:]]  # before any solve consumes H
-        options = cfg.solver_options()
+        options = solve_options(cfg, plan)
         if len(used) == 1:
             results = solver.solve(weights, plan.groups, plan.bits, **options)
         else:  # the devices' column blocks queued in turn
@@ -295,7 +359,7 @@ def write_back(team: Team, index: int, names: tuple[str, ...], results: list, pl
         for replica in team.layers[1:]:
             other = get_module(replica, name).weight
             other.data = lin.weight.data.to(other.device)
-        eff = res.avg_bits + group_overhead_bits(b, sizes, cfg.solver_groupsize) if res.avg_bits < 16 else 16.0
+        eff = res.avg_bits + group_overhead_bits(b, sizes, solve_options(cfg, plan)["groupsize"]) if res.avg_bits < 16 else 16.0
         if cfg.mixed:
             eff += math.ceil(math.log2(max(columns, 2))) / lin.out_features  # the stored permutation
         qparams = None if res.avg_bits >= 16 else {"perm": res.perm, "runs": res.runs, "scale": res.scale,
@@ -417,12 +481,12 @@ def assign_sets(costs: list[float], parts: int) -> list[int]:
     return where
 
 
-def _device_solves(items: list, options: dict):
+def _device_solves(items: list, cfg: CompressConfig):
     """One device's solves one after another, as one generator (parallel.interleave steps
     several devices' in turn): items are (solver, weights, plan); returns their results."""
     results = []
     for solver, weights, plan in items:
-        results.append((yield from solver.solve_steps(weights, plan.groups, plan.bits, **options)))
+        results.append((yield from solver.solve_steps(weights, plan.groups, plan.bits, **solve_options(cfg, plan))))
         solver.free()
     return results
 
@@ -461,7 +525,7 @@ def compress_sets_at_once(team: Team, index: int, spec: ArchSpec, cfg: CompressC
         order[where[j]].append(j)
     used = [k for k in range(len(team.devs)) if per_dev[k]]
     with timer("solve"):
-        done = interleave([_device_solves(per_dev[k], cfg.solver_options()) for k in used],
+        done = interleave([_device_solves(per_dev[k], cfg) for k in used],
                           [team.devs[k] for k in used])
     results: list = [None] * len(sets)
     for k, res in zip(used, done):

@@ -36,6 +36,8 @@ class CompressConfig:
     n_groups_max: int = 32        # the most clusters --n_groups auto (n_groups 0) considers
     clip: str = "mse"             # grid range: "mse" (clipping search), or "minmax"
     true_sequential: bool = True  # each linear set's Hessian after the earlier sets are compressed
+    auto_groupsize: int = 128     # --n_groups auto with a stored budget also tries clusters cut into runs of this (0: not)
+    auto_select: str = "solve"    # --n_groups auto picks by the solver's loss on trial solves ("solve") or the proxy
 
     @property
     def mixed(self) -> bool:

@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "error within the budget, up to --n_groups_max (default: 10 with --bits_budget weight, "
                         "auto with stored)")
     p.add_argument("--n_groups_max", type=int, default=32, help="MI mode: the most clusters --n_groups auto tries")
+    p.add_argument("--auto_groupsize", type=int, default=128,
+                   help="MI mode, --n_groups auto with --bits_budget stored: also try each number of clusters with "
+                        "clusters longer than this cut into runs of this many columns, each with its own scale and "
+                        "zero point, paid from the same budget (0: whole clusters only)")
+    p.add_argument("--auto_select", default="solve", choices=["solve", "proxy"],
+                   help="MI mode, --n_groups auto: choose among the plans by the solver's calibration loss on trial "
+                        "solves of up to 512 rows per linear (solve: the proxy's best plans and their neighbours, "
+                        "a few solves more per linear set), or by the allocation's round-to-nearest error (proxy)")
     p.add_argument("--min_bits", type=int, default=2, help="MI mode: smallest width a cluster may get")
     p.add_argument("--max_bits", type=int, default=8, help="MI mode: largest width a cluster may get")
     p.add_argument("--percdamp", type=float, default=0.01, help="Hessian damping, fraction of its mean diagonal")
@@ -179,6 +187,8 @@ def validate(args) -> None:
         raise UsageError(f"--n_groups must be 'auto' or at least 1, got {args.n_groups}")
     if args.n_groups_max < 1:
         raise UsageError(f"--n_groups_max must be at least 1, got {args.n_groups_max}")
+    if args.auto_groupsize < 0:
+        raise UsageError(f"--auto_groupsize must be 0 (off) or positive, got {args.auto_groupsize}")
     if args.nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {args.nsamples}")
     if args.seqlen < 2:

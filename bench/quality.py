@@ -96,9 +96,18 @@ def _rows() -> dict[str, dict]:
                                                   true_sequential=False)
     rows["gptq_w3_g128_ao_one_pass_mse"] = dict(U, **MSE, wbits=3, groupsize=128, act_order=True,
                                                 true_sequential=False)
-    # every row names its grid: the rows without MSE were measured with min-max grids (the default
-    # until --clip mse became it), and must not follow a later change of the default
-    return {name: {"clip": "minmax", **row} for name, row in rows.items()}
+    # --n_groups auto choosing by trial solves among whole clusters and clusters cut into runs of
+    # 128 columns (the default since 2026-12-01); the rows above keep the proxy's choice among
+    # whole clusters they were measured with
+    T = dict(auto_select="solve", auto_groupsize=128)
+    for t in (2.5, 3.16, 3.5, 4.0):
+        rows[f"stored{t}_mi_hessian_trials"] = dict(S, **T, target_avg_bits=t)
+    rows["stored3.16_hessian_sim_trials"] = dict(S, **T, target_avg_bits=3.16, grouping="hessian_sim")
+    rows["sparse50_stored4.0_mi_trials"] = dict(S, **T, sparsity=0.5, target_avg_bits=4.0, grouping="mi")
+    # every row names its grid and its choice of clusters: the rows without MSE were measured with
+    # min-max grids (the default until --clip mse became it), the auto rows without trials by the
+    # proxy alone, and must not follow a later change of the defaults
+    return {name: {"clip": "minmax", "auto_select": "proxy", "auto_groupsize": 0, **row} for name, row in rows.items()}
 
 
 ROWS = _rows()
@@ -111,6 +120,8 @@ SETS = {  # the rows of issue-sized studies, in the order they are run (most nee
                       "stored3.16_mi_hessian_minmax", "stored3.16_hessian", "stored3.16_contiguous",
                       "stored3.16_mi_hessian_k10"],
     "second_model": ["fp16", "gptq_w3_g128_ao_mse", "stored3.16_mi_hessian", "gptq_w3_g128_ao"],
+    "trials": ["fp16", "gptq_w3_g128_ao", "gptq_w3_g128_ao_mse", "stored3.16_mi_hessian_trials", "stored3.16_mi_hessian",
+               "stored2.5_mi_hessian_trials", "sparse50_stored4.0_mi_trials", "stored3.16_hessian_sim_trials"],
     "one_pass": ["stored3.16_mi_hessian", "stored3.16_mi_hessian_one_pass", "sparse50_stored4.0_mi",
                  "sparse50_stored4.0_mi_one_pass", "gptq_w3_g128_ao_mse", "gptq_w3_g128_ao_one_pass_mse"],
 }

@@ -22,6 +22,11 @@ CASES = {
     "mi_stored_k4_mse": dict(wbits=4, target_avg_bits=3.6, bits_budget="stored", n_groups=4, clip="mse"),
     "sparse50_mi_stored": dict(wbits=4, sparsity=0.5, target_avg_bits=3.0, bits_budget="stored", n_groups=0),
     "nm24_mi_stored": dict(wbits=4, prunen=2, prunem=4, target_avg_bits=3.0, bits_budget="stored", n_groups=4),
+    # clusters cut into runs of 16 columns compete with whole clusters (the tiny model has 64 columns)
+    "mi_stored_auto_runs": dict(wbits=4, target_avg_bits=4.5, bits_budget="stored", n_groups=0, n_groups_max=2,
+                                auto_groupsize=16),
+    "sparse50_mi_stored_runs": dict(wbits=4, sparsity=0.5, target_avg_bits=3.6, bits_budget="stored", n_groups=0,
+                                    n_groups_max=2, auto_groupsize=16),
     "mi_weight_k4": dict(wbits=4, target_avg_bits=3.0, n_groups=4),
     "gptq_w3_g32_actorder_mse": dict(use_mi_grouping=False, wbits=3, groupsize=32, act_order=True, clip="mse"),
     "rtn_w4_g32": dict(use_mi_grouping=False, wbits=4, groupsize=32, rtn=True),
@@ -69,35 +74,66 @@ def test_auto_groups_spends_the_stored_budget_better_than_fixed_groups(packed):
     assert all(3.2 < r.stored_bits <= 3.5 + 1e-9 for r in auto.values())
 
 
+def test_runs_inside_clusters_are_chosen_and_counted(packed):
+    """With --auto_groupsize, some linear set picks clusters cut into runs (more runs than
+    clusters, none longer than 16 columns), and the file holds exactly what its report counts
+    (test_report_counts_what_the_file_holds runs on these cases too)."""
+    cut = 0
+    for case in ("mi_stored_auto_runs", "sparse50_mi_stored_runs"):
+        for rep in packed[case][0].values():
+            runs = rep.qparams["runs"]
+            assert sorted(int(r[0]) for r in runs) == [int(r[0]) for r in runs]
+            if len(runs) > len(rep.groups):
+                cut += 1
+                assert max(int(e) - int(s) for s, e, _ in runs) <= 16
+                # every run lies inside one group and takes its width
+                c, spans = 0, []
+                for g in rep.groups:
+                    spans.append((c, c + len(g["channels"]), g["bits"]))
+                    c += len(g["channels"])
+                for s, e, b in runs:
+                    assert any(gs <= s and e <= ge and b == gb for gs, ge, gb in spans)
+    assert cut > 0, "no linear chose runs inside its clusters"
+
+
 # ---------------------------------------------------------------- allocation
-def exact_bytes(rows: int, sizes: list[int], widths: list[int], pruned: list[int] | None) -> int:
-    """Bytes the packed file holds for a linear with these groups (permuted), dense or with a
-    mask for the pruned weights, whichever packing picks."""
+def exact_bytes(rows: int, sizes: list[int], widths: list[int], pruned: list[int] | None,
+                groupsize: int = -1) -> int:
+    """Bytes the packed file holds for a linear with these groups (permuted), each cut into
+    runs of groupsize columns (the rest last), dense or with a mask for the pruned weights
+    (pruned: per run), whichever packing picks."""
     C = sum(sizes)
     runs, c = [], 0
     for s, b in zip(sizes, widths):
-        runs.append((c, c + s, b))
+        for start in range(c, c + s, groupsize if groupsize > 0 else s):
+            runs.append((start, min(start + groupsize, c + s) if groupsize > 0 else c + s, b))
         c += s
-    dense = packing.linear_nbytes(rows, C, runs, [rows * s for s in sizes], "dense", (0, 0), True)["total"]
-    if not pruned or sum(p * b for p, b in zip(pruned, widths)) * rows <= rows * C:
+    dense = packing.linear_nbytes(rows, C, runs, [rows * (e - s) for s, e, _ in runs], "dense", (0, 0), True)["total"]
+    if not pruned or sum(p * b for p, (_, _, b) in zip(pruned, runs)) * rows <= rows * C:
         return dense
-    kept = [rows * (s - p) for s, p in zip(sizes, pruned)]
+    kept = [rows * (e - s - p) for (s, e, _), p in zip(runs, pruned)]
     return packing.linear_nbytes(rows, C, runs, kept, "bitmask", (0, 0), True)["total"]
 
 
-@pytest.mark.parametrize("seed,sparsity", [(0, 0.0), (1, 0.0), (2, 0.5), (3, 0.5), (4, 0.3)])
-def test_stored_allocation_is_the_best_that_fits(seed, sparsity):
+@pytest.mark.parametrize("seed,sparsity,groupsize", [(0, 0.0, -1), (1, 0.0, -1), (2, 0.5, -1), (3, 0.5, -1),
+                                                     (4, 0.3, -1), (5, 0.0, 8), (6, 0.5, 8), (7, 0.3, 12)])
+def test_stored_allocation_is_the_best_that_fits(seed, sparsity, groupsize):
+    from channel_grouping import run_sizes
     rng = np.random.default_rng(seed)
     sizes = [int(x) for x in rng.integers(5, 40, 4)]
     rows, target, candidates = 24, 3.7, [2, 3, 4, 5, 6]
+    if groupsize > 0:
+        target = 5.0  # the grids of more runs
     err = np.sort(rng.random((4, len(candidates))) * 10, axis=1)[:, ::-1]  # wider: less error
-    pruned = pruned_per_group(sizes, sparsity) if sparsity else None
-    widths, total = allocate_stored(err, sizes, candidates, target, rows, pruned)
+    runs = [n for s in sizes for n in run_sizes(s, groupsize)]
+    assert len(runs) > 4 or groupsize < 0
+    pruned = pruned_per_group(runs, sparsity) if sparsity else None
+    widths, total = allocate_stored(err, sizes, candidates, target, rows, pruned, groupsize=groupsize)
     budget = target * rows * sum(sizes)
-    assert 8 * exact_bytes(rows, sizes, widths, pruned) <= budget
+    assert 8 * exact_bytes(rows, sizes, widths, pruned, groupsize) <= budget
     feasible = [(sum(err[g, candidates.index(b)] for g, b in enumerate(ws)), ws)
                 for ws in itertools.product(candidates, repeat=4)
-                if 8 * exact_bytes(rows, sizes, list(ws), pruned) <= budget - 7 * 10]
+                if 8 * exact_bytes(rows, sizes, list(ws), pruned, groupsize) <= budget - 7 * (2 * len(runs) + 2)]
     best = min(feasible)[0]
     assert total == pytest.approx(sum(err[g, candidates.index(b)] for g, b in enumerate(widths)))
     assert total <= best + 1e-9  # at least as good as anything that fits with room for byte padding
@@ -183,13 +219,17 @@ def test_mse_clipping_lowers_the_solvers_error():
 
 
 def test_quality_rows_name_their_grid():
-    """bench/quality.py's rows keep the grid they were measured with whatever CompressConfig's
-    default: "_mse" rows and the stored-budget rows search the clipping range (except the one
-    named "_minmax"); every other row uses min-max grids."""
+    """bench/quality.py's rows keep the grid and the choice of clusters they were measured with
+    whatever CompressConfig's defaults: "_mse" rows and the stored-budget rows search the
+    clipping range (except the one named "_minmax"); every other row uses min-max grids; only
+    "_trials" rows choose by trial solves."""
     from bench.quality import ROWS
     for name, row in ROWS.items():
         mse = name.endswith("_mse") or ("stored" in name and not name.endswith("_minmax"))
-        assert CompressConfig(**row).clip == ("mse" if mse else "minmax"), name
+        cfg = CompressConfig(**row)
+        assert cfg.clip == ("mse" if mse else "minmax"), name
+        trials = name.endswith("_trials")  # auto by trial solves, runs inside clusters; else the proxy alone
+        assert (cfg.auto_select, cfg.auto_groupsize) == (("solve", 128) if trials else ("proxy", 0)), name
 
 
 def test_quality_merge_keeps_each_rows_commit_and_takes_medians(tmp_path):
@@ -221,3 +261,45 @@ def test_quality_merge_keeps_each_rows_commit_and_takes_medians(tmp_path):
     Path(files[0]).write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="eval differ"):
         merge_files(files)
+
+
+# ---------------------------------------------------------------- --n_groups auto: trial solves
+def test_shortlist_keeps_the_proxy_best_its_neighbours_and_one_cluster_cut_into_runs():
+    from compress import shortlist
+    # (proxy error, k, groupsize): whole clusters best at k=6; runs best at k=4
+    options = [(9.0, 1, -1), (5.0, 2, -1), (3.0, 4, -1), (1.0, 6, -1), (2.0, 8, -1), (4.0, 12, -1),
+               (7.0, 1, 128), (6.0, 2, 128), (0.5, 4, 128), (3.5, 6, 128)]
+    assert shortlist(options) == [2, 3, 4, 6, 7, 8, 9]
+    assert shortlist([(1.0, 1, -1)]) == [0]
+
+
+def test_auto_select_solve_never_loses_to_the_proxys_pick():
+    """--auto_select solve picks, among the proxy's best plans, the one the solver itself finds
+    best: with all rows in the trial (fewer than TRIAL_ROWS), its solve's calibration loss is at
+    most that of the plan the proxy alone picks, and both meet the stored budget."""
+    from dataclasses import replace
+
+    from compress import TRIAL_ROWS, choose_groups_and_bits, solve_set, stored_bits
+    from sparsegpt_mi import LinearSolver
+    g = torch.Generator().manual_seed(3)
+    C = 96
+    mix = torch.randn(C, C, generator=g) / C ** 0.5 + torch.eye(C)
+    X = (torch.randn(2048, C, generator=g) @ mix) * torch.linspace(0.1, 3, C) ** 2  # unequal, correlated channels
+    weights = [torch.randn(48, C, generator=g), torch.randn(24, C, generator=g)]
+    weights[0][:, 7] *= 6
+    assert max(W.shape[0] for W in weights) <= TRIAL_ROWS
+    cfg = CompressConfig(wbits=4, target_avg_bits=3.4, bits_budget="stored", n_groups=0, n_groups_max=8,
+                         auto_groupsize=32)
+    loss, picked = {}, {}
+    for sel in ("solve", "proxy"):
+        c = replace(cfg, auto_select=sel)
+        solver = LinearSolver(C, torch.device("cpu"))
+        solver.add_batch(X)
+        plan = choose_groups_and_bits(c, solver, weights, None, torch.device("cpu"))
+        res = solve_set(c, solver, [W.clone() for W in weights], plan, [torch.device("cpu")])
+        loss[sel] = sum(r.loss for r in res)
+        picked[sel] = (len(plan.groups), plan.groupsize)
+        for r in res:
+            qp = {"perm": r.perm, "runs": r.runs, "scale": r.scale, "zero": r.zero}
+            assert stored_bits(r.weight, qp, c) <= cfg.target_avg_bits + 1e-9
+    assert loss["solve"] <= loss["proxy"] * (1 + 1e-9), (loss, picked)
