@@ -267,7 +267,7 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
             rows = [torch.sort(torch.randperm(W.shape[0], generator=gen)[:TRIAL_ROWS]).values for W in weights]
             losses = {i: trial_loss(cfg, solver, weights, options[i][3], options[i][4], options[i][2], dev, rows)
                       for i in shortlist(options)}
-            pick = min(losses, key=losses.get)
+            pick = min(losses, key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
     _, _, G, groups, bits = options[pick]
     for d in devs:
         if d.type == "cuda":

@@ -40,7 +40,8 @@ def offload_activations(model_cfg, windows: int, seqlen: int, dtype, devs: list,
     """Whether the activations must live in host memory to stay under cap_gib per device: the
     device would hold its share of them, one layer, a forward batch's intermediates and, when
     compressing (solve), the solver's largest set of C x C fp32 buffers (Hessian, Cholesky
-    factor and inverse, cusolver's copy: four of the widest input). No cap: never."""
+    factor and inverse, cusolver's copy, and during --auto_select solve's trial solves the
+    Hessian's copy: five of the widest input). No cap: never."""
     if cap_gib is None:
         return False
     hidden, inter = model_cfg.hidden_size, getattr(model_cfg, "intermediate_size", 4 * model_cfg.hidden_size)
@@ -50,7 +51,7 @@ def offload_activations(model_cfg, windows: int, seqlen: int, dtype, devs: list,
     kv = getattr(model_cfg, "num_key_value_heads", heads) or heads
     layer = (2 * hidden * hidden + 2 * hidden * hidden * kv // heads + 3 * hidden * inter) * size
     forward = 4 * 4 * seqlen * max(hidden, inter) * size  # fwd_batch 4: a few MLP intermediates
-    work = 4 * max(hidden, inter) ** 2 * 4 if solve else 0
+    work = 5 * max(hidden, inter) ** 2 * 4 if solve else 0
     return share + layer + forward + work > cap_gib * 2 ** 30
 
 

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_kernel", action="store_true",
                    help="run the solver's plain PyTorch column loop instead of the fused Triton kernel on CUDA")
     p.add_argument("--profile", action="store_true",
-                   help="time the compression's stages (forward+hessian, mi, clustering, allocation, solve, "
+                   help="time the compression's stages (forward+hessian, mi, clustering, allocation, trial solves, solve, "
                         "forward outputs, layer in, layer out, checkpoint), the devices synchronized at each "
                         "boundary (a little slower); printed at the end and kept in the report as stage_seconds")
     p.add_argument("--mi_tokens", type=int, default=8192, help="tokens sampled for the binned MI estimator")
@@ -486,7 +486,7 @@ def compress(args, cfg: CompressConfig, model, spec, tokenizer, devs, dtype, che
     summary = summarize(result.reports)
     if args.profile:
         summary["stage_seconds"] = dict(timer.seconds)
-        print(f"stages (s, all layers): " + "  ".join(f"{k} {v:.2f}" for k, v in timer.seconds.items()) +
+        print("stages (s, all layers): " + "  ".join(f"{k} {v:.2f}" for k, v in timer.seconds.items()) +
               f"  (sum {sum(timer.seconds.values()):.2f} of {seconds:.2f}; the rest: calibration windows read and captured)", flush=True)
     print(f"compressed in {seconds:.1f}s: sparsity {summary['sparsity']:.3f}  avg bits {summary['avg_bits']:.3f}  "
           f"effective bits {summary['effective_bits']:.3f}  stored bits {summary['stored_bits']:.3f}", flush=True)

@@ -135,7 +135,7 @@ def time_layer(shape: str, method: str, nsamples: int, seqlen: int, repeats: int
         torch.cuda.empty_cache()
     keys = sorted({k for r in runs for k in r})
     med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}
-    grouping = sum(med.get(k, 0.0) for k in ("mi", "clustering", "allocation"))
+    grouping = sum(med.get(k, 0.0) for k in ("mi", "clustering", "allocation", "trial solves"))
     return {"shape": shape, "method": method, "gpus": len(devs), "nsamples": nsamples, "seqlen": seqlen,
             "repeats": repeats, "cap_gib": cap_gib, "offloaded": offload,
             "median": med, "grouping_share": grouping / med["total"], "runs": runs}

@@ -60,6 +60,7 @@ def bad_cases():
         ("target_below_min", lambda m, f, t: L(m, f, t) + ["--target_avg_bits", "2.5", "--min_bits", "3"],
          ["--target_avg_bits"]),
         ("n_groups_0", lambda m, f, t: L(m, f, t) + ["--n_groups", "0"], ["--n_groups"]),
+        ("auto_groupsize_negative", lambda m, f, t: L(m, f, t) + ["--auto_groupsize", "-1"], ["--auto_groupsize"]),
         ("nsamples_0", lambda m, f, t: L(m, f, t) + ["--nsamples", "0"], ["--nsamples"]),
         ("seqlen_too_long", lambda m, f, t: L(m, f, t) + ["--seqlen", "512"], ["max_position_embeddings", "256"]),
         ("blocksize_256", lambda m, f, t: L(m, f, t) + ["--blocksize", "256"], ["--blocksize", "128"]),
