@@ -188,6 +188,41 @@ def test_allocation_from_hessian_errors_prefers_important_channels():
     assert sum(bits) == 12
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_cluster_errors_with_runs_equal_a_grid_per_run(sparsity):
+    """cluster_errors with a groupsize: each group in descending H_jj order, cut into runs of
+    groupsize columns (the rest last), a min-max grid per row and run, then tr(E H_gg E^T), as
+    written out here; a groupsize no group exceeds changes nothing, bit for bit."""
+    from quant import fit_grid, quantize
+    g = torch.Generator().manual_seed(1)
+    C = 70
+    X = torch.randn(512, C, generator=g) * torch.rand(C, generator=g) * 3
+    H = 2 * X.t() @ X / X.shape[0]
+    W = torch.randn(12, C, generator=g)
+    groups = [torch.arange(0, 45), torch.arange(45, 52), torch.arange(52, 70)]
+    cands = [2, 3, 5]
+    assert torch.equal(cluster_errors(W, H, groups, cands, sparsity, groupsize=45),
+                       cluster_errors(W, H, groups, cands, sparsity))
+    got = cluster_errors(W, H, groups, cands, sparsity, groupsize=16)
+    dH = torch.diag(H)
+    Wp = W.clone()
+    if sparsity:
+        k = round(sparsity * C)
+        Wp.scatter_(1, torch.topk(W ** 2 * dH[None], k, dim=1, largest=False).indices, 0.0)
+    for gi, grp in enumerate(groups):
+        grp = grp[torch.argsort(dH[grp], descending=True)] if grp.numel() > 16 else grp
+        for bi, b in enumerate(cands):
+            E = torch.zeros(12, grp.numel())
+            for c in range(0, grp.numel(), 16):
+                Wr = Wp[:, grp[c:c + 16]]
+                maxq = torch.full((12,), 2.0 ** b - 1)
+                scale, zero = fit_grid(Wr, maxq)
+                E[:, c:c + 16] = (Wr - quantize(Wr, scale[:, None], zero[:, None], maxq[:, None])) * (Wr != 0)
+            want = float(((E @ H[grp][:, grp]) * E).sum())
+            assert float(got[gi, bi]) == pytest.approx(want, rel=1e-5), (gi, b)
+    assert (got[0] < cluster_errors(W, H, groups, cands, sparsity)[0]).all()  # more grids, less error
+
+
 def test_allocate_bits_rejects_target_below_smallest_width():
     with pytest.raises(ValueError, match="below the smallest width"):
         allocate_bits(np.ones((2, 3)), [4, 4], [2, 3, 4], 1.5)
