@@ -205,10 +205,12 @@ def trial_loss(cfg: CompressConfig, solver, weights: list, groups: list, bits: l
 def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample, dev,
                            timer: StageTimer = NO_TIMER, keep_mi: bool = False) -> Plan:
     """Channel groups and per-linear widths for one shared-input set of linears: for each
-    candidate number of clusters, the widths of least Hessian-weighted error within the
-    budget; the number with the least summed error wins. dev: a device, or a list of them:
-    the clustering runs on the first, the allocation errors are split by rows over all.
-    keep_mi: return a CPU copy of the MI matrix (for --plot)."""
+    candidate number of clusters (and with auto and a stored budget, each run length inside
+    clusters), the widths of least Hessian-weighted error within the budget (the proxy); the
+    plan of least summed proxy error wins, or with --auto_select solve the shortlisted plan
+    whose trial solve has the least calibration loss. dev: a device, or a list of them: the
+    clustering and trial solves run on the first, the allocation errors are split by rows over
+    all. keep_mi: return a CPU copy of the MI matrix (for --plot)."""
     from channel_grouping import (AFFINITY_METHODS, group_channels, groups_for_ks, order_groups,
                                   pruned_per_group, run_sizes)
     from mutual_info import abs_correlation, estimate_mi, mi_summary
