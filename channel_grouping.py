@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quant import fit_grid, quantize, row_pieces
+from quant import fit_grid, quantize, row_pieces, run_sizes
 
 GROUPING_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim", "random", "contiguous", "hessian")
 AFFINITY_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim")  # spectral clustering of an affinity
@@ -184,14 +184,6 @@ def order_groups(groups: list[torch.Tensor], diag: torch.Tensor) -> list[torch.T
 
 
 # ---------------------------------------------------------------- bit allocation
-def run_sizes(size: int, groupsize: int = -1) -> list[int]:
-    """The runs (one grid per row each) a group of `size` columns is cut into: runs of
-    `groupsize` columns and the rest last, as the solver cuts it; one run without a groupsize."""
-    if groupsize <= 0 or size <= groupsize:
-        return [size]
-    return [min(groupsize, size - c) for c in range(0, size, groupsize)]
-
-
 def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor], candidates: list[int],
                    sparsity: float = 0.0, sym: bool = False, row_splits: list[int] | None = None,
                    on_device: bool = False, mse: bool = False, max_bytes: int = 2 ** 27,

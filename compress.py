@@ -25,7 +25,7 @@ from config import CompressConfig, LinearReport
 from layerwise import StopForward, Team, capture_layer_inputs, offload_activations, stream_layers
 from model_io import ArchSpec, get_module
 from parallel import device_list, interleave, launched, row_shares, split_parts
-from quant import exact_matmul, group_overhead_bits, magnitude_prune, rtn_quantize
+from quant import exact_matmul, group_overhead_bits, magnitude_prune, rtn_quantize, run_sizes
 
 
 def _quiet(_record: dict) -> None:
@@ -176,7 +176,7 @@ def candidate_groupsizes(cfg: CompressConfig) -> list[int]:
 
 
 def shortlist(options: list[tuple]) -> list[int]:
-    """The options (proxy error, k, groupsize, ...) worth a trial solve: for each groupsize, the
+    """The options (proxy error, k, groupsize, plan) worth a trial solve: for each groupsize, the
     number of clusters of least proxy error and its neighbours in k, and the fewest clusters
     (one cluster cut into runs: uniform act-order GPTQ at the width the budget allows).
     Measured on Qwen2.5-0.5B and SmolLM2 layers, the proxy (round-to-nearest error, no
@@ -191,13 +191,12 @@ def shortlist(options: list[tuple]) -> list[int]:
     return sorted(picked)
 
 
-def trial_loss(cfg: CompressConfig, solver, weights: list, groups: list, bits: list, groupsize: int, dev,
-               rows: list[torch.Tensor]) -> float:
+def trial_loss(cfg: CompressConfig, solver, weights: list, plan: Plan, dev, rows: list[torch.Tensor]) -> float:
     """The solver's calibration loss (sum over rows of tr(E H E^T) / 2 after compensation) for
     this plan, from a solve of the given rows of each linear on a copy of H, scaled to all rows."""
     twin = solver.copy_to(dev)
-    options = dict(cfg.solver_options(), groupsize=groupsize)
-    res = twin.solve([W[r.to(W.device)] for W, r in zip(weights, rows)], groups, bits, **options)
+    res = twin.solve([W[r.to(W.device)] for W, r in zip(weights, rows)], plan.groups, plan.bits,
+                     **solve_options(cfg, plan))
     twin.free()
     return sum(x.loss * W.shape[0] / len(r) for x, W, r in zip(res, weights, rows))
 
@@ -212,7 +211,7 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
     clustering and trial solves run on the first, the allocation errors are split by rows over
     all. keep_mi: return a CPU copy of the MI matrix (for --plot)."""
     from channel_grouping import (AFFINITY_METHODS, group_channels, groups_for_ks, order_groups,
-                                  pruned_per_group, run_sizes)
+                                  pruned_per_group)
     from mutual_info import abs_correlation, estimate_mi, mi_summary
     devs = device_list(dev)
     dev = devs[0]
@@ -245,7 +244,7 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
             by_k = {ks[0]: group_channels(cfg.grouping, ks[0], diag=diag, seed=cfg.seed, columns=columns)}
         del dependence
     candidates = list(range(cfg.min_bits, cfg.max_bits + 1))
-    options = []  # (proxy error, k, groupsize, groups, widths) of every plan that fits the budget
+    options = []  # (proxy error, k, groupsize, plan) of every plan that fits the budget
     with timer("allocation"):
         for G in candidate_groupsizes(cfg):
             for k, groups in by_k.items():
@@ -258,23 +257,24 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
                 pruned = pruned_per_group(runs, cfg.sparsity) if cfg.sparsity and cfg.mask_scope == "row" else None
                 choice = _allocate(cfg, errs, sizes, candidates, [W.shape[0] for W in weights], pruned, G)
                 if choice is not None:
-                    options.append((choice[1], k, G, groups, choice[0]))
+                    options.append((choice[1], k, G, Plan(groups, choice[0], stats, kept, 0.0, G)))
         if not options:  # no number of clusters fits a stored budget: the cheapest widths, with a warning
             groups = order_groups(by_k[min(by_k)], diag)
-            options.append((float("inf"), min(by_k), -1, groups, [[cfg.min_bits] * len(groups) for _ in weights]))
+            options.append((float("inf"), min(by_k), -1,
+                            Plan(groups, [[cfg.min_bits] * len(groups) for _ in weights], stats, kept, 0.0)))
     pick = min(range(len(options)), key=lambda i: options[i][0])
     if cfg.auto_groups and cfg.auto_select == "solve" and len(options) > 1:
         with timer("trial solves"):
             gen = torch.Generator().manual_seed(cfg.seed)
             rows = [torch.sort(torch.randperm(W.shape[0], generator=gen)[:TRIAL_ROWS]).values for W in weights]
-            losses = {i: trial_loss(cfg, solver, weights, options[i][3], options[i][4], options[i][2], dev, rows)
-                      for i in shortlist(options)}
+            losses = {i: trial_loss(cfg, solver, weights, options[i][3], dev, rows) for i in shortlist(options)}
             pick = min(losses, key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
-    _, _, G, groups, bits = options[pick]
+    plan = options[pick][3]
     for d in devs:
         if d.type == "cuda":
             torch.cuda.synchronize(d)
-    return Plan(groups, bits, stats, kept, time.perf_counter() - tick, G)
+    plan.seconds = time.perf_counter() - tick
+    return plan
 
 
 def _cluster_errors(cfg: CompressConfig, H, weights: list, groups: list, candidates: list[int], devs: list,

@@ -4,7 +4,6 @@ pruning baselines, the storage cost of a grid, and fp32-accumulated matrix produ
 from __future__ import annotations
 
 import functools
-import math
 from contextlib import contextmanager
 
 import torch
@@ -151,6 +150,15 @@ def magnitude_prune(W: torch.Tensor, sparsity: float = 0.0, prunen: int = 0, pru
     return W.masked_fill(mask, 0)
 
 
+def run_sizes(size: int, groupsize: int = -1) -> list[int]:
+    """The runs (one grid per row each) a group of `size` columns is cut into: runs of
+    `groupsize` columns and the rest last; one run without a groupsize. The solver, the
+    allocation's error estimate and its bit costs all cut groups this way."""
+    if groupsize <= 0 or size <= groupsize:
+        return [size]
+    return [min(groupsize, size - c) for c in range(0, size, groupsize)]
+
+
 def group_overhead_bits(bits: list[int], sizes: list[int], groupsize: int = -1) -> float:
     """Storage bits per weight for the per-(row, group) fp16 scale and bits-wide zero of one
     linear, averaged over its weights; unquantized (16-bit) groups cost nothing."""
@@ -159,8 +167,7 @@ def group_overhead_bits(bits: list[int], sizes: list[int], groupsize: int = -1) 
     for b, s in zip(bits, sizes):
         if b >= 16:
             continue
-        runs = math.ceil(s / groupsize) if groupsize > 0 else 1
-        total += runs * (16 + b)
+        total += len(run_sizes(s, groupsize)) * (16 + b)
     return total / C
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant import accumulate_xtx, fit_grid, quantize, row_pieces
+from quant import accumulate_xtx, fit_grid, quantize, row_pieces, run_sizes
 
 
 @dataclass
@@ -169,13 +169,10 @@ class LinearSolver:
         bits_rg = torch.cat([torch.tensor(b, dtype=torch.float32).expand(r, -1) for b, r in zip(bits, rows)], 0)
         bits_rg = bits_rg.to(dev)  # (R, G)
         maxq_rg = 2.0 ** bits_rg - 1
-        starts = set()
-        c = 0
-        for s in sizes:  # a fresh scale/zero where a group, or a groupsize run inside it, begins
-            step = groupsize if groupsize > 0 else s
-            starts.update(range(c, c + s, step))
-            c += s
-        bounds = sorted(starts) + [C]
+        bounds = [0]  # a fresh scale/zero where a group, or a groupsize run inside it, begins
+        for s in sizes:
+            for n in run_sizes(s, groupsize):
+                bounds.append(bounds[-1] + n)
 
         if spill is None:
             spill = dev.type == "cuda" and C * C * 4 >= 2 ** 28

@@ -118,7 +118,7 @@ def exact_bytes(rows: int, sizes: list[int], widths: list[int], pruned: list[int
 @pytest.mark.parametrize("seed,sparsity,groupsize", [(0, 0.0, -1), (1, 0.0, -1), (2, 0.5, -1), (3, 0.5, -1),
                                                      (4, 0.3, -1), (5, 0.0, 8), (6, 0.5, 8), (7, 0.3, 12)])
 def test_stored_allocation_is_the_best_that_fits(seed, sparsity, groupsize):
-    from channel_grouping import run_sizes
+    from quant import run_sizes
     rng = np.random.default_rng(seed)
     sizes = [int(x) for x in rng.integers(5, 40, 4)]
     rows, target, candidates = 24, 3.7, [2, 3, 4, 5, 6]
