@@ -180,6 +180,7 @@ def test_dequant_tiles_name_their_first_run(R, C, widths, prune):
         meets += not one
     assert meets > 0 and (C < 1024 or meets < tiles.shape[0] // 2)  # wide runs: mostly one-run tiles
 
+
 def test_fp16_exact_scales_are_stored_in_fp16():
     W, (tensors, info) = packed_linear(32, 96, [4, 3], None, torch.float16, seed=5)
     tensors = dict(tensors, scale=tensors["scale"].half().float())  # a grid that fp16 holds exactly
