@@ -755,10 +755,11 @@ DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 ro
 # on an H200 once a part's units share one pipeline (2026-12-01, fourth session; before, 4 tiles and 8 parts).
 # INPLACE 1: widths 2 and 4 decoded where they sit (`_inplace_dot`): the 7B layer 131.3 -> 124.8 us at
 # 3.5 bits, 120.5 -> 114.9 at 3.0 (bench.gemv_sweep, same run; bench/results/gemv-sweep-NVIDIA-H200-
-# 2026-12-01-inplace.md). INPLACE 2 (every width) as first written, each plane its own product, took
-# 158 registers and was slower (149.3 / 137.7 us); it now joins the planes in the integer domain
-# (127 registers for widths 2-5, 2,536 instructions against 2,888, offline sm_90): not yet timed.
-GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num_warps=4, INPLACE=1)
+# 2026-12-01-inplace.md). INPLACE 2 decodes every width in place, the narrower planes' bits joined
+# beside plane 0's field in the integer domain (127 registers for widths 2-5, offline sm_90): 131.9 ->
+# 111.7 us at 3.5 bits, 120.8 -> 108.2 at 3.0, against 125.5 / 115.3 for INPLACE 1 (same run;
+# bench/results/gemv-sweep-NVIDIA-H200-2026-12-01-inplace2.md), so it is the default.
+GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num_warps=4, INPLACE=2)
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}

@@ -196,7 +196,7 @@ def test_repeat_and_cuda_graph(layers):
 def test_gemv_variants(layers, case, variant):
     """gemv_kernel's tuning space: direct store (SPLIT 1) and split-K, smaller steps and rows, x
     gathered first, its 2-4 token path (pick_config does not choose that one yet) and the in-place
-    decode (INPLACE 1: widths 2 and 4, the default; 2: every width); graph replays of the split-K
+    decode (INPLACE 1: widths 2 and 4; 2: every width, the default); graph replays of the split-K
     form leave the workspace clean."""
     parts, W, bias = layers[case]
     m = MixedBitLinear.from_parts(parts, bias=bias.half(), dtype=torch.float16, device="cuda")
