@@ -104,6 +104,10 @@ def _rows() -> dict[str, dict]:
         rows[f"stored{t}_mi_hessian_trials"] = dict(S, **T, target_avg_bits=t)
     rows["stored3.16_hessian_sim_trials"] = dict(S, **T, target_avg_bits=3.16, grouping="hessian_sim")
     rows["sparse50_stored4.0_mi_trials"] = dict(S, **T, sparsity=0.5, target_avg_bits=4.0, grouping="mi")
+    # the two halves of that default apart: trial solves among whole clusters only, and the proxy
+    # choosing among whole clusters and clusters cut into runs
+    rows["stored3.16_mi_hessian_trials_g0"] = dict(S, auto_select="solve", auto_groupsize=0, target_avg_bits=3.16)
+    rows["stored3.16_mi_hessian_proxy_g128"] = dict(S, auto_select="proxy", auto_groupsize=128, target_avg_bits=3.16)
     # every row names its grid and its choice of clusters: the rows without MSE were measured with
     # min-max grids (the default until --clip mse became it), the auto rows without trials by the
     # proxy alone, and must not follow a later change of the defaults
