@@ -760,6 +760,12 @@ DENSE = dict(DENSE=True, BLOCK_N=32, num_warps=2)  # the fastest of 32/64/128 ro
 # 111.7 us at 3.5 bits, 120.8 -> 108.2 at 3.0, against 125.5 / 115.3 for INPLACE 1 (same run;
 # bench/results/gemv-sweep-NVIDIA-H200-2026-12-01-inplace2.md), so it is the default.
 GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num_warps=4, INPLACE=2)
+# one token, at least twice as many rows as columns (gate/up): 256 rows a program. Timed on an H200
+# with INPLACE 2 (bench.inference's per-shape trials, inference-NVIDIA-H200-2026-12-01-inplace2.json):
+# 11008x4096 22.6 us against 23.6, 28672x8192 74.8 against 86.0; the square and down shapes were
+# faster at 128 (4096x4096 10.9 against 11.9, 4096x11008 19.2 against 20.9), 8192x8192 about even.
+# Only shapes of 4096 columns and more were timed, so the narrower ones keep GEMV1.
+GEMV1_WIDE = dict(GEMV1, BLOCK_N=256)
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
@@ -778,7 +784,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True) 
     if dense and M >= DENSE_MIN_TOKENS:
         return dict(DENSE)
     if M == 1:
-        return dict(GEMV1)
+        return dict(GEMV1_WIDE if N >= 2 * K and K >= 4096 else GEMV1)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)
     if M <= 32:

@@ -473,6 +473,19 @@ def test_dequant_kernel_under_triton_interpreter():
     run_interpreted(DEQUANT_SCRIPT)
 
 
+def test_pick_config_one_token_rows_per_program():
+    """One token: 256 rows a program where a linear has at least twice as many rows as columns and
+    4096 columns or more (gate/up of 7B and 70B, where the H200 measured it faster), else GEMV1."""
+    pytest.importorskip("triton")
+    import mixed_kernel
+    for N, K, rows in ((11008, 4096, 256), (28672, 8192, 256), (4096, 4096, 128), (4096, 11008, 128),
+                       (8192, 8192, 128), (1024, 8192, 128), (1536, 576, 128), (8191, 4096, 128)):
+        cfg = mixed_kernel.pick_config(1, N, K, torch.float16)
+        assert cfg["GEMV"] and cfg["BLOCK_N"] == rows, (N, K, cfg)
+        assert {k: v for k, v in cfg.items() if k != "BLOCK_N"} == \
+            {k: v for k, v in mixed_kernel.GEMV1.items() if k != "BLOCK_N"}
+
+
 def test_pick_config_switches_to_the_dense_path():
     pytest.importorskip("triton")
     import mixed_kernel
