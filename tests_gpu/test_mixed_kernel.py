@@ -41,7 +41,7 @@ SHAPES = [  # (out, in, widths, pruning)
 FUSED_MANY = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
 GEMV_VARIANTS = [dict(SPLIT=1), dict(SPLIT=4, TS=2), dict(SPLIT=16, BLOCK_N=64), dict(SPLIT=8, GATHER=False),
                  dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2), dict(SPLIT=16, INPLACE=1), dict(SPLIT=4, INPLACE=2),
-                 dict(BLOCK_N=256)]
+                 dict(BLOCK_N=256), dict(SPLIT=8, INPLACE=0)]
 
 
 def captured(module, static_x: torch.Tensor):
@@ -197,8 +197,9 @@ def test_repeat_and_cuda_graph(layers):
 def test_gemv_variants(layers, case, variant):
     """gemv_kernel's tuning space: direct store (SPLIT 1) and split-K, smaller steps and rows, x
     gathered first, its 2-4 token path (pick_config does not choose that one yet) and the in-place
-    decode (INPLACE 1: widths 2 and 4; 2: every width, the default) and 256 rows a program (the
-    default for wide shapes); graph replays of the split-K form leave the workspace clean."""
+    decode (INPLACE 1: widths 2 and 4; 2: every width, the default; 0: every code shifted and masked)
+    and 256 rows a program (the default for wide shapes); graph replays of the split-K form leave the
+    workspace clean."""
     parts, W, bias = layers[case]
     m = MixedBitLinear.from_parts(parts, bias=bias.half(), dtype=torch.float16, device="cuda")
     m.tune = dict(mixed_kernel.GEMV1, **variant)
