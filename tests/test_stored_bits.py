@@ -221,15 +221,18 @@ def test_mse_clipping_lowers_the_solvers_error():
 def test_quality_rows_name_their_grid():
     """bench/quality.py's rows keep the grid and the choice of clusters they were measured with
     whatever CompressConfig's defaults: "_mse" rows and the stored-budget rows search the
-    clipping range (except the one named "_minmax"); every other row uses min-max grids; only
-    "_trials" rows choose by trial solves."""
+    clipping range (except the one named "_minmax"); every other row uses min-max grids; "_trials"
+    rows choose by trial solves among whole clusters and 128-column runs, "_trials_g0" by trial
+    solves among whole clusters, "_proxy_g128" by the proxy among both, every other row by the proxy
+    among whole clusters."""
     from bench.quality import ROWS
+    choice = {"_trials": ("solve", 128), "_trials_g0": ("solve", 0), "_proxy_g128": ("proxy", 128)}
     for name, row in ROWS.items():
         mse = name.endswith("_mse") or ("stored" in name and not name.endswith("_minmax"))
         cfg = CompressConfig(**row)
         assert cfg.clip == ("mse" if mse else "minmax"), name
-        trials = name.endswith("_trials")  # auto by trial solves, runs inside clusters; else the proxy alone
-        assert (cfg.auto_select, cfg.auto_groupsize) == (("solve", 128) if trials else ("proxy", 0)), name
+        want = next((v for k, v in choice.items() if name.endswith(k)), ("proxy", 0))
+        assert (cfg.auto_select, cfg.auto_groupsize) == want, name
 
 
 def test_quality_merge_keeps_each_rows_commit_and_takes_medians(tmp_path):
