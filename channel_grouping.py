@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quant import fit_grid, quantize, row_pieces, run_sizes
+from quant import fit_grid, hessian_order, quantize, row_pieces, run_sizes
 
 GROUPING_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim", "random", "contiguous", "hessian")
 AFFINITY_METHODS = ("mi", "mi_hessian", "corr", "corr_hessian", "hessian_sim")  # spectral clustering of an affinity
@@ -210,7 +210,7 @@ def cluster_errors(W: torch.Tensor, H: torch.Tensor, groups: list[torch.Tensor],
     rows = max(1, max_bytes // (4 * C))
     dH = torch.diag(H)
     if groupsize > 0:  # the solver's order inside a group, where its runs are cut
-        groups = [g[torch.argsort(dH[g], descending=True)] if g.numel() > groupsize else g for g in groups]
+        groups = [hessian_order(g, dH) if g.numel() > groupsize else g for g in groups]
     Hgs = [H[g][:, g] for g in groups]  # (s, s) each
     maxq = (2.0 ** torch.tensor(candidates, device=W.device, dtype=torch.float32))[:, None] - 1  # (B, 1)
     per_row = torch.empty(len(groups), len(candidates), R, dtype=torch.float64, device=W.device)

@@ -150,6 +150,12 @@ def magnitude_prune(W: torch.Tensor, sparsity: float = 0.0, prunen: int = 0, pru
     return W.masked_fill(mask, 0)
 
 
+def hessian_order(group: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+    """A group's columns by descending Hessian diagonal: the order the solver works through a
+    group in (act-order, and always in MI mode), and so the order its runs are cut in."""
+    return group[torch.argsort(diag[group], descending=True)]
+
+
 def run_sizes(size: int, groupsize: int = -1) -> list[int]:
     """The runs (one grid per row each) a group of `size` columns is cut into: runs of
     `groupsize` columns and the rest last; one run without a groupsize. The solver, the

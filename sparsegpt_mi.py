@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quant import accumulate_xtx, fit_grid, quantize, row_pieces, run_sizes
+from quant import accumulate_xtx, fit_grid, hessian_order, quantize, row_pieces, run_sizes
 
 
 @dataclass
@@ -153,7 +153,7 @@ class LinearSolver:
         order = []
         for g in groups:
             g = g.to(dev)
-            order.append(g[torch.argsort(diag[g], descending=True)] if act_order else torch.sort(g).values)
+            order.append(hessian_order(g, diag) if act_order else torch.sort(g).values)
         perm = torch.cat(order)
         assert perm.numel() == C, "groups must partition the input channels"
         invperm = torch.argsort(perm)
