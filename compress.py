@@ -246,9 +246,9 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
     candidates = list(range(cfg.min_bits, cfg.max_bits + 1))
     options = []  # (proxy error, k, groupsize, plan) of every plan that fits the budget
     with timer("allocation"):
+        by_k = {k: order_groups(groups, diag) for k, groups in by_k.items()}  # once per k, for every run length
         for G in candidate_groupsizes(cfg):
             for k, groups in by_k.items():
-                groups = order_groups(groups, diag)
                 sizes = [int(g.numel()) for g in groups]
                 if G > 0 and max(sizes) <= G:
                     continue  # no cluster is cut: the plan without runs
@@ -259,7 +259,7 @@ def choose_groups_and_bits(cfg: CompressConfig, solver, weights: list, mi_sample
                 if choice is not None:
                     options.append((choice[1], k, G, Plan(groups, choice[0], stats, kept, 0.0, G)))
         if not options:  # no number of clusters fits a stored budget: the cheapest widths, with a warning
-            groups = order_groups(by_k[min(by_k)], diag)
+            groups = by_k[min(by_k)]
             options.append((float("inf"), min(by_k), -1,
                             Plan(groups, [[cfg.min_bits] * len(groups) for _ in weights], stats, kept, 0.0)))
     pick = min(range(len(options)), key=lambda i: options[i][0])
