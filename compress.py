@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import CompressConfig, LinearReport
+from config import TRIAL_ROWS, CompressConfig, LinearReport
 from layerwise import StopForward, Team, capture_layer_inputs, offload_activations, stream_layers
 from model_io import ArchSpec, get_module
 from parallel import device_list, interleave, launched, row_shares, split_parts
@@ -154,9 +154,6 @@ def gather_set_statistics(team: Team, sets: list[tuple[str, ...]], cfg: Compress
 
 # ---------------------------------------------------------------- phase 2: groups and widths
 AUTO_GROUPS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # what --n_groups auto tries (up to --n_groups_max)
-
-
-TRIAL_ROWS = 512  # rows per linear that a trial solve of --auto_select solve works on
 
 
 def candidate_ks(cfg: CompressConfig, columns: int) -> list[int]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 
+TRIAL_ROWS = 512  # rows per linear that a trial solve of --auto_select solve works on
+
+
 class UsageError(Exception):
     """Bad input the user can fix; reported as one line with exit code 2."""
 

@@ -29,7 +29,7 @@ DEFAULT_GPUS = None  # GPUs used when CUDA_VISIBLE_DEVICES is unset, e.g. "2,3" 
 # failed with 5 GiB reserved but unusable. Growable segments avoid that (set before CUDA starts).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from config import CompressConfig, UsageError  # noqa: E402
+from config import TRIAL_ROWS, CompressConfig, UsageError  # noqa: E402
 from model_io import check_save_target  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "zero point, paid from the same budget (0: whole clusters only)")
     p.add_argument("--auto_select", default="solve", choices=["solve", "proxy"],
                    help="MI mode, --n_groups auto: choose among the plans by the solver's calibration loss on trial "
-                        "solves of up to 512 rows per linear (solve: the proxy's best plans and their neighbours, "
+                        f"solves of up to {TRIAL_ROWS} rows per linear (solve: the proxy's best plans and their neighbours, "
                         "a few solves more per linear set), or by the allocation's round-to-nearest error (proxy)")
     p.add_argument("--min_bits", type=int, default=2, help="MI mode: smallest width a cluster may get")
     p.add_argument("--max_bits", type=int, default=8, help="MI mode: largest width a cluster may get")
