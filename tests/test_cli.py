@@ -140,6 +140,21 @@ def test_default_grouping_follows_pruning(argv, grouping):
     assert vicuna_mi.config_from_args(args).grouping == grouping
 
 
+def test_flag_defaults_are_the_configs():
+    """The CLI writes its defaults out beside CompressConfig's: every flag that names a config
+    field has that field's default, except --n_groups and --grouping, which the CLI resolves
+    from other flags (test_default_grouping_follows_pruning)."""
+    import dataclasses
+
+    import vicuna_mi
+    from config import CompressConfig
+    flags = {a.dest: a.default for a in vicuna_mi.build_parser()._actions}
+    shared = [f for f in dataclasses.fields(CompressConfig) if f.name in flags]
+    assert len(shared) > 20
+    differ = {f.name for f in shared if flags[f.name] != f.default}
+    assert differ == {"n_groups", "grouping"}, differ
+
+
 def test_true_sequential_flag_reaches_the_config():
     import vicuna_mi
     parse = vicuna_mi.build_parser().parse_args
