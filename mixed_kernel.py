@@ -859,6 +859,14 @@ def _warm_one(item: tuple[dict, str]) -> None:
         return
     x = torch.randn(max(1, cfg["BLOCK_M"]), K, device=dev).to(getattr(torch, dtype_name))
     units = torch.tensor([[0, 32, 4, 0, 0, K // 32, 0, zs]], dtype=torch.int32, device=dev)
+    if cfg.get("GLUON"):  # mixed_gemv's one-token kernel: one part of one unit, the rest empty (split-K binary)
+        import mixed_gemv
+        uoff = torch.tensor([0] + [1] * max(2, cfg["SPLIT"]), dtype=torch.int32, device=dev)
+        mixed_gemv.gemv_gl(x[:1], torch.zeros(K, dtype=torch.int16, device=dev),
+                           torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev), units, uoff,
+                           torch.zeros(1, N, dtype=torch.int16, device=dev), zero, None, N, cfg, xg=x[:1])
+        torch.cuda.synchronize()
+        return
     if cfg.get("GEMV"):
         uoff = torch.tensor([0] + [1] * cfg["SPLIT"], dtype=torch.int32, device=dev)
         gemv(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),

@@ -182,14 +182,19 @@ class MixedBitLinear(torch.nn.Module):
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
         return self._units[key]
 
-    def split_units(self, split: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_units(self, split: int, device: torch.device, max_tiles: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_kernel.gemv_kernel`: a work list of units (`_work_list`) cut into parts, and
         (parts + 1,) int32 offsets: part p is units uoff[p] .. uoff[p + 1]. split 1: one part, every
         unit. More: about `split` parts, each a tile-aligned range inside one width block, so that a
         program's units share one width (one pipelined loop over all of them); a block gets parts
-        in proportion to its bits (at least one), so parts hold about equal bytes. Units are cut at
-        run and part boundaries only."""
-        key = (-1000 - split, device)
+        in proportion to its bits (at least one), so parts hold about equal bytes. max_tiles (with
+        split > 1): no part longer than that many tiles (`mixed_gemv`, which stages a part's x in
+        shared memory), a block cut into more parts where needed. Units are cut at run and part
+        boundaries only."""
+        if max_tiles and split < 2:
+            raise ValueError(f"max_tiles {max_tiles} needs parts of one width: split {split} < 2")
+        key = (-1000 - split - 100000 * max_tiles, device)
+        okey = (-2000 - split - 100000 * max_tiles, device)
         if key not in self._units:
             end = self.blocks[-1][1] * TILE
             cuts = {0, end}
@@ -197,14 +202,16 @@ class MixedBitLinear(torch.nn.Module):
                 total = sum(b * (t1 - t0) for t0, t1, b, _ in self.blocks)
                 for t0, t1, b, _ in self.blocks:
                     n = max(1, min(t1 - t0, round(split * b * (t1 - t0) / total)))
+                    if max_tiles:
+                        n = max(n, -(-(t1 - t0) // max_tiles))
                     cuts.update((t0 + (t1 - t0) * i // n) * TILE for i in range(n + 1))
             cuts = sorted(cuts)
             rows = self._work_list(cuts)
             starts = [r[0] for r in rows]  # units are in kernel column order and never cross a cut
             uoff = [bisect.bisect_left(starts, c) for c in cuts]
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
-            self._units[(-2000 - split, device)] = torch.tensor(uoff, dtype=torch.int32, device=device)
-        return self._units[key], self._units[(-2000 - split, device)]
+            self._units[okey] = torch.tensor(uoff, dtype=torch.int32, device=device)
+        return self._units[key], self._units[okey]
 
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_kernel.dequant_kernel`: (n_tiles, 8) int32 tiles (bits, W0, nt, tile index in
@@ -283,6 +290,12 @@ class MixedBitLinear(torch.nn.Module):
             return self.forward_dense(x2, cfg).reshape(*shape[:-1], self.out_features)
         xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols.int())
         bias = None if self.bias is None else self.bias
+        if cfg.get("GLUON"):  # one token, mixed_gemv (parts of one width, at most XT tiles)
+            import mixed_gemv
+            units, uoff = self.split_units(max(2, cfg["SPLIT"]), x.device, max_tiles=cfg["XT"])
+            out = mixed_gemv.gemv_gl(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias,
+                                     self.out_features, cfg, xg, self.wmask)
+            return out.reshape(*shape[:-1], self.out_features)
         if cfg.get("GEMV"):
             units, uoff = self.split_units(cfg["SPLIT"], x.device)
             out = mixed_kernel.gemv(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias,

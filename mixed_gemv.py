@@ -1,0 +1,466 @@
+"""One token on CUDA, written in Gluon (Triton's dialect with explicit layouts): `gemv_gl_kernel`,
+y = x Wᵀ (+ bias) for one token straight from `mixed_linear.MixedBitLinear`'s packed codes, the
+same layout, work list and arithmetic as `mixed_kernel.gemv_kernel` with INPLACE 2 (every code
+decoded where it sits and read as a float), laid out so that nothing moves between threads inside
+the loop.
+
+    python -m pytest -q tests_gpu/test_mixed_kernel.py -k gluon      # on a CUDA machine
+
+Why a second kernel: `gemv_kernel` leaves layouts to Triton, which loads a step's words four rows
+a thread and then moves them, and x, through shared memory into the layout of the arithmetic: 7
+barriers a step (offline sm_90 SASS of the 4-bit loop, 2026-12-01). Here every layout is chosen:
+
+  L4 (TS, P0, H, BLOCK_N)  a step: TS tiles x P0 words of plane 0 x H slots of a 16-bit half word
+                           x rows. A thread holds all of the first three and R = BLOCK_N / (32 *
+                           warps) consecutive rows, lanes and warps run along the rows.
+  words (TS, P0, BLOCK_N)  slice 2 of L4: each thread loads its own rows' words (coalesced along
+                           rows, R-wide vectors), exactly where the arithmetic needs them.
+  x (TS, P0, H)            slice 3 of L4: every thread holds the step's x. The program stages its
+                           part's x (gathered through the column order, pre-scaled for the in-place
+                           read) in shared memory once, before the loop; a step reads it back as
+                           broadcast loads, with no barrier.
+  acc (TS, P0, BLOCK_N)    slice 2 of L4, summed over tiles and words (inside the thread) once a unit.
+
+So a program (row tile, part) needs its part to be one width and at most XT tiles long
+(`MixedBitLinear.split_units(..., max_tiles=XT)`). Steps are aligned to TS tiles from the part's
+first tile; a unit's first and last steps mask x outside the unit's columns [a, e); sum_k x over a
+unit (for the zero point) is a reduction over the staged x at the unit's start. The split-K finish
+is `mixed_kernel`'s (atomics into the fp32 workspace, a counter per row tile).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+
+from parallel import on_device
+
+XT_DEFAULT = 32  # tiles of 32 columns a part may hold: 1024 columns, 4 KiB of staged x a program
+
+
+@gluon.jit
+def _pow2(k):
+    """2.0 ** k as fp32 for integer -126 <= k <= 127 (its exponent bits)."""
+    return ((k + 127) << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _field_float(v):
+    """v (int32, 0 <= v < 2**23) as the fp32 value v * 2**-23, exactly: its bits as the denormal
+    v * 2**-149, times 2**126."""
+    return v.to(gl.float32, bitcast=True) * 8.507059173023462e37
+
+
+@gluon.jit
+def _half(w, h: gl.constexpr):
+    """The word (h = 0) or its high 16 bits moved down, logically (h = 1)."""
+    if h == 1:
+        w = (w.to(gl.uint32, bitcast=True) >> 16).to(gl.int32, bitcast=True)
+    return w
+
+
+@gluon.jit
+def _unit_meta(unit_ptr, u, ok):
+    """Fields a, e, run, zero stream of unit u (zeros where not ok); bits, W0, nt and the block
+    start are the part's, read once."""
+    meta = unit_ptr + u * 8
+    return (gl.load(meta, mask=ok, other=0), gl.load(meta + 1, mask=ok, other=0), gl.load(meta + 3, mask=ok, other=0),
+            gl.load(meta + 7, mask=ok, other=0))
+
+
+@gluon.jit
+def _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16: gl.constexpr):
+    """fp32 scale and zero point of one run for `rows` (`mixed_kernel._run_grid`: scales as raw fp16
+    or fp32 bits, zero points as the run's bit stream zs = first word | width << 27)."""
+    sp = scale_ptr + run.to(gl.int64) * N + rows
+    if SCALE_F16:
+        s = gl.load(sp, mask=rmask, other=0).to(gl.float16, bitcast=True).to(gl.float32)
+    else:
+        s = gl.load(sp, mask=rmask, other=0).to(gl.float32, bitcast=True)
+    zb = zs >> 27
+    bit = rows * zb
+    sh = (bit & 31).to(gl.uint32)
+    wp = zero_ptr + (zs & 0x7FFFFFF) + (bit >> 5)
+    lo = gl.load(wp, mask=rmask, other=0).to(gl.uint32, bitcast=True)
+    hi = gl.load(wp + 1, mask=rmask & ((bit & 31) + zb > 32), other=0).to(gl.uint32, bitcast=True)
+    v = (lo >> sh) | ((hi << 1) << (31 - sh))
+    z = (v & ((1 << zb) - 1).to(gl.uint32)).to(gl.int32)
+    return s, z.to(gl.float32)
+
+
+@gluon.jit
+def _step_words(qw_ptr, N, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, k, a, e, live, ts3, w3,
+                BITS: gl.constexpr, TS: gl.constexpr):
+    """The words of every plane for step k (block-relative tiles tile0 + k*TS + i), each (TS, P0,
+    BLOCK_N) in plane 0's shape (`mixed_kernel._step_words`); offs0..2 the loop-invariant int32
+    offsets of each plane's words from the step's first word row. Tiles outside the unit's columns
+    [a, e), or every tile when not live, are not read."""
+    P0: gl.constexpr = 4 if BITS >= 4 else 2
+    P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: gl.constexpr = 4 if BITS >= 5 else 2
+    P2: gl.constexpr = 1 if BITS == 7 else 0
+    t = tile0 + k * TS  # the step's first tile (block-relative)
+    tb = t + ts3  # (TS, 1, 1)
+    c = start + tb * 32  # kernel column of each tile's start
+    ok = (c < e) & (c + 32 > a) & live & (w3 >= 0) & rmask3  # (TS, P0, BLOCK_N)
+    w0 = gl.load(qw_ptr + (W0 + t * P0).to(gl.int64) * N + offs0, mask=ok, other=0)
+    w1 = w0
+    w2 = w0
+    if P1 > 0:
+        w1 = gl.load(qw_ptr + (W0 + S1 * nt + t * P1).to(gl.int64) * N + offs1, mask=ok, other=0)
+    if P2 > 0:
+        w2 = gl.load(qw_ptr + (W0 + 6 * nt + t).to(gl.int64) * N + offs2, mask=ok, other=0)
+    return w0, w1, w2
+
+
+@gluon.jit
+def _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0, BITS: gl.constexpr, TS: gl.constexpr, R: gl.constexpr,
+              NW: gl.constexpr):
+    """acc (TS, P0, BLOCK_N) += code * x over both 16-bit halves of step k's words, codes decoded
+    in place (`mixed_kernel._inplace_dot`); x (pre-scaled) read from the staged part, masked to
+    [a, e) only where the step sticks out of the unit (col0: kernel column of the step's start)."""
+    P0: gl.constexpr = 4 if BITS >= 4 else 2
+    P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: gl.constexpr = 4 if BITS >= 5 else 2
+    P2: gl.constexpr = 1 if BITS == 7 else 0
+    H: gl.constexpr = 16 // P0
+    L4: gl.constexpr = gl.BlockedLayout([TS, P0, H, R], [1, 1, 1, 32], [1, 1, 1, NW], [3, 2, 1, 0])
+    LX: gl.constexpr = gl.SliceLayout(3, L4)
+    # (1, 1, H, 1) slot of the half word and (1, P0, 1, 1) word: the masks and shifts of the in-place decode
+    hs = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, H, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))),
+                                                      0), 1), 3)
+    w4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, P0, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))),
+                                                      0), 2), 3)
+    m0 = ((1 << P0) - 1) << (hs * P0)
+    up1 = S1 - (w4 // max(P1, 1)) * P1  # plane 1's bits of a column move up beside plane 0's field
+    m1 = ((1 << P1) - 1) << (hs * P0 + S1)
+    up2 = 6 - w4
+    m2 = 1 << (hs * P0 + 6)
+    bnd = (col0 < a) | (col0 + TS * 32 > e)
+    for h in gl.static_range(2):
+        xh = xsm5.index(k * 2 + h).permute((0, 2, 1)).load(LX)  # (TS, P0, H)
+        if bnd:
+            i3 = gl.expand_dims(gl.expand_dims(gl.arange(0, TS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
+            w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, P0, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
+            h3 = gl.expand_dims(gl.expand_dims(gl.arange(0, H, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
+            c = col0 + i3 * 32 + h * 16 + h3 * P0 + w3
+            xh = gl.where((c >= a) & (c < e), xh, 0.0)
+        v = gl.expand_dims(_half(w0, h), 2) & m0
+        if P1 > 0:
+            v |= (gl.expand_dims(_half(w1, h), 2) << up1) & m1
+        if P2 > 0:
+            v |= (gl.expand_dims(_half(w2, h), 2) << up2) & m2
+        acc += gl.sum(_field_float(v) * gl.expand_dims(xh, 3), axis=2)
+    return acc
+
+
+@gluon.jit
+def _unit_xsum(xsm, a, e, col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
+    """sum of x over kernel columns [a, e), from the staged part (whose first column is col0)."""
+    P0: gl.constexpr = 4 if BITS >= 4 else 2
+    H: gl.constexpr = 16 // P0
+    LS: gl.constexpr = gl.BlockedLayout([XT // NW], [32], [NW], [0])
+    p = gl.arange(0, XT * 32, layout=LS)
+    hs = (p // P0) % H
+    col = col0 + ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + hs * P0 + p % P0
+    xv = xsm.load(LS) * _pow2(hs * P0 - 23)  # undo the staging's scale (exact: powers of two)
+    return gl.sum(gl.where((col >= a) & (col < e), xv, 0.0), axis=0)
+
+
+@gluon.jit
+def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
+          BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, GATHER: gl.constexpr,
+          SCALE_F16: gl.constexpr):
+    """y (BLOCK_N,) = sum over the part's units u .. u1 (one width BITS, one block, at most XT tiles
+    from its tile-aligned first column) of s (sum q x - z sum x), one software pipeline: the next
+    step's words (in the next unit when this one ends) are loaded before this step's arithmetic."""
+    NW: gl.constexpr = gl.num_warps()
+    R: gl.constexpr = BLOCK_N // (32 * NW)
+    P0: gl.constexpr = 4 if BITS >= 4 else 2
+    H: gl.constexpr = 16 // P0
+    L4: gl.constexpr = gl.BlockedLayout([TS, P0, H, R], [1, 1, 1, 32], [1, 1, 1, NW], [3, 2, 1, 0])
+    LW: gl.constexpr = gl.SliceLayout(2, L4)
+    LR: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, LW))
+    LS: gl.constexpr = gl.BlockedLayout([XT // NW], [32], [NW], [0])
+    STEP: gl.constexpr = TS * 32
+
+    rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LR)
+    rmask = rows < N
+    rows3 = gl.expand_dims(gl.expand_dims(rows, 0), 0)
+    rmask3 = gl.expand_dims(gl.expand_dims(rmask, 0), 0)
+    ts3 = gl.expand_dims(gl.expand_dims(gl.arange(0, TS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW))), 1), 2)
+    w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, P0, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW))), 0), 2)
+    # each plane's words of a step, as int32 offsets from the step's first word row of that plane
+    P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    offs0 = (ts3 * P0 + w3) * N + rows3
+    offs1 = (ts3 * P1 + w3 % max(P1, 1)) * N + rows3
+    offs2 = (ts3 + w3 * 0) * N + rows3
+
+    # the part's fields: its first column (a tile boundary), its end, its block
+    meta = unit_ptr + u * 8
+    col0 = gl.load(meta)
+    W0 = gl.load(meta + 4)
+    nt = gl.load(meta + 5)
+    start = gl.load(meta + 6)
+    end = gl.load(unit_ptr + (u1 - 1) * 8 + 1)
+    tile0 = (col0 - start) // 32  # block-relative tile of the part's first column
+
+    # stage x of the part in shared memory: position p = ((step * 2 + half) * TS + tile) * 16 + slot * P0 + word,
+    # so that a step's half is a (TS, H, P0) block; scaled by 2**(23 - slot * P0) for the in-place read
+    p = gl.arange(0, XT * 32, layout=LS)
+    hs = (p // P0) % H
+    col = col0 + ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + hs * P0 + p % P0
+    ok = col < end
+    if GATHER:
+        src = gl.load(kcol_ptr + col, mask=ok, other=0).to(gl.int64)
+    else:
+        src = col.to(gl.int64)
+    xsm.store(gl.load(x_ptr + src, mask=ok, other=0.0).to(gl.float32) * _pow2(23 - hs * P0))
+    gl.thread_barrier()
+    xsm5 = xsm._reinterpret(gl.float32, [XT // TS * 2, TS, H, P0], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+
+    a, e, run, zs = _unit_meta(unit_ptr, u, u < u1)
+    s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
+    xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
+    na, ne, nrun, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
+    k = (a - col0) // STEP
+    k1 = (e - col0 + STEP - 1) // STEP
+    w0, w1, w2 = _step_words(qw_ptr, N, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, k, a, e, u < u1, ts3, w3, BITS, TS)
+    acc = gl.zeros([TS, P0, BLOCK_N], gl.float32, layout=LW)
+    y = gl.zeros([BLOCK_N], gl.float32, layout=LR)
+    go = u < u1
+    while go:
+        ends = k + 1 >= k1  # this step is the unit's last
+        more = u + 1 < u1
+        kn = gl.where(ends, (na - col0) // STEP, k + 1)
+        an = gl.where(ends, na, a)
+        en = gl.where(ends, ne, e)
+        n0, n1, n2 = _step_words(qw_ptr, N, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, kn, an, en, ~ends | more, ts3, w3,
+                                  BITS, TS)
+        acc = _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0 + k * STEP, BITS, TS, R, NW)
+        w0, w1, w2 = n0, n1, n2
+        if ends:  # the unit's grid, once; then the next unit's fields, grid and x sum
+            y += s * (gl.sum(gl.sum(acc, axis=0), axis=0) - z * xs)
+            acc = gl.zeros([TS, P0, BLOCK_N], gl.float32, layout=LW)
+            u += 1
+            a, e, run, zs = na, ne, nrun, nzs
+            s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & more, SCALE_F16)
+            xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
+            na, ne, nrun, nzs = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
+            k1 = (e - col0 + STEP - 1) // STEP
+        k = kn
+        go = ~ends | more
+    return y
+
+
+@gluon.jit
+def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
+           BITS: gl.constexpr, TS: gl.constexpr, NS: gl.constexpr, ABL: gl.constexpr = 0):
+    """Start the copies of step j's words (every plane) into ring slot j % NS, one commit group
+    (empty past the part's last step)."""
+    P0: gl.constexpr = 4 if BITS >= 4 else 2
+    P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    S1: gl.constexpr = 4 if BITS >= 5 else 2
+    P2: gl.constexpr = 1 if BITS == 7 else 0
+    if j < nsteps:
+        t = tile0 + j * TS
+        if ABL >= 2:  # the same tile every step: cache hits, no DRAM traffic
+            t = tile0
+        ok = (start + (t + ts3) * 32 < end) & rmask3  # (TS, 1, BLOCK_N)
+        slot = j % NS
+        cp.async_copy_global_to_shared(ring0.index(slot), qw_ptr + (W0 + t * P0).to(gl.int64) * N + offs0, mask=ok)
+        if P1 > 0:
+            cp.async_copy_global_to_shared(ring1.index(slot), qw_ptr + (W0 + S1 * nt + t * P1).to(gl.int64) * N + offs1,
+                                           mask=ok)
+        if P2 > 0:
+            cp.async_copy_global_to_shared(ring2.index(slot), qw_ptr + (W0 + 6 * nt + t).to(gl.int64) * N + offs2, mask=ok)
+    cp.commit_group()
+
+
+@gluon.jit
+def _part_async(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
+                BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NS: gl.constexpr,
+                GATHER: gl.constexpr, SCALE_F16: gl.constexpr, ABL: gl.constexpr = 0):
+    """`_part` with the words streamed through shared memory: a ring of NS steps filled by
+    asynchronous copies (each thread copies and later reads its own rows' words, so no barrier),
+    NS - 1 steps in flight ahead of the arithmetic without holding registers. Steps run over the
+    part's tiles in order; a step that two units share is copied once and read twice."""
+    NW: gl.constexpr = gl.num_warps()
+    R: gl.constexpr = BLOCK_N // (32 * NW)
+    P0: gl.constexpr = 4 if BITS >= 4 else 2
+    P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
+    P2: gl.constexpr = 1 if BITS == 7 else 0
+    Q1: gl.constexpr = 1 if P1 == 1 else P0  # plane 1's words a tile in the ring: one (then broadcast) or P0
+    H: gl.constexpr = 16 // P0
+    L4: gl.constexpr = gl.BlockedLayout([TS, P0, H, R], [1, 1, 1, 32], [1, 1, 1, NW], [3, 2, 1, 0])
+    LW: gl.constexpr = gl.SliceLayout(2, L4)
+    LR: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, LW))
+    LS: gl.constexpr = gl.BlockedLayout([XT // NW], [32], [NW], [0])
+    SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    STEP: gl.constexpr = TS * 32
+
+    rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LR)
+    rmask = rows < N
+    rows3 = gl.expand_dims(gl.expand_dims(rows, 0), 0)
+    rmask3 = gl.expand_dims(gl.expand_dims(rmask, 0), 0)
+    ts3 = gl.expand_dims(gl.expand_dims(gl.arange(0, TS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW))), 1), 2)
+    w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, P0, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW))), 0), 2)
+    offs0 = (ts3 * P0 + w3) * N + rows3
+    if Q1 == 1:
+        offs1 = ts3 * N + rows3
+    else:
+        offs1 = (ts3 * P1 + w3 % max(P1, 1)) * N + rows3
+    offs2 = ts3 * N + rows3
+    ring0 = gl.allocate_shared_memory(gl.int32, [NS, TS, P0, BLOCK_N], SL)
+    ring1 = ring0
+    ring2 = ring0
+    if P1 > 0:
+        ring1 = gl.allocate_shared_memory(gl.int32, [NS, TS, Q1, BLOCK_N], SL)
+    if P2 > 0:
+        ring2 = gl.allocate_shared_memory(gl.int32, [NS, TS, 1, BLOCK_N], SL)
+
+    meta = unit_ptr + u * 8
+    col0 = gl.load(meta)
+    W0 = gl.load(meta + 4)
+    nt = gl.load(meta + 5)
+    start = gl.load(meta + 6)
+    end = gl.load(unit_ptr + (u1 - 1) * 8 + 1)
+    tile0 = (col0 - start) // 32
+    nsteps = (end - col0 + STEP - 1) // STEP
+    for j in gl.static_range(NS - 1):  # the first steps' words in flight before anything else
+        _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
+               BITS, TS, NS, ABL)
+
+    H2: gl.constexpr = 16 // P0
+    p = gl.arange(0, XT * 32, layout=LS)
+    hs = (p // P0) % H2
+    col = col0 + ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + hs * P0 + p % P0
+    ok = col < end
+    if GATHER:
+        src = gl.load(kcol_ptr + col, mask=ok, other=0).to(gl.int64)
+    else:
+        src = col.to(gl.int64)
+    xsm.store(gl.load(x_ptr + src, mask=ok, other=0.0).to(gl.float32) * _pow2(23 - hs * P0))
+    gl.thread_barrier()
+    xsm5 = xsm._reinterpret(gl.float32, [XT // TS * 2, TS, H, P0], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+
+    a, e, run, zs = _unit_meta(unit_ptr, u, u < u1)
+    s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
+    xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
+    na, ne, nrun, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
+    k = (a - col0) // STEP
+    k1 = (e - col0 + STEP - 1) // STEP
+    kiss = k + NS - 1  # the next step to copy
+    acc = gl.zeros([TS, P0, BLOCK_N], gl.float32, layout=LW)
+    y = gl.zeros([BLOCK_N], gl.float32, layout=LR)
+    go = u < u1
+    while go:
+        if kiss <= k + NS - 1:  # one new step a new step (none when two units share this one)
+            _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, kiss, nsteps,
+                   ts3, BITS, TS, NS, ABL)
+            kiss += 1
+        cp.wait_group(NS - 1)  # step k's copies (this thread's) have landed
+        slot = k % NS
+        w0 = ring0.index(slot).load(LW)
+        w1 = w0
+        w2 = w0
+        if P1 > 0:
+            w1 = ring1.index(slot).load(LW)
+        if P2 > 0:
+            w2 = ring2.index(slot).load(LW)
+        if ABL == 1 or ABL == 3:
+            acc += (w0 + w1).to(gl.float32)
+        else:
+            acc = _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0 + k * STEP, BITS, TS, R, NW)
+        ends = k + 1 >= k1  # this step is the unit's last
+        more = u + 1 < u1
+        kn = gl.where(ends, (na - col0) // STEP, k + 1)
+        if ends:  # the unit's grid, once; then the next unit's fields, grid and x sum
+            y += s * (gl.sum(gl.sum(acc, axis=0), axis=0) - z * xs)
+            acc = gl.zeros([TS, P0, BLOCK_N], gl.float32, layout=LW)
+            u += 1
+            a, e, run, zs = na, ne, nrun, nzs
+            s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & more, SCALE_F16)
+            xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
+            na, ne, nrun, nzs = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
+            k1 = (e - col0 + STEP - 1) // STEP
+        k = kn
+        go = ~ends | more
+    cp.wait_group(0)  # no copy outlives the program
+    return y
+
+
+@gluon.jit(do_not_specialize=["has_bias", "n_split"])
+def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                   N, has_bias, n_split,
+                   BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
+                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr = 0,
+                   ABL: gl.constexpr = 0):
+    """Grid (row tiles, parts). out (1, N) = x (1, K) @ W.T (+ bias). Program (pn, ps) owns BLOCK_N
+    rows and part ps (units uoff[ps] .. uoff[ps + 1], one width, at most XT tiles); only the widths
+    in WMASK are compiled in. One part writes the output; more add partials as `mixed_kernel`'s
+    split-K finish does."""
+    NW: gl.constexpr = gl.num_warps()
+    LY: gl.constexpr = gl.BlockedLayout([BLOCK_N // (32 * NW)], [32], [NW], [0])
+    pn = gl.program_id(0)
+    ps = gl.program_id(1)
+    u = gl.load(uoff_ptr + ps)
+    u1 = gl.load(uoff_ptr + ps + 1)
+    bits = gl.load(unit_ptr + u * 8 + 2, mask=u < u1, other=0)
+    xsm = gl.allocate_shared_memory(gl.float32, [XT * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    y = gl.zeros([BLOCK_N], gl.float32, layout=LY)
+    for b in gl.static_range(2, 9):
+        if ((WMASK >> b) & 1) == 1:
+            if bits == b:
+                if NS > 0:
+                    y += gl.convert_layout(_part_async(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N,
+                                                       pn, u, u1, b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16, ABL), LY)
+                else:
+                    y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
+                                                 u1, b, BLOCK_N, TS, XT, GATHER, SCALE_F16), LY)
+    rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
+    rmask = rows < N
+    if not ATOMIC:
+        if has_bias:
+            y += gl.load(bias_ptr + rows, mask=rmask, other=0.0).to(gl.float32)
+        gl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+    else:
+        gl.atomic_add(ws_ptr + rows, y, mask=rmask, sem="relaxed")
+        gl.thread_barrier()  # every thread's partial is issued before the counter moves
+        done = gl.atomic_add(cnt_ptr + pn, 1, sem="acq_rel")
+        if done == n_split - 1:
+            zeros = gl.zeros([BLOCK_N], gl.float32, layout=LY)
+            total = gl.atomic_add(ws_ptr + rows, zeros, mask=rmask, sem="relaxed")  # read at L2
+            total = gl.where(rmask, total, 0.0)
+            gl.store(ws_ptr + rows, zeros, mask=rmask)  # zeroed for the next call
+            if has_bias:
+                total += gl.load(bias_ptr + rows, mask=rmask, other=0.0).to(gl.float32)
+            gl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
+            gl.atomic_xchg(cnt_ptr + pn, 0, sem="relaxed")  # ready for the next call
+
+
+def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: torch.Tensor, uoff: torch.Tensor,
+            scale_bits: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, N: int, cfg: dict,
+            xg: torch.Tensor | None = None, wmask: int = 0b111111100) -> torch.Tensor:
+    """out (1, N) in x's dtype from x (1, K) contiguous by `gemv_gl_kernel`. units, uoff:
+    `MixedBitLinear.split_units(cfg["SPLIT"], device, max_tiles=cfg["XT"])` (parts of one width and
+    at most XT tiles). xg: x gathered into kernel order, used when cfg["GATHER"] is False."""
+    import mixed_kernel
+    if x.shape[0] != 1:
+        raise ValueError(f"{x.shape[0]} tokens for the one-token Gluon kernel")
+    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    BN, split = cfg["BLOCK_N"], uoff.numel() - 1
+    if BN % (32 * cfg["num_warps"]) or cfg["XT"] % cfg["TS"]:
+        raise ValueError(f"BLOCK_N {BN} must be a multiple of 32 x {cfg['num_warps']} warps, XT of TS: {cfg}")
+    grid = (triton.cdiv(N, BN), split)
+    ws, cnt = mixed_kernel.workspace(x.device, N, grid[0]) if split > 1 else (out, out)
+    src = x if cfg["GATHER"] else xg
+    with on_device(x.device):
+        gemv_gl_kernel[grid](src, kcols, qweight, units, uoff, scale_bits, zero, bias if bias is not None else out,
+                             out, ws, cnt, N, int(bias is not None), split,
+                             BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
+                             SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
+                             NS=cfg.get("NS", 0), ABL=cfg.get("ABL", 0), num_warps=cfg["num_warps"])
+    return out
