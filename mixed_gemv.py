@@ -91,31 +91,6 @@ def _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16: gl.conste
 
 
 @gluon.jit
-def _step_words(qw_ptr, N, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, k, a, e, live, ts3, w3,
-                BITS: gl.constexpr, TS: gl.constexpr):
-    """The words of every plane for step k (block-relative tiles tile0 + k*TS + i), each (TS, P0,
-    BLOCK_N) in plane 0's shape (`mixed_kernel._step_words`); offs0..2 the loop-invariant int32
-    offsets of each plane's words from the step's first word row. Tiles outside the unit's columns
-    [a, e), or every tile when not live, are not read."""
-    P0: gl.constexpr = 4 if BITS >= 4 else 2
-    P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-    S1: gl.constexpr = 4 if BITS >= 5 else 2
-    P2: gl.constexpr = 1 if BITS == 7 else 0
-    t = tile0 + k * TS  # the step's first tile (block-relative)
-    tb = t + ts3  # (TS, 1, 1)
-    c = start + tb * 32  # kernel column of each tile's start
-    ok = (c < e) & (c + 32 > a) & live & (w3 >= 0) & rmask3  # (TS, P0, BLOCK_N)
-    w0 = gl.load(qw_ptr + (W0 + t * P0).to(gl.int64) * N + offs0, mask=ok, other=0)
-    w1 = w0
-    w2 = w0
-    if P1 > 0:
-        w1 = gl.load(qw_ptr + (W0 + S1 * nt + t * P1).to(gl.int64) * N + offs1, mask=ok, other=0)
-    if P2 > 0:
-        w2 = gl.load(qw_ptr + (W0 + 6 * nt + t).to(gl.int64) * N + offs2, mask=ok, other=0)
-    return w0, w1, w2
-
-
-@gluon.jit
 def _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0, BITS: gl.constexpr, TS: gl.constexpr, R: gl.constexpr,
               NW: gl.constexpr):
     """acc (TS, P0, BLOCK_N) += code * x over both 16-bit halves of step k's words, codes decoded
@@ -170,94 +145,8 @@ def _unit_xsum(xsm, a, e, col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.con
 
 
 @gluon.jit
-def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
-          BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, GATHER: gl.constexpr,
-          SCALE_F16: gl.constexpr):
-    """y (BLOCK_N,) = sum over the part's units u .. u1 (one width BITS, one block, at most XT tiles
-    from its tile-aligned first column) of s (sum q x - z sum x), one software pipeline: the next
-    step's words (in the next unit when this one ends) are loaded before this step's arithmetic."""
-    NW: gl.constexpr = gl.num_warps()
-    R: gl.constexpr = BLOCK_N // (32 * NW)
-    P0: gl.constexpr = 4 if BITS >= 4 else 2
-    H: gl.constexpr = 16 // P0
-    L4: gl.constexpr = gl.BlockedLayout([TS, P0, H, R], [1, 1, 1, 32], [1, 1, 1, NW], [3, 2, 1, 0])
-    LW: gl.constexpr = gl.SliceLayout(2, L4)
-    LR: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, LW))
-    LS: gl.constexpr = gl.BlockedLayout([XT // NW], [32], [NW], [0])
-    STEP: gl.constexpr = TS * 32
-
-    rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LR)
-    rmask = rows < N
-    rows3 = gl.expand_dims(gl.expand_dims(rows, 0), 0)
-    rmask3 = gl.expand_dims(gl.expand_dims(rmask, 0), 0)
-    ts3 = gl.expand_dims(gl.expand_dims(gl.arange(0, TS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW))), 1), 2)
-    w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, P0, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW))), 0), 2)
-    # each plane's words of a step, as int32 offsets from the step's first word row of that plane
-    P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
-    offs0 = (ts3 * P0 + w3) * N + rows3
-    offs1 = (ts3 * P1 + w3 % max(P1, 1)) * N + rows3
-    offs2 = (ts3 + w3 * 0) * N + rows3
-
-    # the part's fields: its first column (a tile boundary), its end, its block
-    meta = unit_ptr + u * 8
-    col0 = gl.load(meta)
-    W0 = gl.load(meta + 4)
-    nt = gl.load(meta + 5)
-    start = gl.load(meta + 6)
-    end = gl.load(unit_ptr + (u1 - 1) * 8 + 1)
-    tile0 = (col0 - start) // 32  # block-relative tile of the part's first column
-
-    # stage x of the part in shared memory: position p = ((step * 2 + half) * TS + tile) * 16 + slot * P0 + word,
-    # so that a step's half is a (TS, H, P0) block; scaled by 2**(23 - slot * P0) for the in-place read
-    p = gl.arange(0, XT * 32, layout=LS)
-    hs = (p // P0) % H
-    col = col0 + ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + hs * P0 + p % P0
-    ok = col < end
-    if GATHER:
-        src = gl.load(kcol_ptr + col, mask=ok, other=0).to(gl.int64)
-    else:
-        src = col.to(gl.int64)
-    xsm.store(gl.load(x_ptr + src, mask=ok, other=0.0).to(gl.float32) * _pow2(23 - hs * P0))
-    gl.thread_barrier()
-    xsm5 = xsm._reinterpret(gl.float32, [XT // TS * 2, TS, H, P0], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-
-    a, e, run, zs = _unit_meta(unit_ptr, u, u < u1)
-    s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
-    xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
-    na, ne, nrun, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
-    k = (a - col0) // STEP
-    k1 = (e - col0 + STEP - 1) // STEP
-    w0, w1, w2 = _step_words(qw_ptr, N, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, k, a, e, u < u1, ts3, w3, BITS, TS)
-    acc = gl.zeros([TS, P0, BLOCK_N], gl.float32, layout=LW)
-    y = gl.zeros([BLOCK_N], gl.float32, layout=LR)
-    go = u < u1
-    while go:
-        ends = k + 1 >= k1  # this step is the unit's last
-        more = u + 1 < u1
-        kn = gl.where(ends, (na - col0) // STEP, k + 1)
-        an = gl.where(ends, na, a)
-        en = gl.where(ends, ne, e)
-        n0, n1, n2 = _step_words(qw_ptr, N, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, kn, an, en, ~ends | more, ts3, w3,
-                                  BITS, TS)
-        acc = _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0 + k * STEP, BITS, TS, R, NW)
-        w0, w1, w2 = n0, n1, n2
-        if ends:  # the unit's grid, once; then the next unit's fields, grid and x sum
-            y += s * (gl.sum(gl.sum(acc, axis=0), axis=0) - z * xs)
-            acc = gl.zeros([TS, P0, BLOCK_N], gl.float32, layout=LW)
-            u += 1
-            a, e, run, zs = na, ne, nrun, nzs
-            s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & more, SCALE_F16)
-            xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
-            na, ne, nrun, nzs = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
-            k1 = (e - col0 + STEP - 1) // STEP
-        k = kn
-        go = ~ends | more
-    return y
-
-
-@gluon.jit
 def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
-           BITS: gl.constexpr, TS: gl.constexpr, NS: gl.constexpr, ABL: gl.constexpr = 0):
+           BITS: gl.constexpr, TS: gl.constexpr, NS: gl.constexpr):
     """Start the copies of step j's words (every plane) into ring slot j % NS, one commit group
     (empty past the part's last step)."""
     P0: gl.constexpr = 4 if BITS >= 4 else 2
@@ -266,8 +155,6 @@ def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, 
     P2: gl.constexpr = 1 if BITS == 7 else 0
     if j < nsteps:
         t = tile0 + j * TS
-        if ABL >= 2:  # the same tile every step: cache hits, no DRAM traffic
-            t = tile0
         ok = (start + (t + ts3) * 32 < end) & rmask3  # (TS, 1, BLOCK_N)
         slot = j % NS
         cp.async_copy_global_to_shared(ring0.index(slot), qw_ptr + (W0 + t * P0).to(gl.int64) * N + offs0, mask=ok)
@@ -280,13 +167,15 @@ def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, 
 
 
 @gluon.jit
-def _part_async(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
+def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
                 BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NS: gl.constexpr,
-                GATHER: gl.constexpr, SCALE_F16: gl.constexpr, ABL: gl.constexpr = 0):
-    """`_part` with the words streamed through shared memory: a ring of NS steps filled by
-    asynchronous copies (each thread copies and later reads its own rows' words, so no barrier),
-    NS - 1 steps in flight ahead of the arithmetic without holding registers. Steps run over the
-    part's tiles in order; a step that two units share is copied once and read twice."""
+                GATHER: gl.constexpr, SCALE_F16: gl.constexpr):
+    """y (BLOCK_N,) = sum over the part's units u .. u1 (one width BITS, one block, at most XT tiles
+    from its tile-aligned first column) of s (sum q x - z sum x). The words stream through shared
+    memory: a ring of NS steps filled by asynchronous copies (each thread copies and later reads
+    its own rows' words), NS - 1 steps in flight ahead of the arithmetic without holding registers.
+    Steps run over the part's tiles in order; a step that two units share is copied once and read
+    twice."""
     NW: gl.constexpr = gl.num_warps()
     R: gl.constexpr = BLOCK_N // (32 * NW)
     P0: gl.constexpr = 4 if BITS >= 4 else 2
@@ -331,7 +220,7 @@ def _part_async(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, 
     nsteps = (end - col0 + STEP - 1) // STEP
     for j in gl.static_range(NS - 1):  # the first steps' words in flight before anything else
         _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
-               BITS, TS, NS, ABL)
+               BITS, TS, NS)
 
     H2: gl.constexpr = 16 // P0
     p = gl.arange(0, XT * 32, layout=LS)
@@ -357,9 +246,9 @@ def _part_async(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, 
     y = gl.zeros([BLOCK_N], gl.float32, layout=LR)
     go = u < u1
     while go:
-        if kiss <= k + NS - 1:  # one new step a new step (none when two units share this one)
+        if kiss <= k + NS - 1:  # one step's copies per new step (none when two units share this one)
             _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, kiss, nsteps,
-                   ts3, BITS, TS, NS, ABL)
+                   ts3, BITS, TS, NS)
             kiss += 1
         cp.wait_group(NS - 1)  # step k's copies (this thread's) have landed
         slot = k % NS
@@ -370,10 +259,7 @@ def _part_async(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, 
             w1 = ring1.index(slot).load(LW)
         if P2 > 0:
             w2 = ring2.index(slot).load(LW)
-        if ABL == 1 or ABL == 3:
-            acc += (w0 + w1).to(gl.float32)
-        else:
-            acc = _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0 + k * STEP, BITS, TS, R, NW)
+        acc = _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0 + k * STEP, BITS, TS, R, NW)
         ends = k + 1 >= k1  # this step is the unit's last
         more = u + 1 < u1
         kn = gl.where(ends, (na - col0) // STEP, k + 1)
@@ -396,8 +282,7 @@ def _part_async(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, 
 def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                    N, has_bias, n_split,
                    BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
-                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr = 0,
-                   ABL: gl.constexpr = 0):
+                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr):
     """Grid (row tiles, parts). out (1, N) = x (1, K) @ W.T (+ bias). Program (pn, ps) owns BLOCK_N
     rows and part ps (units uoff[ps] .. uoff[ps + 1], one width, at most XT tiles); only the widths
     in WMASK are compiled in. One part writes the output; more add partials as `mixed_kernel`'s
@@ -414,12 +299,8 @@ def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_
     for b in gl.static_range(2, 9):
         if ((WMASK >> b) & 1) == 1:
             if bits == b:
-                if NS > 0:
-                    y += gl.convert_layout(_part_async(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N,
-                                                       pn, u, u1, b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16, ABL), LY)
-                else:
-                    y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
-                                                 u1, b, BLOCK_N, TS, XT, GATHER, SCALE_F16), LY)
+                y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
+                                             b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
     rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
     rmask = rows < N
     if not ATOMIC:
@@ -452,8 +333,9 @@ def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: 
         raise ValueError(f"{x.shape[0]} tokens for the one-token Gluon kernel")
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     BN, split = cfg["BLOCK_N"], uoff.numel() - 1
-    if BN % (32 * cfg["num_warps"]) or cfg["XT"] % cfg["TS"]:
-        raise ValueError(f"BLOCK_N {BN} must be a multiple of 32 x {cfg['num_warps']} warps, XT of TS: {cfg}")
+    if BN % (32 * cfg["num_warps"]) or cfg["XT"] % cfg["TS"] or cfg["XT"] % cfg["num_warps"] or cfg["NS"] < 2:
+        raise ValueError(f"BLOCK_N must be a multiple of 32 x num_warps, XT of TS and of num_warps, NS at least 2: "
+                         f"{cfg}")
     grid = (triton.cdiv(N, BN), split)
     ws, cnt = mixed_kernel.workspace(x.device, N, grid[0]) if split > 1 else (out, out)
     src = x if cfg["GATHER"] else xg
@@ -462,5 +344,5 @@ def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: 
                              out, ws, cnt, N, int(bias is not None), split,
                              BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
                              SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
-                             NS=cfg.get("NS", 0), ABL=cfg.get("ABL", 0), num_warps=cfg["num_warps"])
+                             NS=cfg["NS"], num_warps=cfg["num_warps"])
     return out

@@ -766,6 +766,18 @@ GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num
 # faster at 128 (4096x4096 10.9 against 11.9, 4096x11008 19.2 against 20.9), 8192x8192 about even.
 # Only shapes of 4096 columns and more were timed, so the narrower ones keep GEMV1.
 GEMV1_WIDE = dict(GEMV1, BLOCK_N=256)
+# one token through mixed_gemv (Gluon): 256 rows a program (2 a thread), one tile a step, a ring of 3 steps
+# of asynchronous copies, parts of at most 32 tiles (`split_units(..., max_tiles=XT)`)
+GEMV1_GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16, XT=32, NS=3, GATHER=True, num_warps=4)
+
+
+def has_gluon() -> bool:
+    """Whether this Triton has Gluon (`mixed_gemv`'s kernel): Triton 3.5 and later."""
+    try:
+        import mixed_gemv  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}

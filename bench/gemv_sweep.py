@@ -38,16 +38,14 @@ CFGS = [dict(), dict(SPLIT=16), dict(SPLIT=4), dict(SPLIT=32), dict(BLOCK_N=64, 
         dict(TS=2, SPLIT=16, BLOCK_N=64, num_warps=2, INPLACE=2), dict(TS=2, SPLIT=16, BLOCK_N=32, num_warps=1, INPLACE=2),
         dict(TS=2, SPLIT=32, BLOCK_N=64, num_warps=1, INPLACE=2), dict(TS=2, SPLIT=16, BLOCK_N=256, num_warps=8, INPLACE=2),
         dict(TS=2, SPLIT=16, INPLACE=2, maxnreg=96), dict(TS=2, SPLIT=16, INPLACE=2, maxnreg=80),
-        # mixed_gemv (Gluon, explicit layouts, x staged in shared memory once a program): rows a thread = BLOCK_N / 32 / warps;
-        # NS: words streamed through a ring of NS steps in shared memory by asynchronous copies (0: register prefetch)
-        dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256), dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=3),
-        dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=4), dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=6),
-        dict(GLUON=True, XT=32, TS=1, SPLIT=8, BLOCK_N=256, NS=4), dict(GLUON=True, XT=32, TS=1, SPLIT=16, NS=4),
-        dict(GLUON=True, XT=32, TS=2, SPLIT=16, BLOCK_N=256, NS=3), dict(GLUON=True, XT=32, TS=1, SPLIT=8, BLOCK_N=256, NS=6),
-        dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=512, num_warps=8, NS=4), dict(GLUON=True, XT=32, TS=1, SPLIT=4, BLOCK_N=128, NS=6),
-        dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=3, ABL=1), dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=3, ABL=2),
-        dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=3, ABL=3), dict(GLUON=True, XT=32, TS=1, SPLIT=12, BLOCK_N=256, NS=3),
-        dict(GLUON=True, XT=32, TS=1, SPLIT=24, BLOCK_N=256, NS=3), dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=512, NS=3)]
+        # mixed_gemv (Gluon: explicit layouts, x staged in shared memory once a program, the words streamed through a
+        # ring of NS steps by asynchronous copies); rows a thread = BLOCK_N / 32 / warps. Until 4ece193 also NS 0 (register
+        # prefetch) and ablation switches, gemv-sweep-NVIDIA-H200-2026-12-01-gluon.md
+        dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=3), dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=4),
+        dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=256, NS=6), dict(GLUON=True, XT=32, TS=1, SPLIT=8, BLOCK_N=256, NS=4),
+        dict(GLUON=True, XT=32, TS=1, SPLIT=16, NS=4), dict(GLUON=True, XT=32, TS=2, SPLIT=16, BLOCK_N=256, NS=3),
+        dict(GLUON=True, XT=32, TS=1, SPLIT=12, BLOCK_N=256, NS=3), dict(GLUON=True, XT=32, TS=1, SPLIT=24, BLOCK_N=256, NS=3),
+        dict(GLUON=True, XT=32, TS=1, SPLIT=16, BLOCK_N=512, NS=3)]
 LAYER = [(4096, 4096, 4), (11008, 4096, 2), (4096, 11008, 1)]  # (out, in, linears of that shape)
 
 

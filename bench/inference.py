@@ -140,9 +140,10 @@ def candidates(M: int) -> list[dict]:
     fma = dict(BLOCK_M=1, BLOCK_K=64, USE_DOT=False, GATHER=True, num_warps=1)
     if M == 1:  # gemv_kernel around its default, and the fused kernel's best of 2026-11-30
         g = mixed_kernel.GEMV1
+        gl = [dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp) for sp in (12, 16, 24)] if mixed_kernel.has_gluon() else []
         return [dict(g)] + [dict(g, BLOCK_N=bn, TS=ts, SPLIT=sp) for bn, ts, sp in (
             (128, 2, 8), (128, 2, 24), (128, 1, 16), (128, 4, 8), (64, 1, 32), (256, 2, 16))] + [
-            dict(fma, BLOCK_N=64, unit_k=128)]
+            dict(fma, BLOCK_N=64, unit_k=128)] + gl
     dot16 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, num_warps=4)
     if M <= 16:
         out = [dict(dot16, unit_k=512), dict(dot16, unit_k=256), dict(dot16, unit_k=1024),
@@ -154,6 +155,8 @@ def candidates(M: int) -> list[dict]:
 
 
 def cfg_name(c: dict) -> str:
+    if c.get("GLUON"):
+        return f"gluon n{c['BLOCK_N']} ts{c['TS']} split{c['SPLIT']} ns{c['NS']} w{c['num_warps']}"
     if c.get("GEMV"):
         ip = f" inplace{int(c['INPLACE'])}" if c.get("INPLACE") else ""
         return f"gemv n{c['BLOCK_N']} ts{c['TS']} split{c['SPLIT']} w{c['num_warps']}{ip}"

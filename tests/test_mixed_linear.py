@@ -473,6 +473,29 @@ def test_dequant_kernel_under_triton_interpreter():
     run_interpreted(DEQUANT_SCRIPT)
 
 
+@pytest.mark.parametrize("split,max_tiles", [(2, 1), (4, 2), (16, 3), (3, 32)])
+def test_split_units_max_tiles(split, max_tiles):
+    """The Gluon kernel's work list (mixed_gemv stages a part's x in shared memory): every part one
+    width, starting on a tile, at most max_tiles tiles long; the units still tile every kernel
+    column in order, and a part never mixes widths even when the cap cuts a width block."""
+    R, C, widths, prune = 40, 1000, [3, 3, 4, 2, 6, 7, 5, 3, 4, 2, 8], None
+    W, (tensors, info) = packed_linear(R, C, widths, prune, torch.float32, seed=5)
+    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
+    units, uoff = m.split_units(split, torch.device("cpu"), max_tiles=max_tiles)
+    u, off = units.tolist(), uoff.tolist()
+    assert off[0] == 0 and off[-1] == len(u) and all(b > a for a, b in zip(off, off[1:]))
+    assert u[0][0] == 0 and all(v[0] == w[1] for w, v in zip(u, u[1:])) and u[-1][1] >= C
+    uncapped = m.split_units(split, torch.device("cpu"))[1].numel() - 1
+    assert len(off) - 1 >= max(uncapped, -(-m.blocks[-1][1] // max_tiles))
+    for p in range(len(off) - 1):
+        us = u[off[p]:off[p + 1]]
+        assert len({v[2] for v in us}) == 1 and len({v[4] for v in us}) == 1, us  # one width, one block
+        assert us[0][0] % 32 == 0 and -(-(us[-1][1] - us[0][0]) // 32) <= max_tiles, us
+    assert m.split_units(split, torch.device("cpu"))[0] is not units  # cached apart from the uncapped list
+    with pytest.raises(ValueError):
+        m.split_units(1, torch.device("cpu"), max_tiles=max_tiles)  # one part would mix widths
+
+
 def test_pick_config_one_token_rows_per_program():
     """One token: 256 rows a program where a linear has at least twice as many rows as columns and
     4096 columns or more (gate/up of 7B and 70B, where the H200 measured it faster), else GEMV1."""

@@ -43,6 +43,12 @@ GEMV_VARIANTS = [dict(SPLIT=1), dict(SPLIT=4, TS=2), dict(SPLIT=16, BLOCK_N=64),
                  dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2), dict(SPLIT=16, INPLACE=1), dict(SPLIT=4, INPLACE=2),
                  dict(BLOCK_N=256), dict(SPLIT=8, INPLACE=0)]
 
+# mixed_gemv (Gluon, one token): the measured candidate, direct store where a linear has one part, longer
+# steps, x gathered first, parts capped at 4 tiles (many parts, units cut by the cap), 8 warps
+GLUON = mixed_kernel.GEMV1_GLUON
+GLUON_VARIANTS = [dict(), dict(SPLIT=1), dict(TS=2, NS=4, BLOCK_N=128), dict(GATHER=False), dict(XT=4, SPLIT=2),
+                  dict(BLOCK_N=512, num_warps=8, NS=6)]
+
 
 def captured(module, static_x: torch.Tensor):
     """(CUDA graph of module(static_x), its output tensor), after a warm-up call outside the
@@ -74,6 +80,9 @@ def kernel_configs(layers) -> list[tuple[dict, torch.dtype]]:
             items += [(dict(c, WMASK=m), dt) for m in masks] if c.get("GEMV") else [(c, dt)]
         items += [(mixed_kernel.DENSE, dt), (FUSED_MANY, dt)]
     items += [(dict(mixed_kernel.GEMV1, WMASK=m, **v), torch.float16) for v in GEMV_VARIANTS for m in masks]
+    if mixed_kernel.has_gluon():
+        items += [(dict(GLUON, WMASK=m, **v), torch.float16) for v in GLUON_VARIANTS for m in masks]
+        items += [(dict(GLUON, WMASK=m), dt) for m in masks for dt in (torch.bfloat16, torch.float32)]
     return items
 
 
@@ -217,6 +226,51 @@ def test_gemv_variants(layers, case, variant):
     torch.cuda.synchronize()
     for buf in mixed_kernel._WORKSPACE.get(out.device, ()):  # none yet if only SPLIT 1 ran so far
         assert not buf.any()
+
+
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+@pytest.mark.parametrize("variant", GLUON_VARIANTS)
+def test_gluon_gemv_variants(layers, case, variant):
+    """mixed_gemv's kernel against the exact product, as test_gemv_variants: mixed widths 2..8 (its
+    parts one width each, at most XT tiles), pruning, GQA shapes, biases, a padded last tile; graph
+    replays; the split-K workspace left clean."""
+    if not mixed_kernel.has_gluon():
+        pytest.skip("this Triton has no Gluon")
+    parts, W, bias = layers[case]
+    m = MixedBitLinear.from_parts(parts, bias=bias.half(), dtype=torch.float16, device="cuda")
+    m.tune = dict(GLUON, **variant)
+    x = torch.randn(1, W.shape[1], device="cuda").half()
+    exact = F.linear(x.double(), W.double(), bias.half().double())
+    torch_path = F.linear(x, m.dequantize(), m.bias)
+    err, err_torch = rel(m(x), exact), rel(torch_path, exact)
+    assert err < TOL[torch.float16] and err <= 2 * err_torch + 1e-7, (err, err_torch)
+    static_x = x.clone()
+    g, out = captured(m, static_x)
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        assert rel(out, F.linear(static_x.double(), W.double(), bias.half().double())) < TOL[torch.float16]
+    torch.cuda.synchronize()
+    for buf in mixed_kernel._WORKSPACE.get(out.device, ()):
+        assert not buf.any()
+
+
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gluon_gemv_dtypes(layers, case, dtype):
+    """bf16 and fp32 inputs (fp32 scales where the module is fp32), no bias, a 3-d input."""
+    if not mixed_kernel.has_gluon():
+        pytest.skip("this Triton has no Gluon")
+    parts, W, _ = layers[case]
+    saved = torch.float32 if dtype == torch.float32 else dtype
+    m = MixedBitLinear.from_parts(parts, bias=None, dtype=dtype, device="cuda", saved_dtype=saved)
+    m.tune = dict(GLUON)
+    x = torch.randn(1, 1, W.shape[1], device="cuda").to(dtype)
+    y = m(x)
+    assert y.shape == (1, 1, W.shape[0]) and y.dtype == dtype
+    exact = F.linear(x.double(), W.double())
+    err, err_torch = rel(y, exact), rel(F.linear(x, m.dequantize()), exact)
+    assert err < TOL[dtype] and err <= 2 * err_torch + 1e-7, (err, err_torch)
 
 
 def test_load_packed_on_cuda_runs_the_kernel(tmp_path):
