@@ -74,6 +74,8 @@ fused kernel is faster (29.7 us tuned); 2 and 3 tokens are not measured.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -767,12 +769,18 @@ GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num
 # Only shapes of 4096 columns and more were timed, so the narrower ones keep GEMV1.
 GEMV1_WIDE = dict(GEMV1, BLOCK_N=256)
 # one token through mixed_gemv (Gluon): 256 rows a program (2 a thread), one tile a step, a ring of 3 steps
-# of asynchronous copies, parts of at most 32 tiles (`split_units(..., max_tiles=XT)`)
+# of asynchronous copies, parts of at most 32 tiles (`split_units(..., max_tiles=XT)`). pick_config takes it
+# for 4096 columns and more where rows >= 2 x columns (12 parts) or rows x columns >= 2**26 (16 parts):
+# bench.inference's per-shape trials on an H200 at 3.5 bits (inference-NVIDIA-H200-2026-12-01-gluon.json),
+# us, against the best gemv_kernel configuration: 11008x4096 19.8 (12 parts) vs 22.2, 28672x8192 67.6 vs
+# 76.3, 8192x8192 25.7 (16) vs 28.8, 8192x28672 67.1 (16: 67.1) vs 77.7; 4096x4096 keeps GEMV1 (11.8 vs
+# 10.8), 4096x11008 and 1024x8192 were even (19.2 vs 19.3, 12.4 vs 12.8) and keep it too.
 GEMV1_GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16, XT=32, NS=3, GATHER=True, num_warps=4)
 
 
+@functools.lru_cache(maxsize=None)
 def has_gluon() -> bool:
-    """Whether this Triton has Gluon (`mixed_gemv`'s kernel): Triton 3.5 and later."""
+    """Whether this Triton has Gluon (`mixed_gemv`'s kernel; Triton 3.5 and later)."""
     try:
         import mixed_gemv  # noqa: F401
     except ImportError:
@@ -796,6 +804,8 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True) 
     if dense and M >= DENSE_MIN_TOKENS:
         return dict(DENSE)
     if M == 1:
+        if K >= 4096 and has_gluon() and (N >= 2 * K or N * K >= 1 << 26):
+            return dict(GEMV1_GLUON, SPLIT=12 if N >= 2 * K else 16)
         return dict(GEMV1_WIDE if N >= 2 * K and K >= 4096 else GEMV1)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)

@@ -313,6 +313,11 @@ def bench_model(args, dev, log) -> dict:
     # (2) memory
     fast, fast_bytes = gpu_model_bytes(lambda: packing.load_packed(folder, dtype=dt, device=dev, keep_packed=True))
     mixed = {n: m for n, m in fast.named_modules() if isinstance(m, MixedBitLinear)}
+    if args.one_token != "auto":  # every linear's one-token product through the kernel asked for
+        force = mixed_kernel.GEMV1_GLUON if args.one_token == "gluon" else mixed_kernel.GEMV1
+        for m in mixed.values():
+            mixed_kernel.TUNED[(m.out_features, m.in_features, 1, dt)] = dict(force)
+        out["one_token"] = args.one_token
     stored = file_bytes(folder)
     lin_gpu = sum(m.packed_bytes() for m in mixed.values())
     lin_file = sum(stored[n] for n in mixed)
@@ -467,6 +472,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--one_token", default="auto", choices=["auto", "gluon", "gemv"],
+                    help="(3): the one-token kernel of every linear: pick_config's choice (auto), mixed_gemv's "
+                         "(gluon) or gemv_kernel's (gemv)")
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="(1): layer shapes")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="(1): stored bits")
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS), help="(1): token counts")

@@ -496,15 +496,25 @@ def test_split_units_max_tiles(split, max_tiles):
         m.split_units(1, torch.device("cpu"), max_tiles=max_tiles)  # one part would mix widths
 
 
-def test_pick_config_one_token_rows_per_program():
-    """One token: 256 rows a program where a linear has at least twice as many rows as columns and
-    4096 columns or more (gate/up of 7B and 70B, where the H200 measured it faster), else GEMV1."""
+@pytest.mark.parametrize("gluon", [True, False])
+def test_pick_config_one_token(monkeypatch, gluon):
+    """One token, 4096 columns or more: mixed_gemv's Gluon kernel where rows >= 2 x columns (12
+    parts) or rows x columns >= 2**26 (16 parts), where the H200 measured it faster (gate/up of 7B
+    and 70B, 70B's square and down shapes); else GEMV1. Without Gluon: 256 rows a program where rows
+    >= 2 x columns (gate/up), else GEMV1."""
     pytest.importorskip("triton")
     import mixed_kernel
-    for N, K, rows in ((11008, 4096, 256), (28672, 8192, 256), (4096, 4096, 128), (4096, 11008, 128),
-                       (8192, 8192, 128), (1024, 8192, 128), (1536, 576, 128), (8191, 4096, 128)):
+    monkeypatch.setattr(mixed_kernel, "has_gluon", lambda: gluon)
+    for N, K, split, rows in ((11008, 4096, 12, 256), (28672, 8192, 12, 256), (8192, 8192, 16, None),
+                              (8192, 28672, 16, None), (4096, 4096, None, 128), (4096, 11008, None, 128),
+                              (1024, 8192, None, 128), (1536, 576, None, 128), (8191, 4096, None, 128),
+                              (24576, 2048, None, 128)):
         cfg = mixed_kernel.pick_config(1, N, K, torch.float16)
-        assert cfg["GEMV"] and cfg["BLOCK_N"] == rows, (N, K, cfg)
+        if gluon and split:
+            assert cfg == dict(mixed_kernel.GEMV1_GLUON, SPLIT=split), (N, K, cfg)
+            continue
+        assert cfg["GEMV"] and not cfg.get("GLUON"), (N, K, cfg)
+        assert cfg["BLOCK_N"] == (rows or 128), (N, K, cfg)
         assert {k: v for k, v in cfg.items() if k != "BLOCK_N"} == \
             {k: v for k, v in mixed_kernel.GEMV1.items() if k != "BLOCK_N"}
 
