@@ -1,24 +1,25 @@
-"""One token on CUDA, written in Gluon (Triton's dialect with explicit layouts): `gemv_gl_kernel`,
-y = x Wᵀ (+ bias) for one token straight from `mixed_linear.MixedBitLinear`'s packed codes, the
-same layout, work list and arithmetic as `mixed_kernel.gemv_kernel` with INPLACE 2 (every code
-decoded where it sits and read as a float), laid out so that nothing moves between threads inside
-the loop.
+"""One token on CUDA, written in Gluon (Triton's dialect with explicit layouts, Triton 3.5 and later):
+`gemv_gl_kernel`, y = x Wᵀ (+ bias) for one token straight from `mixed_linear.MixedBitLinear`'s packed
+codes, with the same layout, work list and arithmetic as `mixed_kernel.gemv_kernel` with INPLACE 2
+(every code decoded where it sits and read as a float, fp32 accumulation), laid out so that nothing
+moves between threads inside the loop. `mixed_kernel.pick_config` chooses it at one token for the
+larger shapes.
 
     python -m pytest -q tests_gpu/test_mixed_kernel.py -k gluon      # on a CUDA machine
 
-Why a second kernel: `gemv_kernel` leaves layouts to Triton, which loads a step's words four rows
-a thread and then moves them, and x, through shared memory into the layout of the arithmetic: 7
-barriers a step (offline sm_90 SASS of the 4-bit loop, 2026-12-01). Here every layout is chosen:
+Why a second kernel: `gemv_kernel` leaves layouts to Triton, which loads a step's words four rows a
+thread and then moves them, and x, through shared memory into the layout of the arithmetic (7
+barriers a step in the offline sm_90 SASS of its 4-bit loop). Here every layout is chosen:
 
   L4 (TS, P0, H, BLOCK_N)  a step: TS tiles x P0 words of plane 0 x H slots of a 16-bit half word
                            x rows. A thread holds all of the first three and R = BLOCK_N / (32 *
-                           warps) consecutive rows, lanes and warps run along the rows.
-  words (TS, P0, BLOCK_N)  slice 2 of L4: each thread loads its own rows' words (coalesced along
-                           rows, R-wide vectors), exactly where the arithmetic needs them.
+                           warps) consecutive rows; lanes and warps run along the rows.
+  words (TS, P0, BLOCK_N)  slice 2 of L4: streamed through a ring of NS steps in shared memory by
+                           asynchronous copies, each thread copying (R-wide vectors, coalesced along
+                           rows) and later reading only its own rows' words.
   x (TS, P0, H)            slice 3 of L4: every thread holds the step's x. The program stages its
                            part's x (gathered through the column order, pre-scaled for the in-place
-                           read) in shared memory once, before the loop; a step reads it back as
-                           broadcast loads, with no barrier.
+                           read) in shared memory once; a step reads it back as broadcast loads.
   acc (TS, P0, BLOCK_N)    slice 2 of L4, summed over tiles and words (inside the thread) once a unit.
 
 So a program (row tile, part) needs its part to be one width and at most XT tiles long
@@ -26,6 +27,13 @@ So a program (row tile, part) needs its part to be one width and at most XT tile
 first tile; a unit's first and last steps mask x outside the unit's columns [a, e); sum_k x over a
 unit (for the zero point) is a reduction over the staged x at the unit's start. The split-K finish
 is `mixed_kernel`'s (atomics into the fp32 workspace, a counter per row tile).
+
+Measured (H200, 2026-12-01; bench/results/gemv-sweep-NVIDIA-H200-2026-12-01-gluon.md, gemv-floor-…,
+inference-…-gluon.md): on a whole 7B-shaped layer no faster than gemv_kernel (116.9 against 114.5 us at
+3.5 bits), faster on the large shapes with 12-16 parts (11008x4096 19.8 against 22.2 us, 28672x8192 67.6
+against 76.3, 8192x28672 67.1 against 77.7), where pick_config uses it. The ring's depth hardly matters
+(3-6 steps within 3%): with the arithmetic removed a layer takes 81.6 us of 115.2, with the words' DRAM
+traffic removed 104.6, with both 57.1 — launch, finish and per-step bookkeeping are half the time.
 """
 from __future__ import annotations
 
@@ -36,9 +44,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
 from parallel import on_device
-
-XT_DEFAULT = 32  # tiles of 32 columns a part may hold: 1024 columns, 4 KiB of staged x a program
-
 
 @gluon.jit
 def _pow2(k):

@@ -41,7 +41,9 @@ decodes the codes into a dense (out, in) weight in kernel column order and x's d
 (`dense_workspace`, as large as the largest linear), and cuBLAS multiplies it with x gathered into
 kernel order once. One program per (tile of 32 kernel columns, BLOCK_N rows).
 
-One token: `gemv_kernel` instead (the same layout and grid arithmetic): a program owns BLOCK_N
+One token: `gemv_kernel` instead, or for the larger shapes (`pick_config`) `mixed_gemv.gemv_gl_kernel`,
+the same arithmetic written in Gluon with explicit layouts (mixed_gemv.py). `gemv_kernel` (the same
+layout and grid arithmetic as the fused kernel): a program owns BLOCK_N
 rows and one part of the kernel columns (`MixedBitLinear.split_units`: about SPLIT parts of one
 width each), runs one software pipeline through all of the part's units (the next step's words and
 x, in the next unit when this one ends, loaded before this step's arithmetic), applies each run's
@@ -773,7 +775,7 @@ GEMV1_WIDE = dict(GEMV1, BLOCK_N=256)
 # for 4096 columns and more where rows >= 2 x columns (12 parts) or rows x columns >= 2**26 (16 parts):
 # bench.inference's per-shape trials on an H200 at 3.5 bits (inference-NVIDIA-H200-2026-12-01-gluon.json),
 # us, against the best gemv_kernel configuration: 11008x4096 19.8 (12 parts) vs 22.2, 28672x8192 67.6 vs
-# 76.3, 8192x8192 25.7 (16) vs 28.8, 8192x28672 67.1 (16: 67.1) vs 77.7; 4096x4096 keeps GEMV1 (11.8 vs
+# 76.3, 8192x8192 25.7 (16) vs 28.8, 8192x28672 67.1 (16 parts) vs 77.7; 4096x4096 keeps GEMV1 (11.8 vs
 # 10.8), 4096x11008 and 1024x8192 were even (19.2 vs 19.3, 12.4 vs 12.8) and keep it too.
 GEMV1_GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16, XT=32, NS=3, GATHER=True, num_warps=4)
 
