@@ -1,4 +1,5 @@
-"""One token on CUDA, written in Gluon (Triton's dialect with explicit layouts, Triton 3.5 and later):
+"""One token on CUDA, written in Gluon (Triton's dialect with explicit layouts; Triton 3.6 tested, NVIDIA
+compute capability 8.0 and newer for its asynchronous copies):
 `gemv_gl_kernel`, y = x Wᵀ (+ bias) for one token straight from `mixed_linear.MixedBitLinear`'s packed
 codes, with the same layout, work list and arithmetic as `mixed_kernel.gemv_kernel` with INPLACE 2
 (every code decoded where it sits and read as a float, fp32 accumulation), laid out so that nothing

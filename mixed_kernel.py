@@ -781,32 +781,39 @@ GEMV1_GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16
 
 
 @functools.lru_cache(maxsize=None)
-def has_gluon() -> bool:
-    """Whether this Triton has Gluon (`mixed_gemv`'s kernel; Triton 3.5 and later)."""
+def has_gluon(device: int | None = None) -> bool:
+    """Whether `mixed_gemv`'s kernel can run on CUDA device `device` (the current one when None):
+    this Triton has Gluon with its asynchronous copies (Triton 3.6 tested), and the device is an
+    NVIDIA GPU of compute capability 8.0 or newer (cp.async)."""
     try:
         import mixed_gemv  # noqa: F401
     except ImportError:
         return False
-    return True
+    if torch.version.hip or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
 
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True) -> dict:
+def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
+                device: torch.device | None = None) -> dict:
     """The path and block sizes for a call. From DENSE_MIN_TOKENS tokens (unless TUNED says
     otherwise, or dense=False asks for the fused kernel at any count, as its tests and timings do):
     DENSE=True, decode the weight then cuBLAS, with the decode's BLOCK_N and num_warps.
     Else the fused kernel's BLOCK_M (tokens per program; 1 = CUDA-core path, one token per
     program), BLOCK_N (rows), BLOCK_K (columns per step), USE_DOT (tensor cores), GATHER (x read
-    through kcols inside the kernel, else gathered first), unit_k (columns per unit), num_warps."""
+    through kcols inside the kernel, else gathered first), unit_k (columns per unit), num_warps.
+    One token on the larger shapes: `mixed_gemv`'s Gluon kernel (GEMV1_GLUON) where `device` (the
+    current CUDA device when None) can run it."""
     hit = TUNED.get((N, K, M, dtype))
     if hit is not None and (dense or not hit.get("DENSE")):
         return hit
     if dense and M >= DENSE_MIN_TOKENS:
         return dict(DENSE)
     if M == 1:
-        if K >= 4096 and has_gluon() and (N >= 2 * K or N * K >= 1 << 26):
+        if K >= 4096 and (N >= 2 * K or N * K >= 1 << 26) and has_gluon(None if device is None else device.index):
             return dict(GEMV1_GLUON, SPLIT=12 if N >= 2 * K else 16)
         return dict(GEMV1_WIDE if N >= 2 * K and K >= 4096 else GEMV1)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands

@@ -285,7 +285,7 @@ class MixedBitLinear(torch.nn.Module):
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         M = x2.shape[0]
-        cfg = self.tune or mixed_kernel.pick_config(M, self.out_features, self.in_features, x.dtype)
+        cfg = self.tune or mixed_kernel.pick_config(M, self.out_features, self.in_features, x.dtype, device=x.device)
         if cfg.get("DENSE"):
             return self.forward_dense(x2, cfg).reshape(*shape[:-1], self.out_features)
         xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols.int())

@@ -504,12 +504,12 @@ def test_pick_config_one_token(monkeypatch, gluon):
     >= 2 x columns (gate/up), else GEMV1."""
     pytest.importorskip("triton")
     import mixed_kernel
-    monkeypatch.setattr(mixed_kernel, "has_gluon", lambda: gluon)
+    monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: gluon)
     for N, K, split, rows in ((11008, 4096, 12, 256), (28672, 8192, 12, 256), (8192, 8192, 16, None),
                               (8192, 28672, 16, None), (4096, 4096, None, 128), (4096, 11008, None, 128),
                               (1024, 8192, None, 128), (1536, 576, None, 128), (8191, 4096, None, 128),
                               (24576, 2048, None, 128)):
-        cfg = mixed_kernel.pick_config(1, N, K, torch.float16)
+        cfg = mixed_kernel.pick_config(1, N, K, torch.float16, device=torch.device("cuda", 0))
         if gluon and split:
             assert cfg == dict(mixed_kernel.GEMV1_GLUON, SPLIT=split), (N, K, cfg)
             continue
