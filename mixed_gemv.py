@@ -46,6 +46,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
 from parallel import on_device
 
+
 @gluon.jit
 def _pow2(k):
     """2.0 ** k as fp32 for integer -126 <= k <= 127 (its exponent bits)."""

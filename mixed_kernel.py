@@ -793,6 +793,7 @@ def has_gluon(device: int | None = None) -> bool:
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
+
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
