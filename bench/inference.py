@@ -140,7 +140,11 @@ def candidates(M: int) -> list[dict]:
     fma = dict(BLOCK_M=1, BLOCK_K=64, USE_DOT=False, GATHER=True, num_warps=1)
     if M == 1:  # gemv_kernel around its default, and the fused kernel's best of 2026-11-30
         g = mixed_kernel.GEMV1
-        gl = [dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp) for sp in (12, 16, 24)] if mixed_kernel.has_gluon() else []
+        # the Gluon kernel; 128 rows / 2 warps with many parts for the short, wide shapes (70B k/v, 1024x8192, ran
+        # 0.79x of fp16 with every candidate above: 4-8 row tiles leave most SMs idle) -- not yet timed
+        gl = [dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp) for sp in (12, 16, 24)] + [
+            dict(mixed_kernel.GEMV1_GLUON, BLOCK_N=128, num_warps=2, SPLIT=sp) for sp in (32, 48)] \
+            if mixed_kernel.has_gluon() else []
         return [dict(g)] + [dict(g, BLOCK_N=bn, TS=ts, SPLIT=sp) for bn, ts, sp in (
             (128, 2, 8), (128, 2, 24), (128, 1, 16), (128, 4, 8), (64, 1, 32), (256, 2, 16))] + [
             dict(fma, BLOCK_N=64, unit_k=128)] + gl
