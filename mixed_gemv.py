@@ -44,20 +44,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
+from mixed_kernel import _field_float, _pow2, _run_grid, _store_output, workspace
 from parallel import on_device
-
-
-@gluon.jit
-def _pow2(k):
-    """2.0 ** k as fp32 for integer -126 <= k <= 127 (its exponent bits)."""
-    return ((k + 127) << 23).to(gl.float32, bitcast=True)
-
-
-@gluon.jit
-def _field_float(v):
-    """v (int32, 0 <= v < 2**23) as the fp32 value v * 2**-23, exactly: its bits as the denormal
-    v * 2**-149, times 2**126."""
-    return v.to(gl.float32, bitcast=True) * 8.507059173023462e37
 
 
 @gluon.jit
@@ -75,26 +63,6 @@ def _unit_meta(unit_ptr, u, ok):
     meta = unit_ptr + u * 8
     return (gl.load(meta, mask=ok, other=0), gl.load(meta + 1, mask=ok, other=0), gl.load(meta + 3, mask=ok, other=0),
             gl.load(meta + 7, mask=ok, other=0))
-
-
-@gluon.jit
-def _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16: gl.constexpr):
-    """fp32 scale and zero point of one run for `rows` (`mixed_kernel._run_grid`: scales as raw fp16
-    or fp32 bits, zero points as the run's bit stream zs = first word | width << 27)."""
-    sp = scale_ptr + run.to(gl.int64) * N + rows
-    if SCALE_F16:
-        s = gl.load(sp, mask=rmask, other=0).to(gl.float16, bitcast=True).to(gl.float32)
-    else:
-        s = gl.load(sp, mask=rmask, other=0).to(gl.float32, bitcast=True)
-    zb = zs >> 27
-    bit = rows * zb
-    sh = (bit & 31).to(gl.uint32)
-    wp = zero_ptr + (zs & 0x7FFFFFF) + (bit >> 5)
-    lo = gl.load(wp, mask=rmask, other=0).to(gl.uint32, bitcast=True)
-    hi = gl.load(wp + 1, mask=rmask & ((bit & 31) + zb > 32), other=0).to(gl.uint32, bitcast=True)
-    v = (lo >> sh) | ((hi << 1) << (31 - sh))
-    z = (v & ((1 << zb) - 1).to(gl.uint32)).to(gl.int32)
-    return s, z.to(gl.float32)
 
 
 @gluon.jit
@@ -139,15 +107,24 @@ def _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0, BITS: gl.constexpr, TS: gl.c
 
 
 @gluon.jit
+def _staged_columns(col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
+    """The staged part's layout: position p = ((step * 2 + half) * TS + tile) * 16 + slot * P0 + word
+    holds kernel column col (the part starts at col0), so that a step's half is a (TS, H, P0) block;
+    its x is scaled by 2**(23 - slot * P0) for the in-place read. Returns (slot, col), (XT * 32,)
+    in the staging layout."""
+    P0: gl.constexpr = 4 if BITS >= 4 else 2
+    H: gl.constexpr = 16 // P0
+    p = gl.arange(0, XT * 32, layout=gl.BlockedLayout([XT // NW], [32], [NW], [0]))
+    hs = (p // P0) % H
+    return hs, col0 + ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + hs * P0 + p % P0
+
+
+@gluon.jit
 def _unit_xsum(xsm, a, e, col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
     """sum of x over kernel columns [a, e), from the staged part (whose first column is col0)."""
     P0: gl.constexpr = 4 if BITS >= 4 else 2
-    H: gl.constexpr = 16 // P0
-    LS: gl.constexpr = gl.BlockedLayout([XT // NW], [32], [NW], [0])
-    p = gl.arange(0, XT * 32, layout=LS)
-    hs = (p // P0) % H
-    col = col0 + ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + hs * P0 + p % P0
-    xv = xsm.load(LS) * _pow2(hs * P0 - 23)  # undo the staging's scale (exact: powers of two)
+    hs, col = _staged_columns(col0, BITS, TS, XT, NW)
+    xv = xsm.load(gl.BlockedLayout([XT // NW], [32], [NW], [0])) * _pow2(hs * P0 - 23)  # undo the scale (exact)
     return gl.sum(gl.where((col >= a) & (col < e), xv, 0.0), axis=0)
 
 
@@ -193,7 +170,6 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
     L4: gl.constexpr = gl.BlockedLayout([TS, P0, H, R], [1, 1, 1, 32], [1, 1, 1, NW], [3, 2, 1, 0])
     LW: gl.constexpr = gl.SliceLayout(2, L4)
     LR: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, LW))
-    LS: gl.constexpr = gl.BlockedLayout([XT // NW], [32], [NW], [0])
     SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     STEP: gl.constexpr = TS * 32
 
@@ -229,10 +205,8 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
         _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
                BITS, TS, NS)
 
-    H2: gl.constexpr = 16 // P0
-    p = gl.arange(0, XT * 32, layout=LS)
-    hs = (p // P0) % H2
-    col = col0 + ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + hs * P0 + p % P0
+    # stage x of the part in shared memory (`_staged_columns`), gathered through the column order
+    hs, col = _staged_columns(col0, BITS, TS, XT, NW)
     ok = col < end
     if GATHER:
         src = gl.load(kcol_ptr + col, mask=ok, other=0).to(gl.int64)
@@ -292,8 +266,8 @@ def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_
                    GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr):
     """Grid (row tiles, parts). out (1, N) = x (1, K) @ W.T (+ bias). Program (pn, ps) owns BLOCK_N
     rows and part ps (units uoff[ps] .. uoff[ps + 1], one width, at most XT tiles); only the widths
-    in WMASK are compiled in. One part writes the output; more add partials as `mixed_kernel`'s
-    split-K finish does."""
+    in WMASK are compiled in. One part writes the output; more add partials through
+    `mixed_kernel._split_k_finish` (`_store_output`)."""
     NW: gl.constexpr = gl.num_warps()
     LY: gl.constexpr = gl.BlockedLayout([BLOCK_N // (32 * NW)], [32], [NW], [0])
     pn = gl.program_id(0)
@@ -310,23 +284,7 @@ def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_
                                              b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
     rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
     rmask = rows < N
-    if not ATOMIC:
-        if has_bias:
-            y += gl.load(bias_ptr + rows, mask=rmask, other=0.0).to(gl.float32)
-        gl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
-    else:
-        gl.atomic_add(ws_ptr + rows, y, mask=rmask, sem="relaxed")
-        gl.thread_barrier()  # every thread's partial is issued before the counter moves
-        done = gl.atomic_add(cnt_ptr + pn, 1, sem="acq_rel")
-        if done == n_split - 1:
-            zeros = gl.zeros([BLOCK_N], gl.float32, layout=LY)
-            total = gl.atomic_add(ws_ptr + rows, zeros, mask=rmask, sem="relaxed")  # read at L2
-            total = gl.where(rmask, total, 0.0)
-            gl.store(ws_ptr + rows, zeros, mask=rmask)  # zeroed for the next call
-            if has_bias:
-                total += gl.load(bias_ptr + rows, mask=rmask, other=0.0).to(gl.float32)
-            gl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
-            gl.atomic_xchg(cnt_ptr + pn, 0, sem="relaxed")  # ready for the next call
+    _store_output(y, rows, rmask, rows, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
 
 
 def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: torch.Tensor, uoff: torch.Tensor,
@@ -335,7 +293,6 @@ def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: 
     """out (1, N) in x's dtype from x (1, K) contiguous by `gemv_gl_kernel`. units, uoff:
     `MixedBitLinear.split_units(cfg["SPLIT"], device, max_tiles=cfg["XT"])` (parts of one width and
     at most XT tiles). xg: x gathered into kernel order, used when cfg["GATHER"] is False."""
-    import mixed_kernel
     if x.shape[0] != 1:
         raise ValueError(f"{x.shape[0]} tokens for the one-token Gluon kernel")
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
@@ -344,7 +301,7 @@ def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: 
         raise ValueError(f"BLOCK_N must be a multiple of 32 x num_warps, XT of TS and of num_warps, NS at least 2: "
                          f"{cfg}")
     grid = (triton.cdiv(N, BN), split)
-    ws, cnt = mixed_kernel.workspace(x.device, N, grid[0]) if split > 1 else (out, out)
+    ws, cnt = workspace(x.device, N, grid[0]) if split > 1 else (out, out)
     src = x if cfg["GATHER"] else xg
     with on_device(x.device):
         gemv_gl_kernel[grid](src, kcols, qweight, units, uoff, scale_bits, zero, bias if bias is not None else out,

@@ -275,21 +275,33 @@ def mixed_linear_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, 
     omask = (ms2 < M) & (rows2 < N)
     offs = ms2.to(tl.int64) * N + rows2
     tile = pm * tl.num_programs(1) + pn
-    _split_k_finish(y, offs, omask, rows2, tile, n_units, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias,
-                    BLOCK_M, BLOCK_N)
+    _split_k_finish(y, offs, omask, rows2, tile, n_units, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias)
 
 
 @triton.jit
-def _split_k_finish(y, offs, omask, rows2, tile, n_parts, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _store_output(y, offs, omask, rows2, tile, n_parts, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias,
+                  ATOMIC: tl.constexpr):
+    """A GEMV program's output: with one part (not ATOMIC) y plus the bias stored in the output's
+    dtype, with several through `_split_k_finish`. `mixed_gemv`'s Gluon kernel calls it too."""
+    if not ATOMIC:
+        if has_bias:
+            y += tl.load(bias_ptr + rows2, mask=omask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        _split_k_finish(y, offs, omask, rows2, tile, n_parts, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias)
+
+
+@triton.jit
+def _split_k_finish(y, offs, omask, rows2, tile, n_parts, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias):
     """Split-K: add the partial y into the fp32 workspace; the last of the n_parts programs of the
     output tile (a counter per tile) adds the bias, writes the output in its dtype and leaves the
-    workspace and the counter zeroed for the next call."""
+    workspace and the counter zeroed for the next call. Any shape (omask's); no tensor is created
+    from a shape alone, so Gluon kernels can call it too (`_store_output`)."""
     tl.atomic_add(ws_ptr + offs, y, mask=omask, sem="relaxed")
     tl.debug_barrier()  # every thread's partial is issued before the counter moves
     done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
     if done == n_parts - 1:
-        zeros = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        zeros = tl.where(omask, 0.0, 0.0)  # fp32 zeros in omask's shape (and, in Gluon, its layout)
         total = tl.atomic_add(ws_ptr + offs, zeros, mask=omask, sem="relaxed")  # read at L2, past any stale L1
         total = tl.where(omask, total, 0.0)
         tl.store(ws_ptr + offs, zeros, mask=omask)  # zeroed for the next call
@@ -594,13 +606,7 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     ms2 = ms[:, None] + rows[None, :] * 0
     omask = (ms2 < M) & (rows2 < N)
     offs = ms2.to(tl.int64) * N + rows2
-    if not ATOMIC:
-        if has_bias:
-            y += tl.load(bias_ptr + rows2, mask=omask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        _split_k_finish(y, offs, omask, rows2, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias,
-                        BLOCK_M, BLOCK_N)
+    _store_output(y, offs, omask, rows2, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
 
 
 # ---------------------------------------------------------------- dequantize (many tokens)
