@@ -878,6 +878,16 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
     return out
 
 
+def gemv_launcher(cfg: dict):
+    """(launcher, parts, max_tiles) of a one-token configuration: `gemv` over about SPLIT parts, or
+    with GLUON `mixed_gemv.gemv_gl`, whose parts must each be one width (at least 2 parts) and at
+    most XT tiles long. The parts and max_tiles are `MixedBitLinear.split_units`'s arguments."""
+    if cfg.get("GLUON"):
+        import mixed_gemv
+        return mixed_gemv.gemv_gl, max(2, cfg["SPLIT"]), cfg["XT"]
+    return gemv, cfg["SPLIT"], 0
+
+
 # ---------------------------------------------------------------- compile ahead
 def _warm_one(item: tuple[dict, str]) -> None:
     """Compile one configuration for one input dtype with a tiny launch (fills Triton's disk cache)."""
@@ -897,19 +907,12 @@ def _warm_one(item: tuple[dict, str]) -> None:
         return
     x = torch.randn(max(1, cfg["BLOCK_M"]), K, device=dev).to(getattr(torch, dtype_name))
     units = torch.tensor([[0, 32, 4, 0, 0, K // 32, 0, zs]], dtype=torch.int32, device=dev)
-    if cfg.get("GLUON"):  # mixed_gemv's one-token kernel: one part of one unit, the rest empty (split-K binary)
-        import mixed_gemv
-        uoff = torch.tensor([0] + [1] * max(2, cfg["SPLIT"]), dtype=torch.int32, device=dev)
-        mixed_gemv.gemv_gl(x[:1], torch.zeros(K, dtype=torch.int16, device=dev),
-                           torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev), units, uoff,
-                           torch.zeros(1, N, dtype=torch.int16, device=dev), zero, None, N, cfg, xg=x[:1])
-        torch.cuda.synchronize()
-        return
-    if cfg.get("GEMV"):
-        uoff = torch.tensor([0] + [1] * cfg["SPLIT"], dtype=torch.int32, device=dev)
-        gemv(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
-             units, uoff, torch.zeros(1, N, dtype=torch.int16, device=dev), zero,
-             None, N, cfg, xg=x)  # fp16 scales, as the solver saves them
+    if cfg.get("GEMV"):  # one part of one unit, the rest empty (the split-K binary)
+        run, split, _ = gemv_launcher(cfg)
+        uoff = torch.tensor([0] + [1] * split, dtype=torch.int32, device=dev)
+        run(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
+            units, uoff, torch.zeros(1, N, dtype=torch.int16, device=dev), zero,
+            None, N, cfg, xg=x)  # fp16 scales, as the solver saves them
         torch.cuda.synchronize()
         return
     launch(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),

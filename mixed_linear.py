@@ -290,16 +290,11 @@ class MixedBitLinear(torch.nn.Module):
             return self.forward_dense(x2, cfg).reshape(*shape[:-1], self.out_features)
         xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols.int())
         bias = None if self.bias is None else self.bias
-        if cfg.get("GLUON"):  # one token, mixed_gemv (parts of one width, at most XT tiles)
-            import mixed_gemv
-            units, uoff = self.split_units(max(2, cfg["SPLIT"]), x.device, max_tiles=cfg["XT"])
-            out = mixed_gemv.gemv_gl(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias,
-                                     self.out_features, cfg, xg, self.wmask)
-            return out.reshape(*shape[:-1], self.out_features)
-        if cfg.get("GEMV"):
-            units, uoff = self.split_units(cfg["SPLIT"], x.device)
-            out = mixed_kernel.gemv(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias,
-                                    self.out_features, cfg, xg, self.wmask)
+        if cfg.get("GEMV"):  # one token: gemv_kernel, or mixed_gemv's Gluon kernel
+            run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
+            units, uoff = self.split_units(split, x.device, max_tiles=max_tiles)
+            out = run(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias, self.out_features, cfg,
+                      xg, self.wmask)
             return out.reshape(*shape[:-1], self.out_features)
         out = mixed_kernel.launch(x2, self.kcols, self.qweight, self.units(cfg["unit_k"], x.device),
                                   self.scale_bits, self.zero, bias, self.out_features, cfg, xg)

@@ -22,9 +22,6 @@ import mixed_kernel  # noqa: E402
 from bench.inference import graph_time, synthetic_parts  # noqa: E402
 from mixed_linear import MixedBitLinear  # noqa: E402
 
-GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16, XT=32, GATHER=True, num_warps=4, NS=3)
-
-
 @triton.jit
 def _empty(p):
     tl.store(p + tl.program_id(0), 1.0)
@@ -56,23 +53,19 @@ def main() -> None:
         res.append(dict(case="copy of the packed words", shape=[R, C], bytes=nbytes,
                         us=us([lambda s=s, d=d: d.copy_(s) for s, d in zip(srcs, dsts)])))
         del dsts
-        for name, cfg in [("gemv_kernel GEMV1", dict(mixed_kernel.GEMV1)), ("mixed_gemv", dict(GLUON))]:
+        for name, cfg in [("gemv_kernel GEMV1", dict(mixed_kernel.GEMV1)), ("mixed_gemv", dict(mixed_kernel.GEMV1_GLUON))]:
             for m in mods:
                 m.tune = cfg
             res.append(dict(case=name, shape=[R, C], us=us([lambda m=m: m(x) for m in mods])))
             # every part empty: the same grid, offsets all zero
             m0 = mods[0]
-            if cfg.get("GLUON"):
-                import mixed_gemv
-                units, uoff = m0.split_units(cfg["SPLIT"], dev, max_tiles=cfg["XT"])
-                empty = torch.zeros_like(uoff)
-                call = lambda: mixed_gemv.gemv_gl(x, m0.kcols, m0.qweight, units, empty, m0.scale_bits, m0.zero,  # noqa: E731
-                                                  None, R, cfg, None, m0.wmask)
-            else:
-                units, uoff = m0.split_units(cfg["SPLIT"], dev)
-                empty = torch.zeros_like(uoff)
-                call = lambda: mixed_kernel.gemv(x, m0.kcols, m0.qweight, units, empty, m0.scale_bits, m0.zero,  # noqa: E731
-                                                 None, R, cfg, None, m0.wmask)
+            run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
+            units, uoff = m0.split_units(split, dev, max_tiles=max_tiles)
+            empty = torch.zeros_like(uoff)
+
+            def call(run=run, units=units, empty=empty, cfg=cfg):
+                run(x, m0.kcols, m0.qweight, units, empty, m0.scale_bits, m0.zero, None, R, cfg, None, m0.wmask)
+
             res.append(dict(case=name + ", every part empty", shape=[R, C], us=us([call] * 8)))
         for r in res[-6:]:
             print(r, flush=True)

@@ -512,7 +512,11 @@ def test_pick_config_one_token(monkeypatch, gluon):
         cfg = mixed_kernel.pick_config(1, N, K, torch.float16, device=torch.device("cuda", 0))
         if gluon and split:
             assert cfg == dict(mixed_kernel.GEMV1_GLUON, SPLIT=split), (N, K, cfg)
+            import mixed_gemv  # its parts: one width each (at least 2), at most XT tiles
+            assert mixed_kernel.gemv_launcher(cfg) == (mixed_gemv.gemv_gl, split, cfg["XT"])
+            assert mixed_kernel.gemv_launcher(dict(cfg, SPLIT=1))[1] == 2
             continue
+        assert mixed_kernel.gemv_launcher(cfg) == (mixed_kernel.gemv, cfg["SPLIT"], 0)
         assert cfg["GEMV"] and not cfg.get("GLUON"), (N, K, cfg)
         assert cfg["BLOCK_N"] == (rows or 128), (N, K, cfg)
         assert {k: v for k, v in cfg.items() if k != "BLOCK_N"} == \
