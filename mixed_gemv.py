@@ -44,8 +44,24 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
-from mixed_kernel import _field_float, _pow2, _run_grid, _store_output, workspace
+from mixed_kernel import (INPLACE_UNSCALE, _field_denormal, _inplace_scale, _pow2, _run_grid, _store_output, use_pdl,
+                          workspace)
 from parallel import on_device
+
+
+@gluon.jit
+def _gdc_wait():
+    """Programmatic dependent launch: wait until the kernel before this one on the stream has finished
+    and its writes are visible (returns at once when not launched as a dependent; sm_90+)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    """Programmatic dependent launch: let the next kernel on the stream start its programs (they wait
+    in `_gdc_wait` before touching anything this one writes)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -102,7 +118,7 @@ def _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0, BITS: gl.constexpr, TS: gl.c
             v |= (gl.expand_dims(_half(w1, h), 2) << up1) & m1
         if P2 > 0:
             v |= (gl.expand_dims(_half(w2, h), 2) << up2) & m2
-        acc += gl.sum(_field_float(v) * gl.expand_dims(xh, 3), axis=2)
+        acc += gl.sum(_field_denormal(v) * gl.expand_dims(xh, 3), axis=2)
     return acc
 
 
@@ -124,7 +140,7 @@ def _unit_xsum(xsm, a, e, col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.con
     """sum of x over kernel columns [a, e), from the staged part (whose first column is col0)."""
     P0: gl.constexpr = 4 if BITS >= 4 else 2
     hs, col = _staged_columns(col0, BITS, TS, XT, NW)
-    xv = xsm.load(gl.BlockedLayout([XT // NW], [32], [NW], [0])) * _pow2(hs * P0 - 23)  # undo the scale (exact)
+    xv = xsm.load(gl.BlockedLayout([XT // NW], [32], [NW], [0])) * _pow2(hs * P0 - 85)  # undo _inplace_scale (exact)
     return gl.sum(gl.where((col >= a) & (col < e), xv, 0.0), axis=0)
 
 
@@ -152,14 +168,15 @@ def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, 
 
 @gluon.jit
 def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
-                BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NS: gl.constexpr,
-                GATHER: gl.constexpr, SCALE_F16: gl.constexpr):
+          BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NS: gl.constexpr,
+          GATHER: gl.constexpr, SCALE_F16: gl.constexpr, PDL: gl.constexpr):
     """y (BLOCK_N,) = sum over the part's units u .. u1 (one width BITS, one block, at most XT tiles
     from its tile-aligned first column) of s (sum q x - z sum x). The words stream through shared
     memory: a ring of NS steps filled by asynchronous copies (each thread copies and later reads
     its own rows' words), NS - 1 steps in flight ahead of the arithmetic without holding registers.
     Steps run over the part's tiles in order; a step that two units share is copied once and read
-    twice."""
+    twice. PDL: the first steps' copies go out before waiting for the kernel before (which may still
+    be writing x)."""
     NW: gl.constexpr = gl.num_warps()
     R: gl.constexpr = BLOCK_N // (32 * NW)
     P0: gl.constexpr = 4 if BITS >= 4 else 2
@@ -205,6 +222,8 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
         _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
                BITS, TS, NS)
 
+    if PDL:
+        _gdc_wait()
     # stage x of the part in shared memory (`_staged_columns`), gathered through the column order
     hs, col = _staged_columns(col0, BITS, TS, XT, NW)
     ok = col < end
@@ -212,7 +231,7 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
         src = gl.load(kcol_ptr + col, mask=ok, other=0).to(gl.int64)
     else:
         src = col.to(gl.int64)
-    xsm.store(gl.load(x_ptr + src, mask=ok, other=0.0).to(gl.float32) * _pow2(23 - hs * P0))
+    xsm.store(gl.load(x_ptr + src, mask=ok, other=0.0).to(gl.float32) * _inplace_scale(hs * P0))
     gl.thread_barrier()
     xsm5 = xsm._reinterpret(gl.float32, [XT // TS * 2, TS, H, P0], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
 
@@ -245,7 +264,7 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
         more = u + 1 < u1
         kn = gl.where(ends, (na - col0) // STEP, k + 1)
         if ends:  # the unit's grid, once; then the next unit's fields, grid and x sum
-            y += s * (gl.sum(gl.sum(acc, axis=0), axis=0) - z * xs)
+            y += s * (gl.sum(gl.sum(acc, axis=0), axis=0) * INPLACE_UNSCALE - z * xs)
             acc = gl.zeros([TS, P0, BLOCK_N], gl.float32, layout=LW)
             u += 1
             a, e, run, zs = na, ne, nrun, nzs
@@ -263,12 +282,17 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
 def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                    N, has_bias, n_split,
                    BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
-                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr):
+                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr,
+                   PDL: gl.constexpr = False):
     """Grid (row tiles, parts). out (1, N) = x (1, K) @ W.T (+ bias). Program (pn, ps) owns BLOCK_N
     rows and part ps (units uoff[ps] .. uoff[ps + 1], one width, at most XT tiles); only the widths
     in WMASK are compiled in. One part writes the output; more add partials through
-    `mixed_kernel._split_k_finish` (`_store_output`)."""
+    `mixed_kernel._split_k_finish` (`_store_output`). PDL (launched as a programmatic dependent,
+    `mixed_kernel.use_pdl`): the next kernel may start at once; this one reads nothing another kernel
+    writes (x) and writes nothing before `_gdc_wait`."""
     NW: gl.constexpr = gl.num_warps()
+    if PDL:
+        _gdc_launch_dependents()
     LY: gl.constexpr = gl.BlockedLayout([BLOCK_N // (32 * NW)], [32], [NW], [0])
     pn = gl.program_id(0)
     ps = gl.program_id(1)
@@ -281,7 +305,9 @@ def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_
         if ((WMASK >> b) & 1) == 1:
             if bits == b:
                 y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
-                                             b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
+                                             b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16, PDL), LY)
+    if PDL:
+        _gdc_wait()  # again, for a program whose part is empty: the kernel before may use the workspace
     rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
     rmask = rows < N
     _store_output(y, rows, rmask, rows, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
@@ -303,10 +329,11 @@ def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: 
     grid = (triton.cdiv(N, BN), split)
     ws, cnt = workspace(x.device, N, grid[0]) if split > 1 else (out, out)
     src = x if cfg["GATHER"] else xg
+    pdl = use_pdl(x.device)
     with on_device(x.device):
         gemv_gl_kernel[grid](src, kcols, qweight, units, uoff, scale_bits, zero, bias if bias is not None else out,
                              out, ws, cnt, N, int(bias is not None), split,
                              BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
                              SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
-                             NS=cfg["NS"], num_warps=cfg["num_warps"])
+                             NS=cfg["NS"], PDL=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"])
     return out

@@ -76,11 +76,13 @@ fused kernel is faster (29.7 us tuned); 2 and 3 tokens are not measured.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from parallel import on_device
 
@@ -424,25 +426,40 @@ def _pow2(k):
 
 
 @triton.jit
-def _field_float(v):
-    """v (int32, 0 <= v < 2**23) as the fp32 value v * 2**-23, exactly: its bits read as a float are
-    the denormal v * 2**-149, times 2**126 (one multiply, no conversion unit, no magic exponent)."""
-    return v.to(tl.float32, bitcast=True) * 8.507059173023462e37
+def _field_denormal(v):
+    """v (int32, 0 <= v < 2**23) read as a float: the denormal v * 2**-149, exactly (no conversion
+    unit, no multiply). Times x pre-scaled by `_inplace_scale` it is q x 2**-64 (`INPLACE_UNSCALE`)."""
+    return v.to(tl.float32, bitcast=True)
+
+
+# The in-place decode multiplies the denormal q * 2**(p - 149) of a code q at bit p by x * 2**(85 - p):
+# one fused multiply-add per weight gives q x 2**-64, exact, as long as |x| < 2**42 (x * 2**85 stays finite)
+# and |q x| >= 2**-62 (the product stays normal; smaller ones go gradually denormal, not to zero). A unit's
+# sum is multiplied back by 2**64 once. Before 2026-12-02 each code was first multiplied by 2**126 (one more
+# multiply per weight) and x scaled by 2**(23 - p).
+INPLACE_UNSCALE = tl.constexpr(18446744073709551616.0)  # 2**64
+
+
+@triton.jit
+def _inplace_scale(p):
+    """x's scale for a code at bit p of its word (0 <= p < 23): 2**(85 - p) (see `_field_denormal`)."""
+    return _pow2(85 - p)
 
 
 @triton.jit
 def _inplace_dot(w0, w1, w2, x, m0, up1, m1, up2, m2, sc0, P1: tl.constexpr, P2: tl.constexpr):
-    """sum over slots of code * x for the slots of one 16-bit half of each word, codes decoded in
-    place: plane 0's field q0 stays at its bit p of the word (mask m0), the narrower planes' bits are
+    """sum over slots of code * x * 2**-64 for the slots of one 16-bit half of each word, codes decoded
+    in place: plane 0's field q0 stays at its bit p of the word (mask m0), the narrower planes' bits are
     shifted left (up1, up2) to sit above it (masks m1, m2), the whole code q at bit p is read as the
-    float q * 2**(p - 23) (`_field_float`) and multiplied by x * 2**(23 - p) (sc0): per weight a logic
-    op, a shift and a logic op per further plane, a multiply and a multiply-add. (J, BLOCK_N)."""
+    denormal q * 2**(p - 149) (`_field_denormal`) and multiplied by x * 2**(85 - p) (sc0,
+    `_inplace_scale`): per weight a logic op, a shift and a logic op per further plane, and a
+    multiply-add. (J, BLOCK_N)."""
     v = w0[:, None, :] & m0[None, :, None]
     if P1 > 0:
         v |= (w1[:, None, :] << up1[:, :, None]) & m1[None, :, None]
     if P2 > 0:
         v |= (w2[:, None, :] << up2[:, :, None]) & m2[None, :, None]
-    return tl.sum(_field_float(v) * (x * sc0[None, :])[:, :, None], axis=1)
+    return tl.sum(_field_denormal(v) * (x * sc0[None, :])[:, :, None], axis=1)
 
 
 @triton.jit
@@ -487,7 +504,7 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
             # s' * P0 + S1 (mask m1), its plane-2 bit (7 bits) at s' * P0 + w moves up by up2 to s' * P0 + 6
             hs = tl.arange(0, 16 // P0)
             m0 = ((1 << P0) - 1) << (hs * P0)
-            sc0 = _pow2(23 - hs * P0)
+            sc0 = _inplace_scale(hs * P0)
             p1 = ((hs * (P0 // max(P1, 1)))[None, :] + (w // max(P1, 1))[:, None]) * P1  # (J, H)
             up1 = (hs * P0 + S1)[None, :] - p1  # >= 0
             m1 = ((1 << P1) - 1) << (hs * P0 + S1)
@@ -529,7 +546,10 @@ def _gemv_segment(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, str
                 xs += tl.sum(xv, axis=1)
                 w0, w1, w2, xv = n0, n1, n2, nx
             if ends:  # the unit's grid, once; then the next unit's fields, grid and successor
-                y += s[None, :] * (tl.sum(acc, axis=0)[None, :] - z[None, :] * tl.sum(xs, axis=0))
+                tot = tl.sum(acc, axis=0)
+                if IP:
+                    tot = tot * INPLACE_UNSCALE
+                y += s[None, :] * (tot[None, :] - z[None, :] * tl.sum(xs, axis=0))
                 acc = tl.zeros((J, BLOCK_N), tl.float32)
                 xs = tl.zeros((J,), tl.float32)
                 u += 1
@@ -575,7 +595,7 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
                 M, N, stride_xm, has_bias, n_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr, ATOMIC: tl.constexpr,
                 GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr,
-                INPLACE: tl.constexpr = False):
+                INPLACE: tl.constexpr = False, PDL: tl.constexpr = False):
     """Grid (row tiles, parts = n_split; ATOMIC: more than one part). WMASK: bit b set for each
     width b the units hold (`MixedBitLinear.wmask`); only those widths' loops are compiled in.
     out (M, N) = x (M, K) @ W.T (+ bias) for M <= BLOCK_M tokens.
@@ -583,7 +603,12 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     contiguous range of kernel columns, one width each when there are several parts): it works
     through them one segment of equal width at a time (`_gemv_segment`), with the grid of each run
     applied once per unit, y += s (sum q x - z sum x), so it reads every code once for all its
-    tokens. One part writes the output; more add partials through `_split_k_finish`."""
+    tokens. One part writes the output; more add partials through `_split_k_finish`.
+    PDL (launched as a programmatic dependent, `use_pdl`): the next kernel may start at once; this one
+    waits for the one before it to finish before it reads x or writes anything."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -800,6 +825,37 @@ def has_gluon(device: int | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+# Programmatic dependent launch for the one-token kernels (`use_pdl`); False turns it off (the bench compares both)
+PDL = True
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether the one-token kernels launch on `device` as programmatic dependents: the next kernel on
+    the stream starts its programs while this one finishes (they wait, `griddepcontrol.wait`, before
+    they read x or write anything), so that a launch and the start of its weight copies overlap the
+    tail of the kernel before. Needs compute capability 9.0 (Hopper) or newer; `PDL` turns it off."""
+    return PDL and device.type == "cuda" and _capability(device.index) >= (9, 0)
+
+
+@contextlib.contextmanager
+def dependent_launches(on: bool):
+    """`PDL` set to `on` inside (for comparisons and timings that must not overlap a kernel with a
+    copy of itself)."""
+    global PDL
+    old, PDL = PDL, on
+    try:
+        yield
+    finally:
+        PDL = old
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    if torch.version.hip:
+        return (0, 0)
+    return torch.cuda.get_device_capability(index)
+
+
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
@@ -866,6 +922,7 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
     grid = (triton.cdiv(N, BN), split)
     ws, cnt = workspace(x.device, M * N, grid[0]) if split > 1 else (out, out)
     src = x if cfg["GATHER"] else xg
+    pdl = use_pdl(x.device)
     with on_device(x.device):  # Triton launches on the current device, which need not be x's
         gemv_kernel[grid](
             src, kcols, qweight, units, uoff, scale_bits, zero, bias if bias is not None else out, out, ws, cnt,
@@ -873,7 +930,7 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BN, TS=cfg["TS"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
             ONE=cfg["BLOCK_M"] == 1 and cfg.get("ONE", True),
             SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask), INPLACE=cfg.get("INPLACE", False),
-            num_warps=cfg["num_warps"],
+            PDL=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
 
