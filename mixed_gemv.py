@@ -44,24 +44,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
-from mixed_kernel import (INPLACE_UNSCALE, _field_denormal, _inplace_scale, _pow2, _run_grid, _store_output, use_pdl,
-                          workspace)
+from mixed_kernel import INPLACE_UNSCALE, _field_denormal, _inplace_scale, _pow2, _run_grid, _store_output, workspace
 from parallel import on_device
-
-
-@gluon.jit
-def _gdc_wait():
-    """Programmatic dependent launch: wait until the kernel before this one on the stream has finished
-    and its writes are visible (returns at once when not launched as a dependent; sm_90+)."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    """Programmatic dependent launch: let the next kernel on the stream start its programs (they wait
-    in `_gdc_wait` before touching anything this one writes)."""
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                              is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -169,14 +153,13 @@ def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, 
 @gluon.jit
 def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
           BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NS: gl.constexpr,
-          GATHER: gl.constexpr, SCALE_F16: gl.constexpr, PDL: gl.constexpr):
+          GATHER: gl.constexpr, SCALE_F16: gl.constexpr):
     """y (BLOCK_N,) = sum over the part's units u .. u1 (one width BITS, one block, at most XT tiles
     from its tile-aligned first column) of s (sum q x - z sum x). The words stream through shared
     memory: a ring of NS steps filled by asynchronous copies (each thread copies and later reads
     its own rows' words), NS - 1 steps in flight ahead of the arithmetic without holding registers.
     Steps run over the part's tiles in order; a step that two units share is copied once and read
-    twice. PDL: the first steps' copies go out before waiting for the kernel before (which may still
-    be writing x)."""
+    twice."""
     NW: gl.constexpr = gl.num_warps()
     R: gl.constexpr = BLOCK_N // (32 * NW)
     P0: gl.constexpr = 4 if BITS >= 4 else 2
@@ -222,8 +205,6 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
         _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
                BITS, TS, NS)
 
-    if PDL:
-        _gdc_wait()
     # stage x of the part in shared memory (`_staged_columns`), gathered through the column order
     hs, col = _staged_columns(col0, BITS, TS, XT, NW)
     ok = col < end
@@ -282,17 +263,12 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
 def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                    N, has_bias, n_split,
                    BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
-                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr,
-                   PDL: gl.constexpr = False):
+                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr):
     """Grid (row tiles, parts). out (1, N) = x (1, K) @ W.T (+ bias). Program (pn, ps) owns BLOCK_N
     rows and part ps (units uoff[ps] .. uoff[ps + 1], one width, at most XT tiles); only the widths
     in WMASK are compiled in. One part writes the output; more add partials through
-    `mixed_kernel._split_k_finish` (`_store_output`). PDL (launched as a programmatic dependent,
-    `mixed_kernel.use_pdl`): the next kernel may start at once; this one reads nothing another kernel
-    writes (x) and writes nothing before `_gdc_wait`."""
+    `mixed_kernel._split_k_finish` (`_store_output`)."""
     NW: gl.constexpr = gl.num_warps()
-    if PDL:
-        _gdc_launch_dependents()
     LY: gl.constexpr = gl.BlockedLayout([BLOCK_N // (32 * NW)], [32], [NW], [0])
     pn = gl.program_id(0)
     ps = gl.program_id(1)
@@ -305,9 +281,7 @@ def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_
         if ((WMASK >> b) & 1) == 1:
             if bits == b:
                 y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
-                                             b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16, PDL), LY)
-    if PDL:
-        _gdc_wait()  # again, for a program whose part is empty: the kernel before may use the workspace
+                                             b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
     rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
     rmask = rows < N
     _store_output(y, rows, rmask, rows, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
@@ -329,11 +303,10 @@ def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: 
     grid = (triton.cdiv(N, BN), split)
     ws, cnt = workspace(x.device, N, grid[0]) if split > 1 else (out, out)
     src = x if cfg["GATHER"] else xg
-    pdl = use_pdl(x.device)
     with on_device(x.device):
         gemv_gl_kernel[grid](src, kcols, qweight, units, uoff, scale_bits, zero, bias if bias is not None else out,
                              out, ws, cnt, N, int(bias is not None), split,
                              BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
                              SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
-                             NS=cfg["NS"], PDL=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"])
+                             NS=cfg["NS"], num_warps=cfg["num_warps"])
     return out

@@ -76,13 +76,11 @@ fused kernel is faster (29.7 us tuned); 2 and 3 tokens are not measured.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from parallel import on_device
 
@@ -595,7 +593,7 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
                 M, N, stride_xm, has_bias, n_split,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TS: tl.constexpr, ATOMIC: tl.constexpr,
                 GATHER: tl.constexpr, SCALE_F16: tl.constexpr, ONE: tl.constexpr, WMASK: tl.constexpr,
-                INPLACE: tl.constexpr = False, PDL: tl.constexpr = False):
+                INPLACE: tl.constexpr = False):
     """Grid (row tiles, parts = n_split; ATOMIC: more than one part). WMASK: bit b set for each
     width b the units hold (`MixedBitLinear.wmask`); only those widths' loops are compiled in.
     out (M, N) = x (M, K) @ W.T (+ bias) for M <= BLOCK_M tokens.
@@ -603,12 +601,7 @@ def gemv_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr
     contiguous range of kernel columns, one width each when there are several parts): it works
     through them one segment of equal width at a time (`_gemv_segment`), with the grid of each run
     applied once per unit, y += s (sum q x - z sum x), so it reads every code once for all its
-    tokens. One part writes the output; more add partials through `_split_k_finish`.
-    PDL (launched as a programmatic dependent, `use_pdl`): the next kernel may start at once; this one
-    waits for the one before it to finish before it reads x or writes anything."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    tokens. One part writes the output; more add partials through `_split_k_finish`."""
     pn = tl.program_id(0)
     ps = tl.program_id(1)
     rows = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -825,37 +818,6 @@ def has_gluon(device: int | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-# Programmatic dependent launch for the one-token kernels (`use_pdl`); False turns it off (the bench compares both)
-PDL = True
-
-
-def use_pdl(device: torch.device) -> bool:
-    """Whether the one-token kernels launch on `device` as programmatic dependents: the next kernel on
-    the stream starts its programs while this one finishes (they wait, `griddepcontrol.wait`, before
-    they read x or write anything), so that a launch and the start of its weight copies overlap the
-    tail of the kernel before. Needs compute capability 9.0 (Hopper) or newer; `PDL` turns it off."""
-    return PDL and device.type == "cuda" and _capability(device.index) >= (9, 0)
-
-
-@contextlib.contextmanager
-def dependent_launches(on: bool):
-    """`PDL` set to `on` inside (for comparisons and timings that must not overlap a kernel with a
-    copy of itself)."""
-    global PDL
-    old, PDL = PDL, on
-    try:
-        yield
-    finally:
-        PDL = old
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int | None) -> tuple[int, int]:
-    if torch.version.hip:
-        return (0, 0)
-    return torch.cuda.get_device_capability(index)
-
-
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
@@ -922,7 +884,6 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
     grid = (triton.cdiv(N, BN), split)
     ws, cnt = workspace(x.device, M * N, grid[0]) if split > 1 else (out, out)
     src = x if cfg["GATHER"] else xg
-    pdl = use_pdl(x.device)
     with on_device(x.device):  # Triton launches on the current device, which need not be x's
         gemv_kernel[grid](
             src, kcols, qweight, units, uoff, scale_bits, zero, bias if bias is not None else out, out, ws, cnt,
@@ -930,7 +891,7 @@ def gemv(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: tor
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=BN, TS=cfg["TS"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
             ONE=cfg["BLOCK_M"] == 1 and cfg.get("ONE", True),
             SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask), INPLACE=cfg.get("INPLACE", False),
-            PDL=pdl, launch_pdl=pdl, num_warps=cfg["num_warps"],
+            num_warps=cfg["num_warps"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
 

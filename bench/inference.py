@@ -136,9 +136,8 @@ def graph_time(calls: list, reps: int = 15, warm: int = 3) -> float:
 
 def model_order_time(layers: list[dict], xs: dict, run) -> float:
     """Median seconds of one layer, the linears in `MODEL_ORDER` with a small stand-in kernel (an
-    in-place multiply of a hidden-sized vector) where the model runs other kernels, so that a kernel
-    launched as a programmatic dependent overlaps only the linear that really runs before it. run(w, x):
-    one linear."""
+    in-place multiply of a hidden-sized vector) where the model runs other kernels, each linear on its
+    input in xs (q, k and v share one, as gate and up do, as in the model). run(w, x): one linear."""
     sep = torch.ones(1, xs["q_proj"].shape[1], device=xs["q_proj"].device, dtype=xs["q_proj"].dtype)
     calls = [(lambda s=sep: s.mul_(1.0)) if n is None else (lambda w=layer[n], x=xs[n]: run(w, x))
              for layer in layers for n in MODEL_ORDER]
@@ -237,42 +236,37 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
             for M in tokens:
                 xs = {n: torch.randn(M, c, device=dev, dtype=dt) for n, (r, c) in shapes.items()}
                 row = {}
-                with mixed_kernel.dependent_launches(False):  # alone and back to back: no overlap with own copies
-                    for n in LINEARS:
-                        r, c = shapes[n]
-                        key = (r, c, M, dt)
-                        # tune the fused kernel once per shape and token count (first setting), where it runs
-                        if key not in mixed_kernel.TUNED and not mixed_kernel.pick_config(M, r, c, dt).get("DENSE"):
-                            trials = []
-                            for cand in candidates(M):
-                                for m in copies[n]:
-                                    m.tune = cand
-                                trials.append((graph_time([lambda m=m, x=xs[n]: m(x) for m in copies[n]], reps=7)
-                                               / len(copies[n]), cand))
-                            best = min(trials, key=lambda t: t[0])[1]
-                            mixed_kernel.TUNED[key] = best
-                            out["tuned"][f"{r}x{c} M={M}"] = {"config": cfg_name(best), "trials_us": {
-                                cfg_name(cand): round(t * 1e6, 2) for t, cand in trials}}
-                        for m in copies[n]:
-                            m.tune = None  # pick_config reads TUNED
-                        cfg = mixed_kernel.pick_config(M, r, c, dt)  # what the forward runs
-                        if cfg.get("DENSE"):
-                            out["tuned"][f"{r}x{c} M={M}"] = {"config": f"dense: dequant n{cfg['BLOCK_N']} "
-                                                                        f"w{cfg['num_warps']} + cuBLAS"}
-                        t = graph_time([lambda m=m, x=xs[n]: m(x) for m in copies[n]]) / len(copies[n])
-                        y = mods[n][0](xs[n])  # a correctness spot check against the dequantized weight
-                        ref = F.linear(xs[n].float(), mods[n][0].dequantize(torch.float32))
-                        err = float((y.float() - ref).norm() / ref.norm())
-                        row[n] = {"us": t * 1e6, "fp16_us": base[M][n] * 1e6, "speedup": base[M][n] / t,
-                                  "GBps": res["bytes"][n] / t / 1e9, "rel_err": err, "path": path_name(cfg)}
-                    layer_copies = [{n: copies[n][i % len(copies[n])] for n in LINEARS} for i in range(n_layers)]
-                    tseq = graph_time([lambda layer=layer, n=n, x=xs[n]: layer[n](x)
-                                       for layer in layer_copies for n in LINEARS]) / n_layers
+                for n in LINEARS:
+                    r, c = shapes[n]
+                    key = (r, c, M, dt)
+                    # tune the fused kernel once per shape and token count (first setting), where it runs
+                    if key not in mixed_kernel.TUNED and not mixed_kernel.pick_config(M, r, c, dt).get("DENSE"):
+                        trials = []
+                        for cand in candidates(M):
+                            for m in copies[n]:
+                                m.tune = cand
+                            trials.append((graph_time([lambda m=m, x=xs[n]: m(x) for m in copies[n]], reps=7)
+                                           / len(copies[n]), cand))
+                        best = min(trials, key=lambda t: t[0])[1]
+                        mixed_kernel.TUNED[key] = best
+                        out["tuned"][f"{r}x{c} M={M}"] = {"config": cfg_name(best), "trials_us": {
+                            cfg_name(cand): round(t * 1e6, 2) for t, cand in trials}}
+                    for m in copies[n]:
+                        m.tune = None  # pick_config reads TUNED
+                    cfg = mixed_kernel.pick_config(M, r, c, dt)  # what the forward runs
+                    if cfg.get("DENSE"):
+                        out["tuned"][f"{r}x{c} M={M}"] = {"config": f"dense: dequant n{cfg['BLOCK_N']} "
+                                                                    f"w{cfg['num_warps']} + cuBLAS"}
+                    t = graph_time([lambda m=m, x=xs[n]: m(x) for m in copies[n]]) / len(copies[n])
+                    y = mods[n][0](xs[n])  # a correctness spot check against the dequantized weight
+                    ref = F.linear(xs[n].float(), mods[n][0].dequantize(torch.float32))
+                    err = float((y.float() - ref).norm() / ref.norm())
+                    row[n] = {"us": t * 1e6, "fp16_us": base[M][n] * 1e6, "speedup": base[M][n] / t,
+                              "GBps": res["bytes"][n] / t / 1e9, "rel_err": err, "path": path_name(cfg)}
+                layer_copies = [{n: copies[n][i % len(copies[n])] for n in LINEARS} for i in range(n_layers)]
+                tseq = graph_time([lambda layer=layer, n=n, x=xs[n]: layer[n](x)
+                                   for layer in layer_copies for n in LINEARS]) / n_layers
                 tmodel = model_order_time(layer_copies, xs, lambda m, x: m(x))
-                pdl_off = None
-                if M == 1 and mixed_kernel.use_pdl(torch.device(dev)):  # the same without dependent launches
-                    with mixed_kernel.dependent_launches(False):
-                        pdl_off = model_order_time(layer_copies, xs, lambda m, x: m(x)) * 1e6
                 tsum = sum(row[n]["us"] for n in LINEARS)
                 fsum = sum(base[M][n] for n in LINEARS) * 1e6
                 paths = sorted({row[n]["path"] for n in LINEARS})
@@ -282,8 +276,7 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
                                 "speedup_seq": base[M]["layer_seq"] / tseq,
                                 "GBps_seq": layer_bytes / tseq / 1e9,
                                 "model_us": tmodel * 1e6, "fp16_model_us": base[M]["layer_model"] * 1e6,
-                                "stand_in_us": base[M]["stand_in"] * 1e6, "model_no_pdl_us": pdl_off,
-                                "pdl": M == 1 and mixed_kernel.use_pdl(torch.device(dev)),
+                                "stand_in_us": base[M]["stand_in"] * 1e6,
                                 "speedup_model": (base[M]["layer_model"] - base[M]["stand_in"])
                                 / (tmodel - base[M]["stand_in"])}
                 res["tokens"][M] = row
@@ -291,8 +284,7 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
                     f"{base[M]['layer_seq'] * 1e6:.1f} "
                     f"({row['layer']['speedup_seq']:.2f}x; sum of linears {row['layer']['speedup_sum']:.2f}x; in model "
                     f"order {row['layer']['model_us']:.1f} vs {row['layer']['fp16_model_us']:.1f} us with "
-                    f"{row['layer']['stand_in_us']:.1f} of stand-ins, linears {row['layer']['speedup_model']:.2f}x; "
-                    f"without PDL {row['layer']['model_no_pdl_us'] or 0:.1f}), "
+                    f"{row['layer']['stand_in_us']:.1f} of stand-ins, linears {row['layer']['speedup_model']:.2f}x), "
                     f"max rel err {max(row[n]['rel_err'] for n in LINEARS):.1e}")
             out["settings"].setdefault(model, {})[setting] = res
             del mods, copies
@@ -454,17 +446,15 @@ def markdown(res: dict) -> str:
                          + f" | {r['tokens'][toks[0]]['layer']['GBps_seq']:.0f} |")
         if "model_us" in next(iter(next(iter(k["settings"].values())).values()))["tokens"][toks[0]]["layer"]:
             L += ["", "In model order (q, k, v, stand-in, o, stand-in, gate, stand-in, up, stand-in, down, stand-in; a "
-                      "stand-in is one small kernel where the model runs others, so that a programmatic dependent launch "
-                      "overlaps only what it would in the model): the linears' speed-up over fp16, (fp16 layer - stand-ins) "
-                      "/ (packed layer - stand-ins), and the packed layer in us (without dependent launches) vs fp16",
+                      "stand-in is one small kernel where the model runs others): the linears' speed-up over fp16, "
+                      "(fp16 layer - stand-ins) / (packed layer - stand-ins), and the layer in us, packed vs fp16",
                   "", "| model | setting | " + " | ".join(f"{m} tok" for m in toks) + " |", "|---|---|" + "---|" * len(toks)]
             for model, settings in k["settings"].items():
                 for setting, r in settings.items():
                     cells = []
                     for m in toks:
                         la = r["tokens"][m]["layer"]
-                        off = f" ({la['model_no_pdl_us']:.0f})" if la.get("model_no_pdl_us") else ""
-                        cells.append(f"{la['speedup_model']:.2f}x ({la['model_us']:.0f}{off} vs {la['fp16_model_us']:.0f}, "
+                        cells.append(f"{la['speedup_model']:.2f}x ({la['model_us']:.0f} vs {la['fp16_model_us']:.0f}, "
                                      f"stand-ins {la['stand_in_us']:.0f})")
                     L.append(f"| {model} | {setting} | " + " | ".join(cells) + " |")
         L += ["", "Sum of the 7 per-linear medians, fp16 / packed:", "",

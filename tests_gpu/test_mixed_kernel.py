@@ -266,45 +266,6 @@ def test_gluon_gemv_dtypes(layers, case, dtype):
     assert err < TOL[dtype] and (dtype == torch.float32 or err <= 2 * err_torch + 1e-7), (err, err_torch)
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gluon"])
-def test_dependent_launches_wait_for_their_input(layers, kernel):
-    """One-token kernels launched as programmatic dependents (`mixed_kernel.use_pdl`, sm_90+) read x
-    only once the kernel before has written it: chains of two linears that feed each other directly
-    (1024x4096 into 4096x1024, the second launched right after the first), normalised in between,
-    equal the same chains without dependent launches, called directly and replayed from a CUDA graph
-    with new inputs (a program that read x early would read the last replay's or garbage)."""
-    if kernel == "gluon" and not mixed_kernel.has_gluon():
-        pytest.skip("this Triton has no Gluon")
-    if torch.cuda.get_device_capability() >= (9, 0):
-        assert mixed_kernel.use_pdl(torch.device("cuda"))
-    (p0, W0, b0), (p1, _, b1) = layers[0], layers[1]
-    cfg = dict(GLUON) if kernel == "gluon" else dict(mixed_kernel.GEMV1)
-    mods = []
-    for parts, bias in ((p0, b0), (p1, b1)):
-        m = MixedBitLinear.from_parts(parts, bias=bias.half(), dtype=torch.float16, device="cuda")
-        m.tune = cfg
-        mods.append(m)
-
-    def chain(x):
-        for _ in range(3):
-            x = mods[1](mods[0](x))
-            x = x / x.float().norm().to(x.dtype) * 32
-        return x
-
-    x = torch.randn(1, W0.shape[1], device="cuda").half()
-    with mixed_kernel.dependent_launches(False):
-        ref = chain(x)
-    assert rel(chain(x), ref.double()) < 1e-2
-    static_x = x.clone()
-    g, out = captured(chain, static_x)
-    for _ in range(3):
-        static_x.copy_(torch.randn_like(static_x))
-        g.replay()
-        with mixed_kernel.dependent_launches(False):
-            ref = chain(static_x)
-        assert rel(out, ref.double()) < 1e-2
-
-
 def test_load_packed_on_cuda_runs_the_kernel(tmp_path):
     """A whole tiny model: packed runtime on CUDA against the dense decode on CUDA."""
     model, reports = compress_tiny("qwen2", torch.float16, "50%", seed=3)
