@@ -259,32 +259,59 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
     return y
 
 
-@gluon.jit(do_not_specialize=["has_bias", "n_split"])
-def gemv_gl_kernel(x_ptr, kcol_ptr, qw_ptr, unit_ptr, uoff_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-                   N, has_bias, n_split,
-                   BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
+@gluon.jit
+def _member(l1, l2, v0, v1, v2, NL: gl.constexpr):
+    """v0, v1 or v2: the value of member 0, 1 or 2 of a group (l1: member 1 or later, l2: member 2)."""
+    v = v0
+    if NL > 1:
+        v = gl.where(l1, v1, v)
+    if NL > 2:
+        v = gl.where(l2, v2, v)
+    return v
+
+
+@gluon.jit(do_not_specialize=["has_bias", "T1", "T2", "S0", "S1", "S2", "R1", "R2"])
+def gemv_gl_kernel(x_ptr, kc0, qw0, un0, uo0, sc0, ze0, kc1, qw1, un1, uo1, sc1, ze1, kc2, qw2, un2, uo2, sc2, ze2,
+                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, N0, N1, N2, T1, T2, R1, R2, S0, S1, S2, has_bias,
+                   NL: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
                    GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr):
-    """Grid (row tiles, parts). out (1, N) = x (1, K) @ W.T (+ bias). Program (pn, ps) owns BLOCK_N
-    rows and part ps (units uoff[ps] .. uoff[ps + 1], one width, at most XT tiles); only the widths
-    in WMASK are compiled in. One part writes the output; more add partials through
-    `mixed_kernel._split_k_finish` (`_store_output`)."""
+    """Grid (row tiles of every member, most parts of a member). out (1, N0 + ... ) = x (1, K) @ W.T
+    (+ bias) for NL (1-3) linears that read the same x (`gemv_gl_group`), each with its own packed
+    codes, column order, work list, grids (kcI, qwI, unI, uoI, scI, zeI; NI rows, SI parts), their
+    outputs side by side (member I's rows from RI; R0 = 0). Program (pn, ps): the member whose row
+    tiles (from TI; T0 = 0) hold pn, BLOCK_N of its rows and its part ps (units uoI[ps] ..
+    uoI[ps + 1], one width, at most XT tiles); a program past the member's parts does nothing. Only
+    the widths in WMASK are compiled in. A member with one part writes its output; more add partials
+    through `mixed_kernel._split_k_finish` (`_store_output`; tile counters numbered over the group)."""
     NW: gl.constexpr = gl.num_warps()
     LY: gl.constexpr = gl.BlockedLayout([BLOCK_N // (32 * NW)], [32], [NW], [0])
     pn = gl.program_id(0)
     ps = gl.program_id(1)
-    u = gl.load(uoff_ptr + ps)
-    u1 = gl.load(uoff_ptr + ps + 1)
-    bits = gl.load(unit_ptr + u * 8 + 2, mask=u < u1, other=0)
-    xsm = gl.allocate_shared_memory(gl.float32, [XT * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    y = gl.zeros([BLOCK_N], gl.float32, layout=LY)
-    for b in gl.static_range(2, 9):
-        if ((WMASK >> b) & 1) == 1:
-            if bits == b:
-                y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
-                                             b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
-    rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
-    rmask = rows < N
-    _store_output(y, rows, rmask, rows, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
+    l1 = pn >= T1
+    l2 = pn >= T2
+    n_split = _member(l1, l2, S0, S1, S2, NL)
+    if ps < n_split:
+        N = _member(l1, l2, N0, N1, N2, NL)
+        kcol_ptr = _member(l1, l2, kc0, kc1, kc2, NL)
+        qw_ptr = _member(l1, l2, qw0, qw1, qw2, NL)
+        unit_ptr = _member(l1, l2, un0, un1, un2, NL)
+        uoff_ptr = _member(l1, l2, uo0, uo1, uo2, NL)
+        scale_ptr = _member(l1, l2, sc0, sc1, sc2, NL)
+        zero_ptr = _member(l1, l2, ze0, ze1, ze2, NL)
+        lpn = pn - _member(l1, l2, 0, T1, T2, NL)  # the row tile inside the member
+        u = gl.load(uoff_ptr + ps)
+        u1 = gl.load(uoff_ptr + ps + 1)
+        bits = gl.load(unit_ptr + u * 8 + 2, mask=u < u1, other=0)
+        xsm = gl.allocate_shared_memory(gl.float32, [XT * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        y = gl.zeros([BLOCK_N], gl.float32, layout=LY)
+        for b in gl.static_range(2, 9):
+            if ((WMASK >> b) & 1) == 1:
+                if bits == b:
+                    y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, lpn,
+                                                 u, u1, b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
+        rows = lpn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
+        grows = rows + _member(l1, l2, 0, R1, R2, NL)  # in the group's output
+        _store_output(y, grows, rows < N, grows, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
 
 
 def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: torch.Tensor, uoff: torch.Tensor,
@@ -293,20 +320,44 @@ def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: 
     """out (1, N) in x's dtype from x (1, K) contiguous by `gemv_gl_kernel`. units, uoff:
     `MixedBitLinear.split_units(cfg["SPLIT"], device, max_tiles=cfg["XT"])` (parts of one width and
     at most XT tiles). xg: x gathered into kernel order, used when cfg["GATHER"] is False."""
-    if x.shape[0] != 1:
-        raise ValueError(f"{x.shape[0]} tokens for the one-token Gluon kernel")
-    out = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    BN, split = cfg["BLOCK_N"], uoff.numel() - 1
+    return gemv_gl_group(xg if not cfg["GATHER"] else x, [(kcols, qweight, units, uoff, scale_bits, zero, N)], bias,
+                         cfg, wmask, x_rows=x.shape[0])
+
+
+def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | None, cfg: dict,
+                  wmask: int = 0b111111100, x_rows: int | None = None) -> torch.Tensor:
+    """out (1, N0 + N1 + ...) in x's dtype: the products of x (1, K) contiguous with 1-3 linears that
+    read it, side by side, in one launch of `gemv_gl_kernel`. members: (kcols, qweight, units, uoff,
+    scale_bits, zero, N) each, units and uoff from `MixedBitLinear.split_units(cfg["SPLIT"], device,
+    max_tiles=cfg["XT"])`; scale_bits of one dtype. bias: (N0 + N1 + ...,) or None. x is read through
+    each member's column order (cfg["GATHER"]); for one member it may be x gathered into kernel
+    order instead (GATHER False)."""
+    if (x_rows or x.shape[0]) != 1:
+        raise ValueError(f"{x_rows or x.shape[0]} tokens for the one-token Gluon kernel")
+    if not 1 <= len(members) <= 3 or (len(members) > 1 and not cfg["GATHER"]):
+        raise ValueError(f"{len(members)} linears in one launch: 1 to 3, reading x through their column orders")
+    if len({m[4].dtype for m in members}) != 1:
+        raise ValueError("the linears' scales differ in dtype")
+    BN = cfg["BLOCK_N"]
     if BN % (32 * cfg["num_warps"]) or cfg["XT"] % cfg["TS"] or cfg["XT"] % cfg["num_warps"] or cfg["NS"] < 2:
         raise ValueError(f"BLOCK_N must be a multiple of 32 x num_warps, XT of TS and of num_warps, NS at least 2: "
                          f"{cfg}")
-    grid = (triton.cdiv(N, BN), split)
-    ws, cnt = workspace(x.device, N, grid[0]) if split > 1 else (out, out)
-    src = x if cfg["GATHER"] else xg
+    Ns = [m[6] for m in members]
+    tiles = [triton.cdiv(n, BN) for n in Ns]
+    parts = [m[3].numel() - 1 for m in members]
+    out = torch.empty(1, sum(Ns), dtype=x.dtype, device=x.device)
+    atomic = max(parts) > 1
+    ws, cnt = workspace(x.device, sum(Ns), sum(tiles)) if atomic else (out, out)
+    pad = members + [members[0]] * (3 - len(members))  # unused slots: never selected
+    args = [t for m in pad for t in m[:6]]
+    big = 1 << 30
+    T1, T2 = (tiles[0] if len(Ns) > 1 else big), (tiles[0] + tiles[1] if len(Ns) > 2 else big)
+    R1, R2 = Ns[0], Ns[0] + (Ns[1] if len(Ns) > 1 else 0)
+    Npad, Spad = Ns + [Ns[0]] * (3 - len(Ns)), parts + [parts[0]] * (3 - len(parts))
     with on_device(x.device):
-        gemv_gl_kernel[grid](src, kcols, qweight, units, uoff, scale_bits, zero, bias if bias is not None else out,
-                             out, ws, cnt, N, int(bias is not None), split,
-                             BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=split > 1, GATHER=cfg["GATHER"],
-                             SCALE_F16=scale_bits.dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
-                             NS=cfg["NS"], num_warps=cfg["num_warps"])
+        gemv_gl_kernel[(sum(tiles), max(parts))](
+            x, *args, bias if bias is not None else out, out, ws, cnt, *Npad, T1, T2, R1, R2, *Spad,
+            int(bias is not None), NL=len(members), BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=atomic,
+            GATHER=cfg["GATHER"], SCALE_F16=members[0][4].dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
+            NS=cfg["NS"], num_warps=cfg["num_warps"])
     return out

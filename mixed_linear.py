@@ -86,6 +86,7 @@ class MixedBitLinear(torch.nn.Module):
         self.blocks, self.kruns = blocks, runs
         self._units: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.tune: dict | None = None  # kernel config override (mixed_kernel.pick_config's keys)
+        self.group: SharedInputGroup | None = None  # linears that read the same input (`group_shared_inputs`)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -291,6 +292,10 @@ class MixedBitLinear(torch.nn.Module):
         xg = None if cfg["GATHER"] else x2.index_select(1, self.kcols.int())
         bias = None if self.bias is None else self.bias
         if cfg.get("GEMV"):  # one token: gemv_kernel, or mixed_gemv's Gluon kernel
+            if self.group is not None and self.tune is None:  # one launch for the linears that share x
+                out = self.group.output(self, x, x2)
+                if out is not None:
+                    return out.reshape(*shape[:-1], self.out_features)
             run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
             units, uoff = self.split_units(split, x.device, max_tiles=max_tiles)
             out = run(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias, self.out_features, cfg,
@@ -342,3 +347,112 @@ class MixedBitLinear(torch.nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"runs={len(self.kruns)}, widths={self.widths()}, avg_bits={avg:.3f}, "
                 f"bytes={self.packed_bytes()}")
+
+
+class SharedInputGroup:
+    """2-3 `MixedBitLinear`s of one layer that read the same input (q/k/v of attention, gate/up of the
+    MLP): at one token on CUDA the first of them called with an input x runs all of them in one
+    launch (`mixed_gemv.gemv_gl_group`: one grid over every member's row tiles and parts, where the
+    launches one by one each pay their own fixed cost), keeps the others' outputs and hands each over
+    when that member is called with the same x; a member called with anything else (another tensor,
+    or x changed in place since) runs the group again. Used where `pick_config` gives the Gluon kernel
+    for the group's summed rows (or `tune`, a config for the group, says so); else, and at other
+    token counts, the members run one by one. A member's own `tune` takes it out of the group.
+
+    The group keeps a reference to the last x and its outputs until the next launch (one token's worth).
+    Under torch.inference_mode a tensor has no version counter: x is then matched by identity only."""
+
+    def __init__(self, members: list[MixedBitLinear]):
+        why = self.incompatible(members)
+        if why:
+            raise ValueError(f"these linears cannot run as one group: {why}")
+        self.members = list(members)
+        self.tune: dict | None = None
+        self._x, self._version, self._pending = None, None, {}
+        self._bias: tuple | None = None
+        for m in members:
+            m.group = self
+
+    @staticmethod
+    def incompatible(members: list[MixedBitLinear]) -> str:
+        """Why `members` cannot share a launch ('' if they can)."""
+        if not 2 <= len(members) <= 3:
+            return f"{len(members)} linears (2 or 3 share a launch)"
+        first = members[0]
+        for m in members[1:]:
+            if m.in_features != first.in_features:
+                return f"inputs of {first.in_features} and {m.in_features} features"
+            if m.qweight.device != first.qweight.device:
+                return f"devices {first.qweight.device} and {m.qweight.device}"
+            if m.scale_bits.dtype != first.scale_bits.dtype or m.kcols.dtype != first.kcols.dtype:
+                return "scales or column orders stored in different dtypes"
+            if (m.bias is None) != (first.bias is None):
+                return "some have a bias and some not"
+        return ""
+
+    def _group_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The members' biases side by side in `dtype` (built once, again if a bias tensor changed)."""
+        if self.members[0].bias is None:
+            return None
+        key = (dtype,) + tuple((m.bias.data_ptr(), m.bias.device, m.bias._version) for m in self.members)
+        if self._bias is None or self._bias[0] != key:
+            self._bias = key, torch.cat([m.bias.to(dtype) for m in self.members])
+        return self._bias[1]
+
+    def output(self, member: MixedBitLinear, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        """member's output (1, out) for input x (x2: x as (1, in) with unit stride), from the group's
+        last launch if that read this x, else from a new one; None if the group does not run here."""
+        import mixed_kernel
+        if x2.shape[0] != 1:
+            return None
+        try:
+            version = x._version
+        except RuntimeError:  # an inference tensor
+            version = None
+        if x is self._x and version == self._version and member in self._pending:
+            out = self._pending.pop(member)
+            if not self._pending:
+                self._x = None
+            return out
+        N = sum(m.out_features for m in self.members)
+        cfg = self.tune or mixed_kernel.pick_config(1, N, member.in_features, x.dtype, device=x.device)
+        if not cfg.get("GLUON"):
+            return None
+        outs = self.launch(x2, cfg)
+        self._x, self._version = x, version
+        self._pending = {m: o for m, o in zip(self.members, outs) if m is not member}
+        return outs[self.members.index(member)]
+
+    def launch(self, x2: torch.Tensor, cfg: dict) -> list[torch.Tensor]:
+        """Every member's output for x2 (1, in), in one launch of `mixed_gemv.gemv_gl_group`: views
+        (1, out) into one (1, sum of outs) tensor."""
+        import mixed_gemv
+        import mixed_kernel
+        _, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
+        members = []
+        for m in self.members:
+            units, uoff = m.split_units(split, x2.device, max_tiles=max_tiles)
+            members.append((m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, m.out_features))
+        wmask = width_mask(b for m in self.members for _, _, b, _ in m.blocks)
+        out = mixed_gemv.gemv_gl_group(x2, members, self._group_bias(x2.dtype), cfg, wmask)
+        bounds = [0]
+        for m in self.members:
+            bounds.append(bounds[-1] + m.out_features)
+        return [out[:, a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling linears that read one input
+
+
+def group_shared_inputs(model: torch.nn.Module) -> int:
+    """Put the `MixedBitLinear` siblings of `model` that read the same input (`SHARED_INPUTS`: q/k/v of
+    an attention block, gate/up of an MLP, LLaMA-family names) into `SharedInputGroup`s; siblings that
+    cannot share a launch (`SharedInputGroup.incompatible`) stay alone. Returns the number of groups."""
+    n = 0
+    for mod in model.modules():
+        for names in SHARED_INPUTS:
+            ms = [getattr(mod, a, None) for a in names]
+            if all(isinstance(m, MixedBitLinear) for m in ms) and not SharedInputGroup.incompatible(ms):
+                SharedInputGroup(ms)
+                n += 1
+    return n

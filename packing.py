@@ -488,11 +488,13 @@ def describe_disk(disk: dict) -> str:
     return line
 
 
-def load_packed(folder, dtype=torch.float16, device="cpu", keep_packed: bool = False):
+def load_packed(folder, dtype=torch.float16, device="cpu", keep_packed: bool = False, group_inputs: bool = True):
     """Rebuild the transformers model of a packed save (one file or sharded): weights decoded in
     fp32, cast to the saved dtype (as the dense save holds them), then to `dtype` (None: the
     saved dtype). keep_packed: the packed linears become `mixed_linear.MixedBitLinear` modules
-    that keep the codes on `device` and never build the dense weight (run at the compressed size)."""
+    that keep the codes on `device` and never build the dense weight (run at the compressed size);
+    group_inputs: q/k/v and gate/up of each layer run at one token as one launch where that pays
+    (`mixed_linear.group_shared_inputs`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     folder = Path(folder)
     header, raw = read_packed(folder)
@@ -527,6 +529,9 @@ def load_packed(folder, dtype=torch.float16, device="cpu", keep_packed: bool = F
             setattr(owner, child, MixedBitLinear.from_parts(parts, bias=bias, dtype=dtype, device=device,
                                                             saved_dtype=saved))
             del dense
+        if group_inputs:
+            from mixed_linear import group_shared_inputs
+            group_shared_inputs(model)
     return model.to(device).eval()
 
 

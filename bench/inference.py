@@ -50,7 +50,7 @@ import mixed_kernel
 import packing
 from datautils import get_eval_tokens
 from layerwise import perplexity
-from mixed_linear import MixedBitLinear, width_mask
+from mixed_linear import MixedBitLinear, SharedInputGroup, width_mask
 from model_io import ARCHS, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +67,9 @@ TOKENS = (1, 4, 16, 128)
 # a decoder layer's linears in the order the model runs them; None: the other kernels in between
 # (attention, residual add and norm, SiLU, the gate product), stood in for by one small kernel each
 MODEL_ORDER = ("q_proj", "k_proj", "v_proj", None, "o_proj", None, "gate_proj", None, "up_proj", None, "down_proj", None)
+# the same with q/k/v and gate/up each one product (fp16: weights concatenated, as fused runtimes hold them)
+FUSED_ORDER = ("qkv", None, "o_proj", None, "gate_up", None, None, "down_proj", None)
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 PASS_BYTES = 256 << 20  # weights touched per timed pass: several times the 50 MB L2
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
            "Explain in simple words why the sky is blue.")
@@ -134,14 +137,24 @@ def graph_time(calls: list, reps: int = 15, warm: int = 3) -> float:
     return statistics.median(times)
 
 
-def model_order_time(layers: list[dict], xs: dict, run) -> float:
-    """Median seconds of one layer, the linears in `MODEL_ORDER` with a small stand-in kernel (an
-    in-place multiply of a hidden-sized vector) where the model runs other kernels, each linear on its
-    input in xs (q, k and v share one, as gate and up do, as in the model). run(w, x): one linear."""
+def model_order_time(layers: list[dict], xs: dict, run, order: tuple = MODEL_ORDER) -> float:
+    """Median seconds of one layer, the linears in `order` with a small stand-in kernel (an in-place
+    multiply of a hidden-sized vector) where the model runs other kernels, each linear on its input in
+    xs (q, k and v share one, as gate and up do, as in the model; `FUSED` names read their first
+    member's). run(w, x): one linear."""
     sep = torch.ones(1, xs["q_proj"].shape[1], device=xs["q_proj"].device, dtype=xs["q_proj"].dtype)
-    calls = [(lambda s=sep: s.mul_(1.0)) if n is None else (lambda w=layer[n], x=xs[n]: run(w, x))
-             for layer in layers for n in MODEL_ORDER]
+    calls = [(lambda s=sep: s.mul_(1.0)) if n is None else
+             (lambda w=layer[n], x=xs[FUSED[n][0] if n in FUSED else n]: run(w, x))
+             for layer in layers for n in order]
     return graph_time(calls) / len(layers)
+
+
+def shared_inputs(M: int, shapes: dict, dev, dt) -> dict:
+    """Inputs per linear: q/k/v one tensor, gate/up one, o and down their own."""
+    xa, xm = torch.randn(M, shapes["q_proj"][1], device=dev, dtype=dt), torch.randn(M, shapes["gate_proj"][1],
+                                                                                     device=dev, dtype=dt)
+    return {"q_proj": xa, "k_proj": xa, "v_proj": xa, "o_proj": torch.randn(M, shapes["o_proj"][1], device=dev, dtype=dt),
+            "gate_proj": xm, "up_proj": xm, "down_proj": torch.randn(M, shapes["down_proj"][1], device=dev, dtype=dt)}
 
 
 def stand_in_time(x: torch.Tensor, n_layers: int) -> float:
@@ -203,7 +216,7 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
                  for _ in range(n_layers)]
         base: dict = {}
         for M in tokens:
-            xs = {n: torch.randn(M, c, device=dev, dtype=dt) for n, (r, c) in shapes.items()}
+            xs = shared_inputs(M, shapes, dev, dt)
             row = {}
             for n in LINEARS:
                 ws = [layer[n] for layer in dense[:copies_for(dense[0][n].numel() * 2)]]
@@ -213,6 +226,9 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
             row["layer_seq"] = graph_time([lambda layer=layer, n=n, x=xs[n]: F.linear(x, layer[n])
                                            for layer in dense for n in LINEARS]) / len(dense)
             row["layer_model"] = model_order_time(dense, xs, lambda w, x: F.linear(x, w))
+            fused = [dict(layer, **{f: torch.cat([layer[n] for n in ns]) for f, ns in FUSED.items()}) for layer in dense]
+            row["layer_model_fused"] = model_order_time(fused, xs, lambda w, x: F.linear(x, w), FUSED_ORDER)
+            del fused
             row["stand_in"] = stand_in_time(xs["q_proj"], len(dense))
             base[M] = row
             log(f"{model} fp16 M={M}: layer {row['layer_seq'] * 1e6:.1f} us")
@@ -234,7 +250,7 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
                       for n, (m, _) in mods.items()}
             n_layers = copies_for(layer_bytes)
             for M in tokens:
-                xs = {n: torch.randn(M, c, device=dev, dtype=dt) for n, (r, c) in shapes.items()}
+                xs = shared_inputs(M, shapes, dev, dt)
                 row = {}
                 for n in LINEARS:
                     r, c = shapes[n]
@@ -267,6 +283,15 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
                 tseq = graph_time([lambda layer=layer, n=n, x=xs[n]: layer[n](x)
                                    for layer in layer_copies for n in LINEARS]) / n_layers
                 tmodel = model_order_time(layer_copies, xs, lambda m, x: m(x))
+                tgroup = None
+                if M == 1:  # q/k/v and gate/up each one launch (mixed_linear.SharedInputGroup), where it pays
+                    for layer in layer_copies:
+                        for ns in FUSED.values():
+                            SharedInputGroup([layer[n] for n in ns])
+                    tgroup = model_order_time(layer_copies, xs, lambda m, x: m(x))
+                    for layer in layer_copies:
+                        for n in LINEARS:
+                            layer[n].group = None
                 tsum = sum(row[n]["us"] for n in LINEARS)
                 fsum = sum(base[M][n] for n in LINEARS) * 1e6
                 paths = sorted({row[n]["path"] for n in LINEARS})
@@ -277,6 +302,12 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
                                 "GBps_seq": layer_bytes / tseq / 1e9,
                                 "model_us": tmodel * 1e6, "fp16_model_us": base[M]["layer_model"] * 1e6,
                                 "stand_in_us": base[M]["stand_in"] * 1e6,
+                                "fp16_model_fused_us": base[M]["layer_model_fused"] * 1e6,
+                                "model_grouped_us": None if tgroup is None else tgroup * 1e6,
+                                "speedup_grouped": None if tgroup is None else
+                                (base[M]["layer_model"] - base[M]["stand_in"]) / (tgroup - base[M]["stand_in"]),
+                                "speedup_grouped_vs_fused": None if tgroup is None else
+                                (base[M]["layer_model_fused"] - base[M]["stand_in"]) / (tgroup - base[M]["stand_in"]),
                                 "speedup_model": (base[M]["layer_model"] - base[M]["stand_in"])
                                 / (tmodel - base[M]["stand_in"])}
                 res["tokens"][M] = row
@@ -284,7 +315,10 @@ def bench_kernels(dev, log, models: list[str], settings: list[str], tokens: list
                     f"{base[M]['layer_seq'] * 1e6:.1f} "
                     f"({row['layer']['speedup_seq']:.2f}x; sum of linears {row['layer']['speedup_sum']:.2f}x; in model "
                     f"order {row['layer']['model_us']:.1f} vs {row['layer']['fp16_model_us']:.1f} us with "
-                    f"{row['layer']['stand_in_us']:.1f} of stand-ins, linears {row['layer']['speedup_model']:.2f}x), "
+                    f"{row['layer']['stand_in_us']:.1f} of stand-ins, linears {row['layer']['speedup_model']:.2f}x; "
+                    f"grouped {row['layer']['model_grouped_us'] or 0:.1f} us, {row['layer']['speedup_grouped'] or 0:.2f}x, "
+                    f"{row['layer']['speedup_grouped_vs_fused'] or 0:.2f}x of fp16 with q/k/v and gate/up concatenated "
+                    f"({row['layer']['fp16_model_fused_us']:.1f} us)), "
                     f"max rel err {max(row[n]['rel_err'] for n in LINEARS):.1e}")
             out["settings"].setdefault(model, {})[setting] = res
             del mods, copies
@@ -349,7 +383,10 @@ def bench_model(args, dev, log) -> dict:
         force = mixed_kernel.GEMV1_GLUON if args.one_token == "gluon" else mixed_kernel.GEMV1
         for m in mixed.values():
             mixed_kernel.TUNED[(m.out_features, m.in_features, 1, dt)] = dict(force)
+        for g in {id(m.group): m.group for m in mixed.values() if m.group is not None}.values():  # q/k/v, gate/up
+            mixed_kernel.TUNED[(sum(m.out_features for m in g.members), g.members[0].in_features, 1, dt)] = dict(force)
         out["one_token"] = args.one_token
+    out["groups"] = len({id(m.group) for m in mixed.values() if m.group is not None})
     stored = file_bytes(folder)
     lin_gpu = sum(m.packed_bytes() for m in mixed.values())
     lin_file = sum(stored[n] for n in mixed)
@@ -447,15 +484,22 @@ def markdown(res: dict) -> str:
         if "model_us" in next(iter(next(iter(k["settings"].values())).values()))["tokens"][toks[0]]["layer"]:
             L += ["", "In model order (q, k, v, stand-in, o, stand-in, gate, stand-in, up, stand-in, down, stand-in; a "
                       "stand-in is one small kernel where the model runs others): the linears' speed-up over fp16, "
-                      "(fp16 layer - stand-ins) / (packed layer - stand-ins), and the layer in us, packed vs fp16",
+                      "(fp16 layer - stand-ins) / (packed layer - stand-ins), and the layer in us, packed vs fp16. "
+                      "Grouped: q/k/v and gate/up each one launch (mixed_linear.SharedInputGroup, one token), against "
+                      "fp16 as the model runs it and against fp16 with q/k/v and gate/up each one product of "
+                      "concatenated weights (fused fp16, as serving runtimes hold them)",
                   "", "| model | setting | " + " | ".join(f"{m} tok" for m in toks) + " |", "|---|---|" + "---|" * len(toks)]
             for model, settings in k["settings"].items():
                 for setting, r in settings.items():
                     cells = []
                     for m in toks:
                         la = r["tokens"][m]["layer"]
-                        cells.append(f"{la['speedup_model']:.2f}x ({la['model_us']:.0f} vs {la['fp16_model_us']:.0f}, "
-                                     f"stand-ins {la['stand_in_us']:.0f})")
+                        cell = (f"{la['speedup_model']:.2f}x ({la['model_us']:.0f} vs {la['fp16_model_us']:.0f}, "
+                                f"stand-ins {la['stand_in_us']:.0f})")
+                        if la.get("model_grouped_us"):
+                            cell += (f"; grouped **{la['speedup_grouped']:.2f}x** ({la['model_grouped_us']:.0f}), "
+                                     f"{la['speedup_grouped_vs_fused']:.2f}x of fused fp16 ({la['fp16_model_fused_us']:.0f})")
+                        cells.append(cell)
                     L.append(f"| {model} | {setting} | " + " | ".join(cells) + " |")
         L += ["", "Sum of the 7 per-linear medians, fp16 / packed:", "",
               "| model | setting | " + " | ".join(f"{m} tok" for m in toks) + " |", "|---|---|" + "---|" * len(toks)]

@@ -539,3 +539,81 @@ def test_pick_config_switches_to_the_dense_path():
         assert mixed_kernel.pick_config(128, N, K, torch.float16) is fused
     finally:
         del mixed_kernel.TUNED[(N, K, 128, torch.float16)]
+
+
+# ---------------------------------------------------------------- linears that share an input
+def test_group_shared_inputs_groups_the_siblings(tmp_path):
+    """load_packed(keep_packed=True) groups q/k/v and gate/up of every layer (o and down stay alone);
+    group_inputs=False leaves every linear alone; siblings that cannot share a launch are refused
+    with the reason."""
+    from mixed_linear import SharedInputGroup
+    model, reports = compress_tiny("qwen2", torch.float16, None, seed=4)  # q/k/v with biases, o without
+    packing.save_packed(model, tmp_path, reports=reports)
+    fast = packing.load_packed(tmp_path, dtype=torch.float16, keep_packed=True)
+    for layer in fast.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        assert a.q_proj.group is not None and a.q_proj.group.members == [a.q_proj, a.k_proj, a.v_proj]
+        assert a.k_proj.group is a.q_proj.group and a.v_proj.group is a.q_proj.group
+        assert mlp.gate_proj.group.members == [mlp.gate_proj, mlp.up_proj] and mlp.up_proj.group is mlp.gate_proj.group
+        assert a.o_proj.group is None and mlp.down_proj.group is None
+    alone = packing.load_packed(tmp_path, dtype=torch.float16, keep_packed=True, group_inputs=False)
+    assert all(m.group is None for m in alone.modules() if isinstance(m, MixedBitLinear))
+    a, mlp = alone.model.layers[0].self_attn, alone.model.layers[0].mlp
+    assert "bias" in SharedInputGroup.incompatible([a.q_proj, a.o_proj])
+    assert "features" in SharedInputGroup.incompatible([a.q_proj, mlp.down_proj])
+    assert "2 or 3" in SharedInputGroup.incompatible([a.q_proj])
+    with pytest.raises(ValueError, match="bias"):
+        SharedInputGroup([a.q_proj, a.o_proj])
+
+
+def test_shared_input_group_launches_once_per_input(monkeypatch):
+    """The group's protocol (its one-launch kernel replaced by the members' dense products, since it
+    runs on CUDA only): q, k, v called with one x launch once, in any order, and each gets its own
+    product; a member called again, or with x changed in place, or with another tensor of the same
+    values, launches again; two tokens, or a config other than the Gluon kernel, leave the members
+    alone (None)."""
+    import mixed_kernel
+    from mixed_linear import SharedInputGroup
+    C = 96
+    mods = []
+    for i, (R, widths) in enumerate(((64, [3, 5, 2, 7]), (32, [4, 2, 8]), (32, [6, 3]))):
+        _, (tensors, info) = packed_linear(R, C, widths, None, torch.float32, seed=40 + i)
+        bias = torch.randn(R, generator=torch.Generator().manual_seed(i))
+        mods.append(MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=bias, dtype=torch.float32,
+                                              device="cpu"))
+    q, k, v = mods
+    group = SharedInputGroup(mods)
+    launches = []
+
+    def fake_launch(self, x2, cfg):
+        launches.append(x2.clone())
+        return [F.linear(x2, m.dequantize(), m.bias) for m in self.members]
+
+    monkeypatch.setattr(SharedInputGroup, "launch", fake_launch)
+    monkeypatch.setattr(mixed_kernel, "pick_config", lambda *a, **kw: dict(mixed_kernel.GEMV1_GLUON))
+
+    def call(m, x):
+        return group.output(m, x, x.reshape(-1, C))
+
+    def ref(m, x):
+        return F.linear(x.reshape(-1, C), m.dequantize(), m.bias)
+
+    x = torch.randn(1, 1, C)
+    for m in (k, q, v):
+        assert torch.equal(call(m, x), ref(m, x))
+    assert len(launches) == 1
+    call(q, x)
+    call(q, x)  # q's own output is never kept for it: a second call is a second launch
+    assert len(launches) == 3
+    x.add_(1.0)  # k's kept output was for the old x
+    assert torch.equal(call(k, x), ref(k, x)) and len(launches) == 4
+    xc = x.clone()
+    assert torch.equal(call(v, xc), ref(v, x)) and len(launches) == 5  # another tensor, same values
+    assert torch.equal(call(q, xc), ref(q, x)) and len(launches) == 5  # kept from the last launch
+    with torch.inference_mode():  # no version counter: identity alone
+        xi = torch.randn(1, C)
+        assert torch.equal(call(v, xi), ref(v, xi)) and torch.equal(call(k, xi), ref(k, xi))
+    assert len(launches) == 6
+    assert call(q, torch.randn(2, C)) is None
+    monkeypatch.setattr(mixed_kernel, "pick_config", lambda *a, **kw: dict(mixed_kernel.GEMV1))
+    assert call(q, torch.randn(1, C)) is None and len(launches) == 6

@@ -266,6 +266,78 @@ def test_gluon_gemv_dtypes(layers, case, dtype):
     assert err < TOL[dtype] and (dtype == torch.float32 or err <= 2 * err_torch + 1e-7), (err, err_torch)
 
 
+GROUPS = [  # in_features, members (out, widths, pruning), bias
+    (1000, [(768, [4, 2, 3, 7, 5], None), (256, [3, 5, 2, 8], "50%"), (256, [6, 2, 4], "2:4")], True),  # GQA q/k/v
+    (4096, [(1536, [2, 3, 4, 5], None), (1536, [3, 4, 6], None)], False),  # gate/up
+]
+
+
+@pytest.mark.parametrize("case", range(len(GROUPS)))
+@pytest.mark.parametrize("variant", [dict(), dict(SPLIT=1), dict(XT=4, SPLIT=2), dict(BLOCK_N=128, num_warps=2,
+                                                                                     SPLIT=32)])
+def test_shared_input_group_in_one_launch(case, variant):
+    """mixed_linear.SharedInputGroup: linears of different shapes, widths, pruning and biases that read
+    one x run as one launch of gemv_gl_group (the members' outputs are views of one tensor), called
+    in any order; each equals its exact product within the fp16 tolerance and 2x the PyTorch path's
+    error, in calls and graph replays with new inputs; the split-K workspace is left clean."""
+    if not mixed_kernel.has_gluon():
+        pytest.skip("this Triton has no Gluon")
+    from mixed_linear import SharedInputGroup
+    K, specs, with_bias = GROUPS[case]
+    mods, exact = [], []
+    for i, (R, widths, prune) in enumerate(specs):
+        W, (tensors, info) = packed_linear(R, K, widths, prune, torch.float32, seed=200 + 10 * case + i)
+        bias = torch.randn(R, generator=torch.Generator().manual_seed(i)).half().cuda() if with_bias else None
+        m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=bias, dtype=torch.float16,
+                                      device="cuda")
+        mods.append(m)
+        exact.append((W.cuda().double(), None if bias is None else bias.double()))
+    group = SharedInputGroup(mods)
+    group.tune = dict(GLUON, **variant)
+    x = torch.randn(1, K, device="cuda").half()
+    outs = {i: mods[i](x) for i in reversed(range(len(mods)))}  # the last member launches for all
+    assert len({o.untyped_storage().data_ptr() for o in outs.values()}) == 1
+    for i, m in enumerate(mods):
+        ref = F.linear(x.double(), *exact[i])
+        err, err_torch = rel(outs[i], ref), rel(F.linear(x, m.dequantize(), m.bias), ref)
+        assert err < TOL[torch.float16] and err <= 2 * err_torch + 1e-7, (i, err, err_torch)
+    static_x = x.clone()
+    g, out = captured(lambda z: torch.cat([m(z) for m in mods], 1), static_x)
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        ref = torch.cat([F.linear(static_x.double(), *e) for e in exact], 1)
+        assert rel(out, ref) < TOL[torch.float16]
+    torch.cuda.synchronize()
+    for buf in mixed_kernel._WORKSPACE.get(out.device, ()):
+        assert not buf.any()
+
+
+def test_grouped_model_decodes_as_the_members_alone(tmp_path):
+    """A tiny model loaded with its q/k/v and gate/up grouped (forced onto the group launch, which
+    pick_config gives only from 4096 inputs) decodes token by token (KV cache, one token a step) to
+    the logits of the same model with every linear alone, within fp16 rounding."""
+    if not mixed_kernel.has_gluon():
+        pytest.skip("this Triton has no Gluon")
+    model, reports = compress_tiny("qwen2", torch.float16, None, seed=5)
+    packing.save_packed(model, tmp_path, reports=reports)
+    grouped = packing.load_packed(tmp_path, dtype=torch.float16, device="cuda", keep_packed=True)
+    alone = packing.load_packed(tmp_path, dtype=torch.float16, device="cuda", keep_packed=True, group_inputs=False)
+    groups = {id(m.group): m.group for m in grouped.modules() if isinstance(m, MixedBitLinear) and m.group}
+    assert len(groups) == 2 * len(grouped.model.layers)
+    for grp in groups.values():
+        grp.tune = dict(GLUON)
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        a = grouped.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+        b = alone.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                           return_dict_in_generate=True)
+    la, lb = torch.stack(a.logits).float(), torch.stack(b.logits).float()
+    assert rel(la, lb.double()) < 2e-3
+    assert torch.equal(a.sequences, b.sequences)
+
+
 def test_load_packed_on_cuda_runs_the_kernel(tmp_path):
     """A whole tiny model: packed runtime on CUDA against the dense decode on CUDA."""
     model, reports = compress_tiny("qwen2", torch.float16, "50%", seed=3)
