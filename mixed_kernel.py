@@ -848,6 +848,20 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, USE_DOT=True, GATHER=True, unit_k=1024, num_warps=4)
 
 
+def group_config(N: int, K: int, dtype: torch.dtype, device: torch.device | None = None) -> dict | None:
+    """The one-token configuration for linears that read one input and run as one launch
+    (`mixed_linear.SharedInputGroup`; N their summed rows, K their inputs), or None to run them one by
+    one: TUNED's for (N, K, 1, dtype) if set; else the Gluon kernel where `device` can run it and K >=
+    4096, 12 parts for N >= 1.25 K, else 16 (H200: 7B and 70B q/k/v and gate/up, `bench/group_probe.py`).
+    Narrower models are not measured and stay one by one."""
+    hit = TUNED.get((N, K, 1, dtype))
+    if hit is not None:
+        return hit if hit.get("GLUON") else None
+    if K >= 4096 and has_gluon(None if device is None else device.index):
+        return dict(GEMV1_GLUON, SPLIT=12 if 4 * N >= 5 * K else 16)
+    return None
+
+
 def launch(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: torch.Tensor,
            scale_bits: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, N: int, cfg: dict,
            xg: torch.Tensor | None = None) -> torch.Tensor:

@@ -355,9 +355,9 @@ class SharedInputGroup:
     launch (`mixed_gemv.gemv_gl_group`: one grid over every member's row tiles and parts, where the
     launches one by one each pay their own fixed cost), keeps the others' outputs and hands each over
     when that member is called with the same x; a member called with anything else (another tensor,
-    or x changed in place since) runs the group again. Used where `pick_config` gives the Gluon kernel
-    for the group's summed rows (or `tune`, a config for the group, says so); else, and at other
-    token counts, the members run one by one. A member's own `tune` takes it out of the group.
+    or x changed in place since) runs the group again. Used where `mixed_kernel.group_config` gives
+    the Gluon kernel for the group's summed rows (or `tune`, a config for the group, says so); else,
+    and at other token counts, the members run one by one. A member's own `tune` takes it out of the group.
 
     The group keeps a reference to the last x and its outputs until the next launch (one token's worth).
     Under torch.inference_mode a tensor has no version counter: x is then matched by identity only."""
@@ -415,8 +415,8 @@ class SharedInputGroup:
                 self._x = None
             return out
         N = sum(m.out_features for m in self.members)
-        cfg = self.tune or mixed_kernel.pick_config(1, N, member.in_features, x.dtype, device=x.device)
-        if not cfg.get("GLUON"):
+        cfg = self.tune or mixed_kernel.group_config(N, member.in_features, x.dtype, device=x.device)
+        if cfg is None or not cfg.get("GLUON"):
             return None
         outs = self.launch(x2, cfg)
         self._x, self._version = x, version

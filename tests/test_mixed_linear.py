@@ -590,7 +590,7 @@ def test_shared_input_group_launches_once_per_input(monkeypatch):
         return [F.linear(x2, m.dequantize(), m.bias) for m in self.members]
 
     monkeypatch.setattr(SharedInputGroup, "launch", fake_launch)
-    monkeypatch.setattr(mixed_kernel, "pick_config", lambda *a, **kw: dict(mixed_kernel.GEMV1_GLUON))
+    monkeypatch.setattr(mixed_kernel, "group_config", lambda *a, **kw: dict(mixed_kernel.GEMV1_GLUON))
 
     def call(m, x):
         return group.output(m, x, x.reshape(-1, C))
@@ -615,5 +615,25 @@ def test_shared_input_group_launches_once_per_input(monkeypatch):
         assert torch.equal(call(v, xi), ref(v, xi)) and torch.equal(call(k, xi), ref(k, xi))
     assert len(launches) == 6
     assert call(q, torch.randn(2, C)) is None
-    monkeypatch.setattr(mixed_kernel, "pick_config", lambda *a, **kw: dict(mixed_kernel.GEMV1))
+    monkeypatch.setattr(mixed_kernel, "group_config", lambda *a, **kw: None)
     assert call(q, torch.randn(1, C)) is None and len(launches) == 6
+
+
+@pytest.mark.parametrize("gluon", [True, False])
+def test_group_config(monkeypatch, gluon):
+    """Groups run as one launch with the Gluon kernel from 4096 inputs (12 parts from 1.25x as many rows
+    as inputs, else 16), where Gluon runs; narrower models, or no Gluon, keep their members apart; a
+    TUNED entry wins (and one that is not the Gluon kernel keeps them apart)."""
+    pytest.importorskip("triton")
+    import mixed_kernel
+    monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: gluon)
+    dev = torch.device("cuda", 0)
+    for N, K, split in ((12288, 4096, 12), (22016, 4096, 12), (6144, 4096, 12), (10240, 8192, 12),
+                        (57344, 8192, 12), (9216, 8192, 16), (960, 576, None), (6144, 2048, None)):
+        cfg = mixed_kernel.group_config(N, K, torch.float16, dev)
+        assert cfg == (dict(mixed_kernel.GEMV1_GLUON, SPLIT=split) if gluon and split else None), (N, K, cfg)
+    key = (960, 576, 1, torch.float16)
+    monkeypatch.setitem(mixed_kernel.TUNED, key, dict(mixed_kernel.GEMV1_GLUON, SPLIT=4))
+    assert mixed_kernel.group_config(960, 576, torch.float16, dev)["SPLIT"] == 4
+    monkeypatch.setitem(mixed_kernel.TUNED, key, dict(mixed_kernel.GEMV1))
+    assert mixed_kernel.group_config(960, 576, torch.float16, dev) is None
