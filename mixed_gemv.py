@@ -35,6 +35,12 @@ inference-…-gluon.md): on a whole 7B-shaped layer no faster than gemv_kernel (
 against 76.3, 8192x28672 67.1 against 77.7), where pick_config uses it. The ring's depth hardly matters
 (3-6 steps within 3%): with the arithmetic removed a layer takes 81.6 us of 115.2, with the words' DRAM
 traffic removed 104.6, with both 57.1 — launch, finish and per-step bookkeeping are half the time.
+
+Linears that read one x (q/k/v, gate/up: `mixed_linear.SharedInputGroup`) run as one launch of this
+kernel (`gemv_gl_group`, up to 3 members, each with its own codes, order, work list and grids), so they
+pay the launch's fixed cost once: the 7B layer in model order 1.39x -> 1.64x of fp16 at 3.5 bits, 70B
+1.72x -> 1.93x (inference-NVIDIA-H200-2026-12-01-grouped.md); every set bench/group_probe.py measured runs
+faster as one launch.
 """
 from __future__ import annotations
 
