@@ -4,9 +4,10 @@ rows (bench.inference's synthetic linears at 3.5 and 3.0 stored bits), with pick
 and with the Gluon kernel at 12-32 parts. Each time is a CUDA graph over enough copies to stream
 from HBM, median of 15 replays, us per set.
 
-    python -m bench.group_probe            # writes bench/results/group-probe-<gpu>-<date>.{md,json}
+    python -m bench.group_probe [--splits 12 16]   # writes bench/results/group-probe-<gpu>-<date>.{md,json}
 
 The commit is GIT_COMMIT if set, else `git rev-parse HEAD`."""
+import argparse
 import copy
 import datetime
 import json
@@ -43,6 +44,10 @@ def set_time(mods: list, x: torch.Tensor, tune: dict | None = None) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--splits", nargs="+", type=int, default=list(SPLITS), help="Gluon part counts to time")
+    args = ap.parse_args()
+    splits = tuple(args.splits)
     dev = torch.device("cuda:0")
     rows = []
     for target in (3.5, 3.0):
@@ -53,23 +58,24 @@ def main() -> None:
                    "separate_us": set_time(modules(shapes, target, 0, dev), x),
                    "one_linear_us": set_time(modules([summed], target, 10, dev), x),
                    "pick": str(mixed_kernel.pick_config(1, *summed, torch.float16, device=dev))}
-            for sp in SPLITS:
+            for sp in splits:
                 row[f"gluon_split{sp}_us"] = set_time(modules([summed], target, 10, dev), x,
                                                       dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp))
             rows.append(row)
             print(row, flush=True)
     gpu, date = torch.cuda.get_device_name(dev), datetime.date.today().isoformat()
-    res = {"machine": gpu, "date": date, "command": "python -m bench.group_probe", "commit": commit(),
+    res = {"machine": gpu, "date": date, "command": "python -m bench.group_probe " + " ".join(sys.argv[1:]),
+           "commit": commit(),
            "torch": torch.__version__, "rows": rows}
     out = Path(__file__).resolve().parent / "results" / f"group-probe-{gpu.replace(' ', '-')}-{date}"
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     L = [f"# One launch per shared-input set: {gpu}, {date}", "", f"`{res['command']}`, commit {res['commit']}, "
          f"torch {res['torch']}. us per set (CUDA graph, median of 15).", "",
          "| bits | set | separate | one linear (rows summed), pick_config | " + " | ".join(
-             f"Gluon {sp} parts" for sp in SPLITS) + " |", "|---|---|---|---|" + "---|" * len(SPLITS)]
+             f"Gluon {sp} parts" for sp in splits) + " |", "|---|---|---|---|" + "---|" * len(splits)]
     for r in rows:
         L.append(f"| {r['bits']} | {r['set']} | {r['separate_us']:.1f} | {r['one_linear_us']:.1f} ({r['summed']}) | "
-                 + " | ".join(f"{r[f'gluon_split{sp}_us']:.1f}" for sp in SPLITS) + " |")
+                 + " | ".join(f"{r[f'gluon_split{sp}_us']:.1f}" for sp in splits) + " |")
     out.with_suffix(".md").write_text("\n".join(L) + "\n")
 
 
