@@ -434,7 +434,7 @@ def _field_denormal(v):
 # The in-place decode multiplies the denormal q * 2**(p - 149) of a code q at bit p by x * 2**(85 - p):
 # one fused multiply-add per weight gives q x 2**-64, exact, as long as |x| < 2**42 (x * 2**85 stays finite)
 # and |q x| >= 2**-62 (the product stays normal; smaller ones go gradually denormal, not to zero). A unit's
-# sum is multiplied back by 2**64 once. Before 2026-12-02 each code was first multiplied by 2**126 (one more
+# sum is multiplied back by 2**64 once. Until 6468cdc each code was first multiplied by 2**126 (one more
 # multiply per weight) and x scaled by 2**(23 - p).
 INPLACE_UNSCALE = tl.constexpr(18446744073709551616.0)  # 2**64
 

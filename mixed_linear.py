@@ -394,7 +394,7 @@ class SharedInputGroup:
         """The members' biases side by side in `dtype` (built once, again if a bias tensor changed)."""
         if self.members[0].bias is None:
             return None
-        key = (dtype,) + tuple((m.bias.data_ptr(), m.bias.device, m.bias._version) for m in self.members)
+        key = (dtype,) + tuple((m.bias.data_ptr(), m.bias.device, _version(m.bias)) for m in self.members)
         if self._bias is None or self._bias[0] != key:
             self._bias = key, torch.cat([m.bias.to(dtype) for m in self.members])
         return self._bias[1]
@@ -405,10 +405,7 @@ class SharedInputGroup:
         import mixed_kernel
         if x2.shape[0] != 1:
             return None
-        try:
-            version = x._version
-        except RuntimeError:  # an inference tensor
-            version = None
+        version = _version(x)
         if x is self._x and version == self._version and member in self._pending:
             out = self._pending.pop(member)
             if not self._pending:
@@ -439,6 +436,14 @@ class SharedInputGroup:
         for m in self.members:
             bounds.append(bounds[-1] + m.out_features)
         return [out[:, a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's version counter (bumped by every in-place change), None for an inference tensor (it has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # sibling linears that read one input
