@@ -10,7 +10,10 @@
     1, 4, 16 and 128 tokens (--tokens), at 3.0, 3.5 and 4.0 stored bits and at 4.0 bits + 50% sparsity.
     Each call times the module as the forward runs it: at one token gemv_kernel, then below
     mixed_kernel.DENSE_MIN_TOKENS tokens the fused kernel, from there on the dense path (dequant_kernel into a buffer, then cuBLAS);
-    the tables say which ran.
+    the tables say which ran. The layer is also timed in model order (MODEL_ORDER: q/k/v on one input,
+    gate/up on one, a small stand-in kernel wherever the model runs others, subtracted from both
+    sides), and at one token with q/k/v and gate/up each one launch (mixed_linear.SharedInputGroup),
+    against fp16 as the model runs it and with q/k/v and gate/up concatenated (FUSED_ORDER).
     Synthetic linears: 10 channel clusters of random sizes (0.5-1.5x the mean) in a random
     permutation; widths per target as an allocation spreads them (3.0: 2,2,2,3,3,3,3,4,4,4;
     3.5: 2,2,3,3,3,4,4,4,5,5; 4.0: 2,3,3,4,4,4,4,5,5,6), assigned to clusters so that the
