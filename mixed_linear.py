@@ -367,6 +367,11 @@ class SharedInputGroup:
         if why:
             raise ValueError(f"these linears cannot run as one group: {why}")
         self.members = list(members)
+        self.out_features = sum(m.out_features for m in members)  # the launch's rows, members side by side
+        self._bounds = [0]
+        for m in members:
+            self._bounds.append(self._bounds[-1] + m.out_features)
+        self._wmask = width_mask(b for m in members for _, _, b, _ in m.blocks)  # the range of every member's widths
         self.tune: dict | None = None
         self._x, self._version, self._pending = None, None, {}
         self._bias: tuple | None = None
@@ -411,8 +416,7 @@ class SharedInputGroup:
             if not self._pending:
                 self._x = None
             return out
-        N = sum(m.out_features for m in self.members)
-        cfg = self.tune or mixed_kernel.group_config(N, member.in_features, x.dtype, device=x.device)
+        cfg = self.tune or mixed_kernel.group_config(self.out_features, member.in_features, x.dtype, device=x.device)
         if cfg is None or not cfg.get("GLUON"):
             return None
         outs = self.launch(x2, cfg)
@@ -430,12 +434,8 @@ class SharedInputGroup:
         for m in self.members:
             units, uoff = m.split_units(split, x2.device, max_tiles=max_tiles)
             members.append((m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, m.out_features))
-        wmask = width_mask(b for m in self.members for _, _, b, _ in m.blocks)
-        out = mixed_gemv.gemv_gl_group(x2, members, self._group_bias(x2.dtype), cfg, wmask)
-        bounds = [0]
-        for m in self.members:
-            bounds.append(bounds[-1] + m.out_features)
-        return [out[:, a:b] for a, b in zip(bounds, bounds[1:])]
+        out = mixed_gemv.gemv_gl_group(x2, members, self._group_bias(x2.dtype), cfg, self._wmask)
+        return [out[:, a:b] for a, b in zip(self._bounds, self._bounds[1:])]
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -387,7 +387,7 @@ def bench_model(args, dev, log) -> dict:
         for m in mixed.values():
             mixed_kernel.TUNED[(m.out_features, m.in_features, 1, dt)] = dict(force)
         for g in {id(m.group): m.group for m in mixed.values() if m.group is not None}.values():  # q/k/v, gate/up
-            mixed_kernel.TUNED[(sum(m.out_features for m in g.members), g.members[0].in_features, 1, dt)] = dict(force)
+            mixed_kernel.TUNED[(g.out_features, g.members[0].in_features, 1, dt)] = dict(force)
         out["one_token"] = args.one_token
     out["groups"] = len({id(m.group) for m in mixed.values() if m.group is not None})
     stored = file_bytes(folder)

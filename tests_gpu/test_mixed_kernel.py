@@ -230,8 +230,14 @@ def check_few_tokens(layer, cfg: dict) -> None:
         static_x.copy_(torch.randn_like(static_x))
         g.replay()
         assert rel(out, F.linear(static_x.double(), W.double(), bias.half().double())) < TOL[torch.float16]
+    assert_workspace_clean(out.device)
+
+
+def assert_workspace_clean(device: torch.device) -> None:
+    """The split-K workspace and tile counters of `device` are all zero, as every launch must leave
+    them (none exist yet if only one-part launches ran so far)."""
     torch.cuda.synchronize()
-    for buf in mixed_kernel._WORKSPACE.get(out.device, ()):  # none yet if only SPLIT 1 ran so far
+    for buf in mixed_kernel._WORKSPACE.get(device, ()):
         assert not buf.any()
 
 
@@ -308,9 +314,7 @@ def test_shared_input_group_in_one_launch(case, variant):
         g.replay()
         ref = torch.cat([F.linear(static_x.double(), *e) for e in exact], 1)
         assert rel(out, ref) < TOL[torch.float16]
-    torch.cuda.synchronize()
-    for buf in mixed_kernel._WORKSPACE.get(out.device, ()):
-        assert not buf.any()
+    assert_workspace_clean(out.device)
 
 
 def test_grouped_model_decodes_as_the_members_alone(tmp_path):
