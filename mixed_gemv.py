@@ -24,7 +24,7 @@ barriers a step in the offline sm_90 SASS of its 4-bit loop). Here every layout 
   acc (TS, P0, BLOCK_N)    slice 2 of L4, summed over tiles and words (inside the thread) once a unit.
 
 So a program (row tile, part) needs its part to be one width and at most XT tiles long
-(`MixedBitLinear.split_units(..., max_tiles=XT)`). Steps are aligned to TS tiles from the part's
+(`MixedBitLinear.part_table(..., max_tiles=XT)`). Steps are aligned to TS tiles from the part's
 first tile; a unit's first and last steps mask x outside the unit's columns [a, e); sum_k x over a
 unit (for the zero point) is a reduction over the staged x at the unit's start. The split-K finish
 is `mixed_kernel`'s (atomics into the fp32 workspace, a counter per row tile).
@@ -157,9 +157,9 @@ def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, 
 
 
 @gluon.jit
-def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1,
-          BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NS: gl.constexpr,
-          GATHER: gl.constexpr, SCALE_F16: gl.constexpr):
+def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1, col0, W0, nt, start, end,
+          a, e, run, zs, na, ne, nrun, nzs, BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr,
+          XT: gl.constexpr, NS: gl.constexpr, GATHER: gl.constexpr, SCALE_F16: gl.constexpr):
     """y (BLOCK_N,) = sum over the part's units u .. u1 (one width BITS, one block, at most XT tiles
     from its tile-aligned first column) of s (sum q x - z sum x). The words stream through shared
     memory: a ring of NS steps filled by asynchronous copies (each thread copies and later reads
@@ -199,17 +199,12 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
     if P2 > 0:
         ring2 = gl.allocate_shared_memory(gl.int32, [NS, TS, 1, BLOCK_N], SL)
 
-    meta = unit_ptr + u * 8
-    col0 = gl.load(meta)
-    W0 = gl.load(meta + 4)
-    nt = gl.load(meta + 5)
-    start = gl.load(meta + 6)
-    end = gl.load(unit_ptr + (u1 - 1) * 8 + 1)
     tile0 = (col0 - start) // 32
     nsteps = (end - col0 + STEP - 1) // STEP
     for j in gl.static_range(NS - 1):  # the first steps' words in flight before anything else
         _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
                BITS, TS, NS)
+    s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)  # in flight beside x's gather
 
     # stage x of the part in shared memory (`_staged_columns`), gathered through the column order
     hs, col = _staged_columns(col0, BITS, TS, XT, NW)
@@ -222,10 +217,7 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
     gl.thread_barrier()
     xsm5 = xsm._reinterpret(gl.float32, [XT // TS * 2, TS, H, P0], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
 
-    a, e, run, zs = _unit_meta(unit_ptr, u, u < u1)
-    s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)
     xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
-    na, ne, nrun, nzs = _unit_meta(unit_ptr, u + 1, u + 1 < u1)
     k = (a - col0) // STEP
     k1 = (e - col0 + STEP - 1) // STEP
     kiss = k + NS - 1  # the next step to copy
@@ -277,16 +269,17 @@ def _member(l1, l2, v0, v1, v2, NL: gl.constexpr):
 
 
 @gluon.jit(do_not_specialize=["has_bias", "T1", "T2", "S0", "S1", "S2", "R1", "R2"])
-def gemv_gl_kernel(x_ptr, kc0, qw0, un0, uo0, sc0, ze0, kc1, qw1, un1, uo1, sc1, ze1, kc2, qw2, un2, uo2, sc2, ze2,
+def gemv_gl_kernel(x_ptr, kc0, qw0, un0, pt0, sc0, ze0, kc1, qw1, un1, pt1, sc1, ze1, kc2, qw2, un2, pt2, sc2, ze2,
                    bias_ptr, out_ptr, ws_ptr, cnt_ptr, N0, N1, N2, T1, T2, R1, R2, S0, S1, S2, has_bias,
                    NL: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
                    GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr):
     """Grid (row tiles of every member, most parts of a member). out (1, N0 + ... ) = x (1, K) @ W.T
     (+ bias) for NL (1-3) linears that read the same x (`gemv_gl_group`), each with its own packed
-    codes, column order, work list, grids (kcI, qwI, unI, uoI, scI, zeI; NI rows, SI parts), their
+    codes, column order, work list, part table, grids (kcI, qwI, unI, ptI, scI, zeI; NI rows, SI parts), their
     outputs side by side (member I's rows from RI; R0 = 0). Program (pn, ps): the member whose row
-    tiles (from TI; T0 = 0) hold pn, BLOCK_N of its rows and its part ps (units uoI[ps] ..
-    uoI[ps + 1], one width, at most XT tiles); a program past the member's parts does nothing. Only
+    tiles (from TI; T0 = 0) hold pn, BLOCK_N of its rows and its part ps (row ps of ptI,
+    `MixedBitLinear.part_table`: one width, at most XT tiles; everything the program needs before
+    its loop in one row, read at once); a program past the member's parts does nothing. Only
     the widths in WMASK are compiled in. A member with one part writes its output; more add partials
     through `mixed_kernel._split_k_finish` (`_store_output`; tile counters numbered over the group)."""
     NW: gl.constexpr = gl.num_warps()
@@ -301,41 +294,43 @@ def gemv_gl_kernel(x_ptr, kc0, qw0, un0, uo0, sc0, ze0, kc1, qw1, un1, uo1, sc1,
         kcol_ptr = _member(l1, l2, kc0, kc1, kc2, NL)
         qw_ptr = _member(l1, l2, qw0, qw1, qw2, NL)
         unit_ptr = _member(l1, l2, un0, un1, un2, NL)
-        uoff_ptr = _member(l1, l2, uo0, uo1, uo2, NL)
         scale_ptr = _member(l1, l2, sc0, sc1, sc2, NL)
         zero_ptr = _member(l1, l2, ze0, ze1, ze2, NL)
         lpn = pn - _member(l1, l2, 0, T1, T2, NL)  # the row tile inside the member
-        u = gl.load(uoff_ptr + ps)
-        u1 = gl.load(uoff_ptr + ps + 1)
-        bits = gl.load(unit_ptr + u * 8 + 2, mask=u < u1, other=0)
+        d = _member(l1, l2, pt0, pt1, pt2, NL) + ps * 16  # the part's row of its member's part table
+        u, u1, bits, col0, W0, nt, start, end = (gl.load(d), gl.load(d + 1), gl.load(d + 2), gl.load(d + 3),
+                                                 gl.load(d + 4), gl.load(d + 5), gl.load(d + 6), gl.load(d + 7))
+        a, e, run, zs = gl.load(d + 8), gl.load(d + 9), gl.load(d + 10), gl.load(d + 11)
+        na, ne, nrun, nzs = gl.load(d + 12), gl.load(d + 13), gl.load(d + 14), gl.load(d + 15)
         xsm = gl.allocate_shared_memory(gl.float32, [XT * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         y = gl.zeros([BLOCK_N], gl.float32, layout=LY)
         for b in gl.static_range(2, 9):
             if ((WMASK >> b) & 1) == 1:
                 if bits == b:
                     y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, lpn,
-                                                 u, u1, b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
+                                                 u, u1, col0, W0, nt, start, end, a, e, run, zs, na, ne, nrun, nzs, b,
+                                                 BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
         rows = lpn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
         grows = rows + _member(l1, l2, 0, R1, R2, NL)  # in the group's output
         _store_output(y, grows, rows < N, grows, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
 
 
-def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: torch.Tensor, uoff: torch.Tensor,
+def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: torch.Tensor, parts: torch.Tensor,
             scale_bits: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None, N: int, cfg: dict,
             xg: torch.Tensor | None = None, wmask: int = 0b111111100) -> torch.Tensor:
-    """out (1, N) in x's dtype from x (1, K) contiguous by `gemv_gl_kernel`. units, uoff:
-    `MixedBitLinear.split_units(cfg["SPLIT"], device, max_tiles=cfg["XT"])` (parts of one width and
-    at most XT tiles). xg: x gathered into kernel order, used when cfg["GATHER"] is False."""
-    return gemv_gl_group(xg if not cfg["GATHER"] else x, [(kcols, qweight, units, uoff, scale_bits, zero, N)], bias,
+    """out (1, N) in x's dtype from x (1, K) contiguous by `gemv_gl_kernel`. units, parts:
+    `MixedBitLinear.part_table(cfg["SPLIT"], device, cfg["XT"])` (parts of one width and at most XT
+    tiles). xg: x gathered into kernel order, used when cfg["GATHER"] is False."""
+    return gemv_gl_group(xg if not cfg["GATHER"] else x, [(kcols, qweight, units, parts, scale_bits, zero, N)], bias,
                          cfg, wmask, x_rows=x.shape[0])
 
 
 def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | None, cfg: dict,
                   wmask: int = 0b111111100, x_rows: int | None = None) -> torch.Tensor:
     """out (1, N0 + N1 + ...) in x's dtype: the products of x (1, K) contiguous with 1-3 linears that
-    read it, side by side, in one launch of `gemv_gl_kernel`. members: (kcols, qweight, units, uoff,
-    scale_bits, zero, N) each, units and uoff from `MixedBitLinear.split_units(cfg["SPLIT"], device,
-    max_tiles=cfg["XT"])`; scale_bits of one dtype. bias: (N0 + N1 + ...,) or None. x is read through
+    read it, side by side, in one launch of `gemv_gl_kernel`. members: (kcols, qweight, units, parts,
+    scale_bits, zero, N) each, units and parts from `MixedBitLinear.part_table(cfg["SPLIT"], device,
+    cfg["XT"])`; scale_bits of one dtype. bias: (N0 + N1 + ...,) or None. x is read through
     each member's column order (cfg["GATHER"]); for one member it may be x gathered into kernel
     order instead (GATHER False)."""
     if (x_rows or x.shape[0]) != 1:
@@ -350,7 +345,7 @@ def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | No
                          f"{cfg}")
     Ns = [m[6] for m in members]
     tiles = [triton.cdiv(n, BN) for n in Ns]
-    parts = [m[3].numel() - 1 for m in members]
+    parts = [m[3].shape[0] for m in members]
     out = torch.empty(1, sum(Ns), dtype=x.dtype, device=x.device)
     atomic = max(parts) > 1
     ws, cnt = workspace(x.device, sum(Ns), sum(tiles)) if atomic else (out, out)
@@ -365,5 +360,6 @@ def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | No
             x, *args, bias if bias is not None else out, out, ws, cnt, *Npad, T1, T2, R1, R2, *Spad,
             int(bias is not None), NL=len(members), BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=atomic,
             GATHER=cfg["GATHER"], SCALE_F16=members[0][4].dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
-            NS=cfg["NS"], num_warps=cfg["num_warps"])
+            NS=cfg["NS"], num_warps=cfg["num_warps"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out

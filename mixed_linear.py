@@ -214,6 +214,28 @@ class MixedBitLinear(torch.nn.Module):
             self._units[okey] = torch.tensor(uoff, dtype=torch.int32, device=device)
         return self._units[key], self._units[okey]
 
+    def part_table(self, split: int, device: torch.device, max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For `mixed_gemv`: `split_units`' work list and, instead of its offsets, (parts, 16) int32
+        rows that hold everything a program reads before its loop, so that it reads them at once
+        (one round trip to memory instead of a chain of dependent ones): first and end unit u, u1;
+        then, from the units (zeros for an empty part), the width, first column, W0, nt, block
+        start, the last unit's end column, the first unit's a, e, run, zero stream and the second
+        unit's (zeros if none)."""
+        key = (-4000 - split - 100000 * max_tiles, device)
+        if key not in self._units:
+            units, uoff = self.split_units(split, device, max_tiles=max_tiles)
+            rows, uo = units.tolist(), uoff.tolist()
+            table = []
+            for u, u1 in zip(uo, uo[1:]):
+                if u == u1:
+                    table.append([u, u1] + [0] * 14)
+                    continue
+                r, nr = rows[u], (rows[u + 1] if u + 1 < u1 else [0] * 8)
+                table.append([u, u1, r[2], r[0], r[4], r[5], r[6], rows[u1 - 1][1], r[0], r[1], r[3], r[7],
+                              nr[0], nr[1], nr[3], nr[7]])
+            self._units[key] = torch.tensor(table, dtype=torch.int32, device=device)
+        return self.split_units(split, device, max_tiles=max_tiles)[0], self._units[key]
+
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_kernel.dequant_kernel`: (n_tiles, 8) int32 tiles (bits, W0, nt, tile index in
         its block, then the run in kernel order of its first column and that run's scale/zero row,
@@ -297,7 +319,8 @@ class MixedBitLinear(torch.nn.Module):
                 if out is not None:
                     return out.reshape(*shape[:-1], self.out_features)
             run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
-            units, uoff = self.split_units(split, x.device, max_tiles=max_tiles)
+            lists = self.part_table if max_tiles else self.split_units  # the Gluon kernel reads a part table
+            units, uoff = lists(split, x.device, max_tiles=max_tiles)
             out = run(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias, self.out_features, cfg,
                       xg, self.wmask)
             return out.reshape(*shape[:-1], self.out_features)
@@ -432,8 +455,8 @@ class SharedInputGroup:
         _, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
         members = []
         for m in self.members:
-            units, uoff = m.split_units(split, x2.device, max_tiles=max_tiles)
-            members.append((m.kcols, m.qweight, units, uoff, m.scale_bits, m.zero, m.out_features))
+            units, parts = m.part_table(split, x2.device, max_tiles)
+            members.append((m.kcols, m.qweight, units, parts, m.scale_bits, m.zero, m.out_features))
         out = mixed_gemv.gemv_gl_group(x2, members, self._group_bias(x2.dtype), cfg, self._wmask)
         return [out[:, a:b] for a, b in zip(self._bounds, self._bounds[1:])]
 

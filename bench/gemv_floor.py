@@ -60,8 +60,8 @@ def main() -> None:
             # every part empty: the same grid, offsets all zero
             m0 = mods[0]
             run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
-            units, uoff = m0.split_units(split, dev, max_tiles=max_tiles)
-            empty = torch.zeros_like(uoff)
+            units, uoff = (m0.part_table if max_tiles else m0.split_units)(split, dev, max_tiles=max_tiles)
+            empty = torch.zeros_like(uoff)  # offsets all zero, or (Gluon) part-table rows all zero
 
             def call(run=run, units=units, empty=empty, cfg=cfg):
                 run(x, m0.kcols, m0.qweight, units, empty, m0.scale_bits, m0.zero, None, R, cfg, None, m0.wmask)

@@ -496,6 +496,28 @@ def test_split_units_max_tiles(split, max_tiles):
         m.split_units(1, torch.device("cpu"), max_tiles=max_tiles)  # one part would mix widths
 
 
+@pytest.mark.parametrize("split,max_tiles", [(2, 1), (16, 3), (3, 32)])
+def test_part_table(split, max_tiles):
+    """The Gluon kernel's part table: row p holds part p's unit range and, read from the work list,
+    its width, first column, W0, nt, block start, last unit's end, first unit's a, e, run, zero
+    stream and second unit's (zeros where the part has one unit); the work list is split_units'."""
+    W, (tensors, info) = packed_linear(40, 1000, [3, 3, 4, 2, 6, 7, 5, 3, 4, 2, 8], None, torch.float32, seed=5)
+    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
+    cpu = torch.device("cpu")
+    units, table = m.part_table(split, cpu, max_tiles)
+    ref_units, uoff = m.split_units(split, cpu, max_tiles=max_tiles)
+    assert units is ref_units and table.dtype == torch.int32 and table.shape == (uoff.numel() - 1, 16)
+    u, off = units.tolist(), uoff.tolist()
+    for p, row in enumerate(table.tolist()):
+        a, b = off[p], off[p + 1]
+        first, second = u[a], (u[a + 1] if a + 1 < b else [0] * 8)
+        assert row[:2] == [a, b]
+        assert row[2:8] == [first[2], first[0], first[4], first[5], first[6], u[b - 1][1]]
+        assert row[8:12] == [first[0], first[1], first[3], first[7]]
+        assert row[12:] == [second[0], second[1], second[3], second[7]]
+    assert m.part_table(split, cpu, max_tiles)[1] is table  # built once
+
+
 @pytest.mark.parametrize("gluon", [True, False])
 def test_pick_config_one_token(monkeypatch, gluon):
     """One token, 4096 columns or more: mixed_gemv's Gluon kernel where rows >= 2 x columns (12
