@@ -51,7 +51,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
 from mixed_kernel import INPLACE_UNSCALE, _field_denormal, _inplace_scale, _pow2, _run_grid, _store_output, workspace
-from mixed_tc import tc_part
 from parallel import on_device
 
 
@@ -273,8 +272,7 @@ def _member(l1, l2, v0, v1, v2, NL: gl.constexpr):
 def gemv_gl_kernel(x_ptr, kc0, qw0, un0, pt0, sc0, ze0, kc1, qw1, un1, pt1, sc1, ze1, kc2, qw2, un2, pt2, sc2, ze2,
                    bias_ptr, out_ptr, ws_ptr, cnt_ptr, N0, N1, N2, T1, T2, R1, R2, S0, S1, S2, has_bias,
                    NL: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
-                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr,
-                   TC: gl.constexpr = False):
+                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr):
     """Grid (row tiles of every member, most parts of a member). out (1, N0 + ... ) = x (1, K) @ W.T
     (+ bias) for NL (1-3) linears that read the same x (`gemv_gl_group`), each with its own packed
     codes, column order, work list, part table, grids (kcI, qwI, unI, ptI, scI, zeI; NI rows, SI parts), their
@@ -304,22 +302,14 @@ def gemv_gl_kernel(x_ptr, kc0, qw0, un0, pt0, sc0, ze0, kc1, qw1, un1, pt1, sc1,
                                                  gl.load(d + 4), gl.load(d + 5), gl.load(d + 6), gl.load(d + 7))
         a, e, run, zs = gl.load(d + 8), gl.load(d + 9), gl.load(d + 10), gl.load(d + 11)
         na, ne, nrun, nzs = gl.load(d + 12), gl.load(d + 13), gl.load(d + 14), gl.load(d + 15)
+        xsm = gl.allocate_shared_memory(gl.float32, [XT * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         y = gl.zeros([BLOCK_N], gl.float32, layout=LY)
-        if TC:  # experiment: the codes in mixed_tc's layout, decoded into tensor-core operands
-            for b in gl.static_range(2, 6):
-                if ((WMASK >> b) & 1) == 1:
-                    if bits == b:
-                        y += tc_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, N, lpn, u, u1, col0, W0,
-                                     start, end, a, e, run, zs, na, ne, nrun, nzs, b, BLOCK_N, TS, XT, NS, GATHER,
-                                     SCALE_F16, LY)
-        else:
-            xsm = gl.allocate_shared_memory(gl.float32, [XT * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-            for b in gl.static_range(2, 9):
-                if ((WMASK >> b) & 1) == 1:
-                    if bits == b:
-                        y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N,
-                                                     lpn, u, u1, col0, W0, nt, start, end, a, e, run, zs, na, ne,
-                                                     nrun, nzs, b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
+        for b in gl.static_range(2, 9):
+            if ((WMASK >> b) & 1) == 1:
+                if bits == b:
+                    y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, lpn,
+                                                 u, u1, col0, W0, nt, start, end, a, e, run, zs, na, ne, nrun, nzs, b,
+                                                 BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
         rows = lpn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
         grows = rows + _member(l1, l2, 0, R1, R2, NL)  # in the group's output
         _store_output(y, grows, rows < N, grows, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
@@ -370,6 +360,6 @@ def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | No
             x, *args, bias if bias is not None else out, out, ws, cnt, *Npad, T1, T2, R1, R2, *Spad,
             int(bias is not None), NL=len(members), BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=atomic,
             GATHER=cfg["GATHER"], SCALE_F16=members[0][4].dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
-            NS=cfg["NS"], TC=bool(cfg.get("TC")), num_warps=cfg["num_warps"],
+            NS=cfg["NS"], num_warps=cfg["num_warps"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out
