@@ -2,9 +2,11 @@
 gate/up) of LLaMA-2-7B, 70B, LLaMA-3-8B and SmolLM2-135M shapes run one after another, against one linear of their summed
 rows (bench.inference's synthetic linears at 3.5 and 3.0 stored bits), with pick_config's choice
 and with the Gluon kernel at 12-32 parts. Each time is a CUDA graph over enough copies to stream
-from HBM, median of 15 replays, us per set.
+from HBM, median of 15 replays, us per set. The single linears (7B and 70B o and down) compare
+pick_config's choice with the Gluon kernel at each part count.
 
-    python -m bench.group_probe [--splits 12 16]   # writes bench/results/group-probe-<gpu>-<date>.{md,json}
+    python -m bench.group_probe [--splits 12 16] [--sets "7B o" "7B down"] [--tag -x]
+    # writes bench/results/group-probe-<gpu>-<date><tag>.{md,json}
 
 The commit is GIT_COMMIT if set, else `git rev-parse HEAD`."""
 import argparse
@@ -24,7 +26,9 @@ from mixed_linear import MixedBitLinear  # noqa: E402
 SETS = {"7B q/k/v": [(4096, 4096)] * 3, "7B gate/up": [(11008, 4096)] * 2,
         "70B q/k/v": [(8192, 8192), (1024, 8192), (1024, 8192)], "70B gate/up": [(28672, 8192)] * 2,
         "LLaMA-3-8B q/k/v": [(4096, 4096), (1024, 4096), (1024, 4096)],
-        "SmolLM2-135M q/k/v": [(576, 576), (192, 576), (192, 576)], "SmolLM2-135M gate/up": [(1536, 576)] * 2}
+        "SmolLM2-135M q/k/v": [(576, 576), (192, 576), (192, 576)], "SmolLM2-135M gate/up": [(1536, 576)] * 2,
+        # single linears: pick_config's choice against the Gluon kernel at each part count
+        "7B o": [(4096, 4096)], "7B down": [(4096, 11008)], "70B o": [(8192, 8192)], "70B down": [(8192, 28672)]}
 SPLITS = (12, 16, 24, 32)
 
 
@@ -46,12 +50,15 @@ def set_time(mods: list, x: torch.Tensor, tune: dict | None = None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--splits", nargs="+", type=int, default=list(SPLITS), help="Gluon part counts to time")
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), metavar="SET",
+                    help="sets to time (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the results files' names")
     args = ap.parse_args()
     splits = tuple(args.splits)
     dev = torch.device("cuda:0")
     rows = []
     for target in (3.5, 3.0):
-        for name, shapes in SETS.items():
+        for name, shapes in ((n, SETS[n]) for n in args.sets):
             x = torch.randn(1, shapes[0][1], device=dev, dtype=torch.float16)
             summed = (sum(r for r, _ in shapes), shapes[0][1])
             row = {"bits": target, "set": name, "summed": "x".join(map(str, summed)),
@@ -67,7 +74,7 @@ def main() -> None:
     res = {"machine": gpu, "date": date, "command": "python -m bench.group_probe " + " ".join(sys.argv[1:]),
            "commit": commit(),
            "torch": torch.__version__, "rows": rows}
-    out = Path(__file__).resolve().parent / "results" / f"group-probe-{gpu.replace(' ', '-')}-{date}"
+    out = Path(__file__).resolve().parent / "results" / f"group-probe-{gpu.replace(' ', '-')}-{date}{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     L = [f"# One launch per shared-input set: {gpu}, {date}", "", f"`{res['command']}`, commit {res['commit']}, "
          f"torch {res['torch']}. us per set (CUDA graph, median of 15).", "",
