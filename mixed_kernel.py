@@ -832,15 +832,20 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
     program), BLOCK_N (rows), BLOCK_K (columns per step), USE_DOT (tensor cores), GATHER (x read
     through kcols inside the kernel, else gathered first), unit_k (columns per unit), num_warps.
     One token on the larger shapes: `mixed_gemv`'s Gluon kernel (GEMV1_GLUON) where `device` (the
-    current CUDA device when None) can run it."""
+    current CUDA device when None) can run it: 12 parts from twice as many rows as inputs, 32 from
+    twice as many inputs as rows (4096 rows or more: the down projections; H200,
+    group-probe-NVIDIA-H200-2026-12-02-parts.md: 7B down 18.5 -> 17.6 us at 3.5 bits, 70B down 61.2 ->
+    58.4), else 16 from rows x inputs >= 2**26."""
     hit = TUNED.get((N, K, M, dtype))
     if hit is not None and (dense or not hit.get("DENSE")):
         return hit
     if dense and M >= DENSE_MIN_TOKENS:
         return dict(DENSE)
     if M == 1:
-        if K >= 4096 and (N >= 2 * K or N * K >= 1 << 26) and has_gluon(None if device is None else device.index):
-            return dict(GEMV1_GLUON, SPLIT=12 if N >= 2 * K else 16)
+        down = K >= 2 * N and N >= 4096  # many inputs, few rows: more parts keep the GPU filled
+        big = N >= 2 * K or down or N * K >= 1 << 26
+        if K >= 4096 and big and has_gluon(None if device is None else device.index):
+            return dict(GEMV1_GLUON, SPLIT=12 if N >= 2 * K else (32 if down else 16))
         return dict(GEMV1_WIDE if N >= 2 * K and K >= 4096 else GEMV1)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)
