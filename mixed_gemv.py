@@ -26,8 +26,10 @@ barriers a step in the offline sm_90 SASS of its 4-bit loop). Here every layout 
 So a program (row tile, part) needs its part to be one width and at most XT tiles long
 (`MixedBitLinear.part_table(..., max_tiles=XT)`). Steps are aligned to TS tiles from the part's
 first tile; a unit's first and last steps mask x outside the unit's columns [a, e); sum_k x over a
-unit (for the zero point) is a reduction over the staged x at the unit's start. The split-K finish
-is `mixed_kernel`'s (atomics into the fp32 workspace, a counter per row tile).
+unit (for the zero point) is a reduction over the staged x at the unit's start. What a program
+needs before its loop (unit range, width, block, its first two units' fields) is one row of the
+part table, read at once; its first words, scales and zero points are requested before x's gather.
+The split-K finish is `mixed_kernel`'s (atomics into the fp32 workspace, a counter per row tile).
 
 Measured (H200, 2026-12-01; bench/results/gemv-sweep-NVIDIA-H200-2026-12-01-gluon.md, gemv-floor-…,
 inference-…-gluon.md): on a whole 7B-shaped layer no faster than gemv_kernel (116.9 against 114.5 us at
