@@ -948,8 +948,11 @@ def _warm_one(item: tuple[dict, str]) -> None:
     x = torch.randn(max(1, cfg["BLOCK_M"]), K, device=dev).to(getattr(torch, dtype_name))
     units = torch.tensor([[0, 32, 4, 0, 0, K // 32, 0, zs]], dtype=torch.int32, device=dev)
     if cfg.get("GEMV"):  # one part of one unit, the rest empty (the split-K binary)
-        run, split, _ = gemv_launcher(cfg)
+        run, split, max_tiles = gemv_launcher(cfg)
         uoff = torch.tensor([0] + [1] * split, dtype=torch.int32, device=dev)
+        if max_tiles:  # the Gluon kernel reads the parts from a part table
+            from mixed_linear import part_rows
+            uoff = torch.tensor(part_rows(units.tolist(), uoff.tolist()), dtype=torch.int32, device=dev)
         run(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
             units, uoff, torch.zeros(1, N, dtype=torch.int16, device=dev), zero,
             None, N, cfg, xg=x)  # fp16 scales, as the solver saves them

@@ -67,6 +67,20 @@ def _from_bit_stream(words: torch.Tensor, b: int, n: int) -> torch.Tensor:
     return (bits.reshape(n, b) << torch.arange(b, device=words.device)).sum(1).to(torch.int32)
 
 
+def part_rows(units: list[list[int]], uoff: list[int]) -> list[list[int]]:
+    """`MixedBitLinear.part_table`'s rows from a work list (rows a, e, bits, run, W0, nt, start, zs)
+    and its part offsets."""
+    table = []
+    for u, u1 in zip(uoff, uoff[1:]):
+        if u == u1:
+            table.append([u, u1] + [0] * 14)
+            continue
+        r, nr = units[u], (units[u + 1] if u + 1 < u1 else [0] * 8)
+        table.append([u, u1, r[2], r[0], r[4], r[5], r[6], units[u1 - 1][1], r[0], r[1], r[3], r[7],
+                      nr[0], nr[1], nr[3], nr[7]])
+    return table
+
+
 def width_mask(widths) -> int:
     """Bits lo..hi set for the narrowest and widest of `widths` (gemv_kernel's WMASK)."""
     ws = list(widths)
@@ -224,16 +238,7 @@ class MixedBitLinear(torch.nn.Module):
         key = (-4000 - split - 100000 * max_tiles, device)
         if key not in self._units:
             units, uoff = self.split_units(split, device, max_tiles=max_tiles)
-            rows, uo = units.tolist(), uoff.tolist()
-            table = []
-            for u, u1 in zip(uo, uo[1:]):
-                if u == u1:
-                    table.append([u, u1] + [0] * 14)
-                    continue
-                r, nr = rows[u], (rows[u + 1] if u + 1 < u1 else [0] * 8)
-                table.append([u, u1, r[2], r[0], r[4], r[5], r[6], rows[u1 - 1][1], r[0], r[1], r[3], r[7],
-                              nr[0], nr[1], nr[3], nr[7]])
-            self._units[key] = torch.tensor(table, dtype=torch.int32, device=device)
+            self._units[key] = torch.tensor(part_rows(units.tolist(), uoff.tolist()), dtype=torch.int32, device=device)
         return self.split_units(split, device, max_tiles=max_tiles)[0], self._units[key]
 
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
