@@ -118,7 +118,7 @@ def _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0, BITS: gl.constexpr, TS: gl.c
 def _staged_columns(col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
     """The staged part's layout: position p = ((step * 2 + half) * TS + tile) * 16 + slot * P0 + word
     holds kernel column col (the part starts at col0), so that a step's half is a (TS, H, P0) block;
-    its x is scaled by 2**(23 - slot * P0) for the in-place read. Returns (slot, col), (XT * 32,)
+    its x is scaled by 2**(85 - slot * P0) for the in-place read (`_inplace_scale`). Returns (slot, col), (XT * 32,)
     in the staging layout."""
     P0: gl.constexpr = 4 if BITS >= 4 else 2
     H: gl.constexpr = 16 // P0

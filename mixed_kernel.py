@@ -796,12 +796,14 @@ GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num
 # Only shapes of 4096 columns and more were timed, so the narrower ones keep GEMV1.
 GEMV1_WIDE = dict(GEMV1, BLOCK_N=256)
 # one token through mixed_gemv (Gluon): 256 rows a program (2 a thread), one tile a step, a ring of 3 steps
-# of asynchronous copies, parts of at most 32 tiles (`split_units(..., max_tiles=XT)`). pick_config takes it
-# for 4096 columns and more where rows >= 2 x columns (12 parts) or rows x columns >= 2**26 (16 parts):
-# bench.inference's per-shape trials on an H200 at 3.5 bits (inference-NVIDIA-H200-2026-12-01-gluon.json),
-# us, against the best gemv_kernel configuration: 11008x4096 19.8 (12 parts) vs 22.2, 28672x8192 67.6 vs
-# 76.3, 8192x8192 25.7 (16) vs 28.8, 8192x28672 67.1 (16 parts) vs 77.7; 4096x4096 keeps GEMV1 (11.8 vs
-# 10.8), 4096x11008 and 1024x8192 were even (19.2 vs 19.3, 12.4 vs 12.8) and keep it too.
+# of asynchronous copies, parts of at most 32 tiles (`MixedBitLinear.part_table(..., max_tiles=XT)`).
+# pick_config takes it for 4096 columns and more where rows >= 2 x columns (12 parts), columns >= 2 x rows
+# from 4096 rows (32 parts) or rows x columns >= 2**26 (16 parts): bench.inference's per-shape trials on an
+# H200 at 3.5 bits (inference-NVIDIA-H200-2026-12-01-gluon.json), us, against the best gemv_kernel
+# configuration: 11008x4096 19.8 (12 parts) vs 22.2, 28672x8192 67.6 vs 76.3, 8192x8192 25.7 (16) vs 28.8,
+# 8192x28672 67.1 (16 parts) vs 77.7; 4096x4096 keeps GEMV1 (11.8 vs 10.8), 1024x8192 was even (12.4 vs
+# 12.8) and keeps it too; 4096x11008, even there (19.2 vs 19.3), runs it with 32 parts since the part
+# table (group-probe-NVIDIA-H200-2026-12-02-parts.md: 17.6 against gemv_kernel's 18.5).
 GEMV1_GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16, XT=32, NS=3, GATHER=True, num_warps=4)
 
 

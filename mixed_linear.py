@@ -235,11 +235,11 @@ class MixedBitLinear(torch.nn.Module):
         then, from the units (zeros for an empty part), the width, first column, W0, nt, block
         start, the last unit's end column, the first unit's a, e, run, zero stream and the second
         unit's (zeros if none)."""
+        units, uoff = self.split_units(split, device, max_tiles=max_tiles)
         key = (-4000 - split - 100000 * max_tiles, device)
         if key not in self._units:
-            units, uoff = self.split_units(split, device, max_tiles=max_tiles)
             self._units[key] = torch.tensor(part_rows(units.tolist(), uoff.tolist()), dtype=torch.int32, device=device)
-        return self.split_units(split, device, max_tiles=max_tiles)[0], self._units[key]
+        return units, self._units[key]
 
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_kernel.dequant_kernel`: (n_tiles, 8) int32 tiles (bits, W0, nt, tile index in

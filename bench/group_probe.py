@@ -20,8 +20,7 @@ sys.path.insert(0, ".")
 import torch  # noqa: E402
 
 import mixed_kernel  # noqa: E402
-from bench.inference import commit, copies_for, graph_time, synthetic_parts  # noqa: E402
-from mixed_linear import MixedBitLinear  # noqa: E402
+from bench.inference import commit, copies_for, graph_time, synthetic_linear  # noqa: E402
 
 SETS = {"7B q/k/v": [(4096, 4096)] * 3, "7B gate/up": [(11008, 4096)] * 2,
         "70B q/k/v": [(8192, 8192), (1024, 8192), (1024, 8192)], "70B gate/up": [(28672, 8192)] * 2,
@@ -33,8 +32,7 @@ SPLITS = (12, 16, 24, 32)
 
 
 def modules(shapes: list, target: float, seed: int, dev) -> list:
-    return [MixedBitLinear.from_parts(synthetic_parts(r, c, target, 0.0, seed=seed + i, device=dev), bias=None,
-                                      dtype=torch.float16, device=dev) for i, (r, c) in enumerate(shapes)]
+    return [synthetic_linear(r, c, target, seed + i, dev) for i, (r, c) in enumerate(shapes)]
 
 
 def set_time(mods: list, x: torch.Tensor, tune: dict | None = None) -> float:

@@ -8,7 +8,7 @@
 (1) Kernels: per-linear and per-layer (the 7 linears) time of MixedBitLinear against fp16
     F.linear (cuBLAS) on LLaMA-2-7B (4096/11008) and 70B (8192/28672, k/v 1024 rows) shapes at
     1, 4, 16 and 128 tokens (--tokens), at 3.0, 3.5 and 4.0 stored bits and at 4.0 bits + 50% sparsity.
-    Each call times the module as the forward runs it: at one token gemv_kernel, then below
+    Each call times the module as the forward runs it: at one token gemv_kernel or mixed_gemv's Gluon kernel, then below
     mixed_kernel.DENSE_MIN_TOKENS tokens the fused kernel, from there on the dense path (dequant_kernel into a buffer, then cuBLAS);
     the tables say which ran. The layer is also timed in model order (MODEL_ORDER: q/k/v on one input,
     gate/up on one, a small stand-in kernel wherever the model runs others, subtracted from both
@@ -112,6 +112,12 @@ def synthetic_parts(R: int, C: int, target: float, sparsity: float, seed: int, d
             "perm": torch.randperm(C, generator=g), "runs": runs, "avg_bits": best_avg}
 
 
+def synthetic_linear(R: int, C: int, target: float, seed: int, device) -> MixedBitLinear:
+    """A fp16 `MixedBitLinear` of `synthetic_parts` (no sparsity, no bias)."""
+    return MixedBitLinear.from_parts(synthetic_parts(R, C, target, 0.0, seed=seed, device=device), bias=None,
+                                     dtype=torch.float16, device=device)
+
+
 # ---------------------------------------------------------------- timing
 def graph_time(calls: list, reps: int = 15, warm: int = 3) -> float:
     """Median seconds of one pass over `calls` (zero-argument callables), captured in a CUDA graph."""
@@ -145,11 +151,16 @@ def model_order_time(layers: list[dict], xs: dict, run, order: tuple = MODEL_ORD
     multiply of a hidden-sized vector) where the model runs other kernels, each linear on its input in
     xs (q, k and v share one, as gate and up do, as in the model; `FUSED` names read their first
     member's). run(w, x): one linear."""
-    sep = torch.ones(1, xs["q_proj"].shape[1], device=xs["q_proj"].device, dtype=xs["q_proj"].dtype)
-    calls = [(lambda s=sep: s.mul_(1.0)) if n is None else
-             (lambda w=layer[n], x=xs[FUSED[n][0] if n in FUSED else n]: run(w, x))
+    stand_in = _stand_in(xs["q_proj"])
+    calls = [stand_in if n is None else (lambda w=layer[n], x=xs[FUSED[n][0] if n in FUSED else n]: run(w, x))
              for layer in layers for n in order]
     return graph_time(calls) / len(layers)
+
+
+def _stand_in(x: torch.Tensor):
+    """The stand-in kernel of `model_order_time`: an in-place multiply of a vector as wide as x."""
+    sep = torch.ones(1, x.shape[1], device=x.device, dtype=x.dtype)
+    return lambda: sep.mul_(1.0)
 
 
 def shared_inputs(M: int, shapes: dict, dev, dt) -> dict:
@@ -162,8 +173,7 @@ def shared_inputs(M: int, shapes: dict, dev, dt) -> dict:
 
 def stand_in_time(x: torch.Tensor, n_layers: int) -> float:
     """Median seconds of the stand-in kernels of one layer alone (`model_order_time`)."""
-    sep = torch.ones(1, x.shape[1], device=x.device, dtype=x.dtype)
-    return graph_time([lambda: sep.mul_(1.0)] * (MODEL_ORDER.count(None) * n_layers)) / n_layers
+    return graph_time([_stand_in(x)] * (MODEL_ORDER.count(None) * n_layers)) / n_layers
 
 
 def copies_for(nbytes: int) -> int:
@@ -176,7 +186,8 @@ def candidates(M: int) -> list[dict]:
     if M == 1:  # gemv_kernel around its default, and the fused kernel's best of 2026-11-30
         g = mixed_kernel.GEMV1
         # the Gluon kernel; 128 rows / 2 warps with many parts for the short, wide shapes (70B k/v, 1024x8192, ran
-        # 0.79x of fp16 with every candidate above: 4-8 row tiles leave most SMs idle) -- not yet timed
+        # 0.79x of fp16 with every candidate above: 4-8 row tiles leave most SMs idle; 10.3-10.6 us with these
+        # against 12.4, inference-…-pdl-70b.md and -grouped.md)
         gl = [dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp) for sp in (12, 16, 24)] + [
             dict(mixed_kernel.GEMV1_GLUON, BLOCK_N=128, num_warps=2, SPLIT=sp) for sp in (32, 48)] \
             if mixed_kernel.has_gluon() else []

@@ -19,15 +19,10 @@ import argparse
 
 import torch
 
-from bench.inference import synthetic_parts
-from mixed_linear import MixedBitLinear, SharedInputGroup
+from bench.inference import synthetic_linear
+from mixed_linear import SharedInputGroup
 
 LAYERS = {"7b": (4096, 4096, 11008, 4096), "70b": (8192, 1024, 28672, 8192)}  # hidden, k/v rows, mlp, -
-
-
-def _linear(R: int, C: int, bits: float, seed: int, dev) -> MixedBitLinear:
-    return MixedBitLinear.from_parts(synthetic_parts(R, C, bits, 0.0, seed=seed, device=dev), bias=None,
-                                     dtype=torch.float16, device=dev)
 
 
 def main() -> None:
@@ -40,9 +35,9 @@ def main() -> None:
     dev = torch.device("cuda")
     if args.layer:
         H, KV, F, _ = LAYERS[args.layer]
-        qkv = [_linear(r, H, args.bits, i, dev) for i, r in enumerate((H, KV, KV))]
-        gu = [_linear(F, H, args.bits, 3 + i, dev) for i in range(2)]
-        o, down = _linear(H, H, args.bits, 5, dev), _linear(H, F, args.bits, 6, dev)
+        qkv = [synthetic_linear(r, H, args.bits, i, dev) for i, r in enumerate((H, KV, KV))]
+        gu = [synthetic_linear(F, H, args.bits, 3 + i, dev) for i in range(2)]
+        o, down = synthetic_linear(H, H, args.bits, 5, dev), synthetic_linear(H, F, args.bits, 6, dev)
         SharedInputGroup(qkv)
         SharedInputGroup(gu)
         xa, xo = torch.randn(1, H, device=dev, dtype=torch.float16), torch.randn(1, H, device=dev, dtype=torch.float16)
@@ -58,7 +53,7 @@ def main() -> None:
         print(f"{args.layer} layer at {args.bits} bits: width masks q {qkv[0].wmask} o {o.wmask} down {down.wmask}")
         return
     R, C = (int(v) for v in args.shape.split("x"))
-    m = _linear(R, C, args.bits, 1, dev)
+    m = synthetic_linear(R, C, args.bits, 1, dev)
     for M in (1, 16):
         x = torch.randn(M, C, device=dev, dtype=torch.float16)
         for _ in range(3):

@@ -473,14 +473,19 @@ def test_dequant_kernel_under_triton_interpreter():
     run_interpreted(DEQUANT_SCRIPT)
 
 
+def every_width_linear() -> MixedBitLinear:
+    """A 40x1000 fp32 module with runs of every width 2..8, some of them repeated."""
+    _, (tensors, info) = packed_linear(40, 1000, [3, 3, 4, 2, 6, 7, 5, 3, 4, 2, 8], None, torch.float32, seed=5)
+    return MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
+
+
 @pytest.mark.parametrize("split,max_tiles", [(2, 1), (4, 2), (16, 3), (3, 32)])
 def test_split_units_max_tiles(split, max_tiles):
     """The Gluon kernel's work list (mixed_gemv stages a part's x in shared memory): every part one
     width, starting on a tile, at most max_tiles tiles long; the units still tile every kernel
     column in order, and a part never mixes widths even when the cap cuts a width block."""
-    R, C, widths, prune = 40, 1000, [3, 3, 4, 2, 6, 7, 5, 3, 4, 2, 8], None
-    W, (tensors, info) = packed_linear(R, C, widths, prune, torch.float32, seed=5)
-    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
+    m = every_width_linear()
+    C = m.in_features
     units, uoff = m.split_units(split, torch.device("cpu"), max_tiles=max_tiles)
     u, off = units.tolist(), uoff.tolist()
     assert off[0] == 0 and off[-1] == len(u) and all(b > a for a, b in zip(off, off[1:]))
@@ -501,8 +506,7 @@ def test_part_table(split, max_tiles):
     """The Gluon kernel's part table: row p holds part p's unit range and, read from the work list,
     its width, first column, W0, nt, block start, last unit's end, first unit's a, e, run, zero
     stream and second unit's (zeros where the part has one unit); the work list is split_units'."""
-    W, (tensors, info) = packed_linear(40, 1000, [3, 3, 4, 2, 6, 7, 5, 3, 4, 2, 8], None, torch.float32, seed=5)
-    m = MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
+    m = every_width_linear()
     cpu = torch.device("cpu")
     units, table = m.part_table(split, cpu, max_tiles)
     ref_units, uoff = m.split_units(split, cpu, max_tiles=max_tiles)
@@ -522,8 +526,8 @@ def test_part_table(split, max_tiles):
 def test_pick_config_one_token(monkeypatch, gluon):
     """One token, 4096 columns or more: mixed_gemv's Gluon kernel where rows >= 2 x columns (12
     parts), columns >= 2 x rows with 4096 rows or more (32 parts) or rows x columns >= 2**26 (16
-    parts), where the H200 measured it faster (gate/up, down and 70B's square shapes); else GEMV1. Without Gluon: 256 rows a program where rows
-    >= 2 x columns (gate/up), else GEMV1."""
+    parts), where the H200 measured it faster (gate/up, down and 70B's square shapes); else GEMV1.
+    Without Gluon: 256 rows a program where rows >= 2 x columns (gate/up), else GEMV1."""
     pytest.importorskip("triton")
     import mixed_kernel
     monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: gluon)
