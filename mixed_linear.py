@@ -81,6 +81,28 @@ def part_rows(units: list[list[int]], uoff: list[int]) -> list[list[int]]:
     return table
 
 
+def block_parts(blocks: list, split: int, max_tiles: int = 0, step_cost: float | None = None) -> list[int]:
+    """Parts per width block (t0, t1, bits, W0) for `MixedBitLinear.split_units`. step_cost None: in
+    proportion to the block's bits (round(split x its share), at least one; parts of about equal
+    bytes). Else balanced by time, a tile of width b costing b + step_cost: each block starts with the
+    fewest parts it may have (one, or enough for parts of at most max_tiles tiles), then each further
+    part goes to the block whose parts cost most, until there are split parts (or every part is one
+    tile): the costliest part as cheap as it can be."""
+    tiles = [t1 - t0 for t0, t1, _, _ in blocks]
+    least = [max(1, -(-t // max_tiles)) if max_tiles else 1 for t in tiles]
+    if step_cost is None:
+        total = sum(b * t for t, (_, _, b, _) in zip(tiles, blocks))
+        return [max(lo, min(t, round(split * b * t / total))) for t, lo, (_, _, b, _) in zip(tiles, least, blocks)]
+    n = list(least)
+    while sum(n) < split:
+        grow = [i for i in range(len(n)) if n[i] < tiles[i]]
+        if not grow:
+            break
+        # a block of t tiles in k parts: its longest part ceil(t / k) tiles
+        n[max(grow, key=lambda i: -(-tiles[i] // n[i]) * (blocks[i][2] + step_cost))] += 1
+    return n
+
+
 def width_mask(widths) -> int:
     """Bits lo..hi set for the narrowest and widest of `widths` (gemv_kernel's WMASK)."""
     ws = list(widths)
@@ -197,7 +219,8 @@ class MixedBitLinear(torch.nn.Module):
             self._units[key] = torch.tensor(rows, dtype=torch.int32, device=device)
         return self._units[key]
 
-    def split_units(self, split: int, device: torch.device, max_tiles: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_units(self, split: int, device: torch.device, max_tiles: int = 0,
+                    step_cost: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_kernel.gemv_kernel`: a work list of units (`_work_list`) cut into parts, and
         (parts + 1,) int32 offsets: part p is units uoff[p] .. uoff[p + 1]. split 1: one part, every
         unit. More: about `split` parts, each a tile-aligned range inside one width block, so that a
@@ -205,20 +228,16 @@ class MixedBitLinear(torch.nn.Module):
         in proportion to its bits (at least one), so parts hold about equal bytes. max_tiles (with
         split > 1): no part longer than that many tiles (`mixed_gemv`, which stages a part's x in
         shared memory), a block cut into more parts where needed. Units are cut at run and part
-        boundaries only."""
+        boundaries only. step_cost (with split > 1): parts balanced by time instead (`block_parts`)."""
         if max_tiles and split < 2:
             raise ValueError(f"max_tiles {max_tiles} needs parts of one width: split {split} < 2")
-        key = (-1000 - split - 100000 * max_tiles, device)
-        okey = (-2000 - split - 100000 * max_tiles, device)
+        key = ("units", split, max_tiles, step_cost, device)
+        okey = ("uoff", split, max_tiles, step_cost, device)
         if key not in self._units:
             end = self.blocks[-1][1] * TILE
             cuts = {0, end}
             if split > 1:
-                total = sum(b * (t1 - t0) for t0, t1, b, _ in self.blocks)
-                for t0, t1, b, _ in self.blocks:
-                    n = max(1, min(t1 - t0, round(split * b * (t1 - t0) / total)))
-                    if max_tiles:
-                        n = max(n, -(-(t1 - t0) // max_tiles))
+                for (t0, t1, _, _), n in zip(self.blocks, block_parts(self.blocks, split, max_tiles, step_cost)):
                     cuts.update((t0 + (t1 - t0) * i // n) * TILE for i in range(n + 1))
             cuts = sorted(cuts)
             rows = self._work_list(cuts)
@@ -228,15 +247,16 @@ class MixedBitLinear(torch.nn.Module):
             self._units[okey] = torch.tensor(uoff, dtype=torch.int32, device=device)
         return self._units[key], self._units[okey]
 
-    def part_table(self, split: int, device: torch.device, max_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def part_table(self, split: int, device: torch.device, max_tiles: int,
+                   step_cost: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_gemv`: `split_units`' work list and, instead of its offsets, (parts, 16) int32
         rows that hold everything a program reads before its loop, so that it reads them at once
         (one round trip to memory instead of a chain of dependent ones): first and end unit u, u1;
         then, from the units (zeros for an empty part), the width, first column, W0, nt, block
         start, the last unit's end column, the first unit's a, e, run, zero stream and the second
         unit's (zeros if none)."""
-        units, uoff = self.split_units(split, device, max_tiles=max_tiles)
-        key = (-4000 - split - 100000 * max_tiles, device)
+        units, uoff = self.split_units(split, device, max_tiles=max_tiles, step_cost=step_cost)
+        key = ("parts", split, max_tiles, step_cost, device)
         if key not in self._units:
             self._units[key] = torch.tensor(part_rows(units.tolist(), uoff.tolist()), dtype=torch.int32, device=device)
         return units, self._units[key]
@@ -325,7 +345,7 @@ class MixedBitLinear(torch.nn.Module):
                     return out.reshape(*shape[:-1], self.out_features)
             run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
             lists = self.part_table if max_tiles else self.split_units  # the Gluon kernel reads a part table
-            units, uoff = lists(split, x.device, max_tiles=max_tiles)
+            units, uoff = lists(split, x.device, max_tiles=max_tiles, step_cost=cfg.get("STEP_COST"))
             out = run(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias, self.out_features, cfg,
                       xg, self.wmask)
             return out.reshape(*shape[:-1], self.out_features)
@@ -460,7 +480,7 @@ class SharedInputGroup:
         _, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
         members = []
         for m in self.members:
-            units, parts = m.part_table(split, x2.device, max_tiles)
+            units, parts = m.part_table(split, x2.device, max_tiles, cfg.get("STEP_COST"))
             members.append((m.kcols, m.qweight, units, parts, m.scale_bits, m.zero, m.out_features))
         out = mixed_gemv.gemv_gl_group(x2, members, self._group_bias(x2.dtype), cfg, self._wmask)
         return [out[:, a:b] for a, b in zip(self._bounds, self._bounds[1:])]

@@ -3,9 +3,11 @@ gate/up) of LLaMA-2-7B, 70B, LLaMA-3-8B and SmolLM2-135M shapes run one after an
 rows (bench.inference's synthetic linears at 3.5 and 3.0 stored bits), with pick_config's choice
 and with the Gluon kernel at 12-32 parts. Each time is a CUDA graph over enough copies to stream
 from HBM, median of 15 replays, us per set. The single linears (7B and 70B o and down) compare
-pick_config's choice with the Gluon kernel at each part count.
+pick_config's choice with the Gluon kernel at each part count. --step-costs times each part count once
+per way of balancing the parts (`mixed_linear.block_parts`: none, by bits; a number, by time with that
+cost of a tile's step).
 
-    python -m bench.group_probe [--splits 12 16] [--sets "7B o" "7B down"] [--tag -x]
+    python -m bench.group_probe [--splits 12 16] [--step-costs none 4] [--sets "7B o" "7B down"] [--tag=-x]
     # writes bench/results/group-probe-<gpu>-<date><tag>.{md,json}
 
 The commit is GIT_COMMIT if set, else `git rev-parse HEAD`."""
@@ -48,11 +50,14 @@ def set_time(mods: list, x: torch.Tensor, tune: dict | None = None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--splits", nargs="+", type=int, default=list(SPLITS), help="Gluon part counts to time")
+    ap.add_argument("--step-costs", nargs="+", default=["none"],
+                    help="ways to balance the parts: none (by bits) or a step cost (by time)")
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), metavar="SET",
                     help="sets to time (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the results files' names")
     args = ap.parse_args()
-    splits = tuple(args.splits)
+    variants = [(sp, None if c == "none" else float(c)) for sp in args.splits for c in args.step_costs]
+    names = [f"Gluon {sp} parts" + ("" if c is None else f", step cost {c:g}") for sp, c in variants]
     dev = torch.device("cuda:0")
     rows = []
     for target in (3.5, 3.0):
@@ -63,9 +68,9 @@ def main() -> None:
                    "separate_us": set_time(modules(shapes, target, 0, dev), x),
                    "one_linear_us": set_time(modules([summed], target, 10, dev), x),
                    "pick": str(mixed_kernel.pick_config(1, *summed, torch.float16, device=dev))}
-            for sp in splits:
-                row[f"gluon_split{sp}_us"] = set_time(modules([summed], target, 10, dev), x,
-                                                      dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp))
+            for name_, (sp, c) in zip(names, variants):
+                row[name_] = set_time(modules([summed], target, 10, dev), x,
+                                      dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp, STEP_COST=c))
             rows.append(row)
             print(row, flush=True)
     gpu, date = torch.cuda.get_device_name(dev), datetime.date.today().isoformat()
@@ -76,11 +81,11 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     L = [f"# One launch per shared-input set: {gpu}, {date}", "", f"`{res['command']}`, commit {res['commit']}, "
          f"torch {res['torch']}. us per set (CUDA graph, median of 15).", "",
-         "| bits | set | separate | one linear (rows summed), pick_config | " + " | ".join(
-             f"Gluon {sp} parts" for sp in splits) + " |", "|---|---|---|---|" + "---|" * len(splits)]
+         "| bits | set | separate | one linear (rows summed), pick_config | " + " | ".join(names) + " |",
+         "|---|---|---|---|" + "---|" * len(names)]
     for r in rows:
         L.append(f"| {r['bits']} | {r['set']} | {r['separate_us']:.1f} | {r['one_linear_us']:.1f} ({r['summed']}) | "
-                 + " | ".join(f"{r[f'gluon_split{sp}_us']:.1f}" for sp in splits) + " |")
+                 + " | ".join(f"{r[n]:.1f}" for n in names) + " |")
     out.with_suffix(".md").write_text("\n".join(L) + "\n")
 
 

@@ -479,19 +479,24 @@ def every_width_linear() -> MixedBitLinear:
     return MixedBitLinear.from_parts(packing.decode_parts(tensors, info), bias=None, dtype=torch.float32, device="cpu")
 
 
+@pytest.mark.parametrize("step_cost", [None, 3.0])
 @pytest.mark.parametrize("split,max_tiles", [(2, 1), (4, 2), (16, 3), (3, 32)])
-def test_split_units_max_tiles(split, max_tiles):
+def test_split_units_max_tiles(split, max_tiles, step_cost):
     """The Gluon kernel's work list (mixed_gemv stages a part's x in shared memory): every part one
     width, starting on a tile, at most max_tiles tiles long; the units still tile every kernel
-    column in order, and a part never mixes widths even when the cap cuts a width block."""
+    column in order, and a part never mixes widths even when the cap cuts a width block. Balanced
+    by time (step_cost), exactly max(split, the fewest the cap allows) parts."""
     m = every_width_linear()
     C = m.in_features
-    units, uoff = m.split_units(split, torch.device("cpu"), max_tiles=max_tiles)
+    units, uoff = m.split_units(split, torch.device("cpu"), max_tiles=max_tiles, step_cost=step_cost)
     u, off = units.tolist(), uoff.tolist()
     assert off[0] == 0 and off[-1] == len(u) and all(b > a for a, b in zip(off, off[1:]))
     assert u[0][0] == 0 and all(v[0] == w[1] for w, v in zip(u, u[1:])) and u[-1][1] >= C
     uncapped = m.split_units(split, torch.device("cpu"))[1].numel() - 1
-    assert len(off) - 1 >= max(uncapped, -(-m.blocks[-1][1] // max_tiles))
+    assert len(off) - 1 >= max(uncapped if step_cost is None else 0, -(-m.blocks[-1][1] // max_tiles))
+    if step_cost is not None:
+        least = sum(-(-(t1 - t0) // max_tiles) for t0, t1, _, _ in m.blocks)
+        assert len(off) - 1 == max(split, least)
     for p in range(len(off) - 1):
         us = u[off[p]:off[p + 1]]
         assert len({v[2] for v in us}) == 1 and len({v[4] for v in us}) == 1, us  # one width, one block
@@ -499,6 +504,36 @@ def test_split_units_max_tiles(split, max_tiles):
     assert m.split_units(split, torch.device("cpu"))[0] is not units  # cached apart from the uncapped list
     with pytest.raises(ValueError):
         m.split_units(1, torch.device("cpu"), max_tiles=max_tiles)  # one part would mix widths
+
+
+def test_block_parts_balanced_by_time():
+    """block_parts with a step cost: exactly `split` parts (each block at least its fewest), and no other
+    way of dealing them out has a cheaper costliest part (brute force over small cases); the costliest
+    part of the 25-tile 2-bit block that the bits rule leaves whole (a 4096-input linear at 3.5 bits)
+    is cut."""
+    import itertools
+    import random
+    from mixed_linear import block_parts
+    rng = random.Random(0)
+    for _ in range(40):
+        nb = rng.randint(1, 4)
+        tiles = [rng.randint(1, 11) for _ in range(nb)]
+        bits = [rng.randint(2, 8) for _ in range(nb)]
+        blocks, t0 = [], 0
+        for t, b in zip(tiles, bits):
+            blocks.append((t0, t0 + t, b, 0))
+            t0 += t
+        split, cap, c = rng.randint(nb, 3 * nb + 2), rng.choice([0, 3, 5]), rng.choice([0.0, 2.5])
+        least = [max(1, -(-t // cap)) if cap else 1 for t in tiles]
+        n = block_parts(blocks, split, cap, c)
+        assert sum(n) == min(max(split, sum(least)), sum(tiles)) and all(lo <= k <= t for lo, k, t in zip(least, n, tiles))
+        worst = max(-(-t // k) * (b + c) for t, k, b in zip(tiles, n, bits))
+        best = min(max(-(-t // k) * (b + c) for t, k, b in zip(tiles, ks, bits))
+                   for ks in itertools.product(*[range(lo, t + 1) for lo, t in zip(least, tiles)]) if sum(ks) == sum(n))
+        assert worst == best, (blocks, split, cap, c, n)
+    blocks = [(0, 25, 2, 0), (25, 64, 3, 0), (64, 102, 4, 0), (102, 128, 5, 0)]
+    assert block_parts(blocks, 12, 32) == [1, 3, 4, 3]  # by bits: the 2-bit part 25 tiles, 50 bit-tiles
+    assert block_parts(blocks, 12, 32, 0.0) == [2, 3, 4, 3]
 
 
 @pytest.mark.parametrize("split,max_tiles", [(2, 1), (16, 3), (3, 32)])
