@@ -5,9 +5,10 @@ and with the Gluon kernel at 12-32 parts. Each time is a CUDA graph over enough 
 from HBM, median of 15 replays, us per set. The single linears (7B and 70B o and down) compare
 pick_config's choice with the Gluon kernel at each part count. --step-costs times each part count once
 per way of balancing the parts (`mixed_linear.block_parts`: none, by bits; a number, by time with that
-cost of a tile's step).
+cost of a tile's step); --configs once per change to GEMV1_GLUON's other settings (JSON).
 
-    python -m bench.group_probe [--splits 12 16] [--step-costs none 4] [--sets "7B o" "7B down"] [--tag=-x]
+    python -m bench.group_probe [--splits 12 16] [--step-costs none 4] [--configs '{"BLOCK_N": 128, "num_warps": 2}']
+                                [--sets "7B o" "7B down"] [--tag=-x]
     # writes bench/results/group-probe-<gpu>-<date><tag>.{md,json}
 
 The commit is GIT_COMMIT if set, else `git rev-parse HEAD`."""
@@ -52,12 +53,16 @@ def main() -> None:
     ap.add_argument("--splits", nargs="+", type=int, default=list(SPLITS), help="Gluon part counts to time")
     ap.add_argument("--step-costs", nargs="+", default=["none"],
                     help="ways to balance the parts: none (by bits) or a step cost (by time)")
+    ap.add_argument("--configs", nargs="+", default=["{}"],
+                    help="changes to the Gluon configuration, each a JSON object (default: none)")
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), metavar="SET",
                     help="sets to time (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the results files' names")
     args = ap.parse_args()
-    variants = [(sp, None if c == "none" else float(c)) for sp in args.splits for c in args.step_costs]
-    names = [f"Gluon {sp} parts" + ("" if c is None else f", step cost {c:g}") for sp, c in variants]
+    variants = [(sp, None if c == "none" else float(c), json.loads(e)) for e in args.configs for sp in args.splits
+                for c in args.step_costs]
+    names = [f"Gluon {sp} parts" + ("" if c is None else f", step cost {c:g}") + "".join(f", {k} {v}" for k, v in e.items())
+             for sp, c, e in variants]
     dev = torch.device("cuda:0")
     rows = []
     for target in (3.5, 3.0):
@@ -68,9 +73,9 @@ def main() -> None:
                    "separate_us": set_time(modules(shapes, target, 0, dev), x),
                    "one_linear_us": set_time(modules([summed], target, 10, dev), x),
                    "pick": str(mixed_kernel.pick_config(1, *summed, torch.float16, device=dev))}
-            for name_, (sp, c) in zip(names, variants):
+            for name_, (sp, c, e) in zip(names, variants):
                 row[name_] = set_time(modules([summed], target, 10, dev), x,
-                                      dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp, STEP_COST=c))
+                                      dict(mixed_kernel.GEMV1_GLUON, SPLIT=sp, STEP_COST=c, **e))
             rows.append(row)
             print(row, flush=True)
     gpu, date = torch.cuda.get_device_name(dev), datetime.date.today().isoformat()
