@@ -821,6 +821,34 @@ def has_gluon(device: int | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+GLUON_PROGRAMS_PER_SM = 4  # gemv_gl_kernel's 128 registers a thread x 4 warps: 4 programs an SM
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: int | None = None) -> int | None:
+    """Streaming multiprocessors of CUDA device `device` (the current one when None); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device).multi_processor_count
+
+
+def whole_waves(split: int, row_tiles: int, device: torch.device | None = None) -> int:
+    """split, or fewer parts where row_tiles x split programs of the Gluon kernel would spill past whole
+    waves (GLUON_PROGRAMS_PER_SM a multiprocessor) into a last wave under a quarter full: that wave's
+    programs start when the others end and add a whole program's time. Then as many parts as fill the
+    whole waves. H200 (group-probe-NVIDIA-H200-2026-12-02-shape*.md): 7B q/k/v, 48 row tiles, 12 parts =
+    1.09 waves, 20.9 us at 3.5 bits, 11 parts 19.2 (18.7 in a second run), at 3.0 bits 18.8 -> 17.2;
+    70B gate/up (224 row tiles, 5.09 waves) 109.1 -> 107.0, 103.7 -> 103.2."""
+    sms = sm_count(None if device is None else device.index)
+    if not sms:
+        return split
+    slots = sms * GLUON_PROGRAMS_PER_SM
+    waves, rest = divmod(row_tiles * split, slots)
+    if waves and 0 < rest < slots // 4:
+        return max(2, waves * slots // row_tiles)
+    return split
+
+
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
@@ -837,7 +865,8 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
     current CUDA device when None) can run it: 12 parts from twice as many rows as inputs, 32 from
     twice as many inputs as rows (4096 rows or more: the down projections; H200,
     group-probe-NVIDIA-H200-2026-12-02-parts.md: 7B down 18.5 -> 17.6 us at 3.5 bits, 70B down 61.2 ->
-    58.4), else 16 from rows x inputs >= 2**26."""
+    58.4), else 16 from rows x inputs >= 2**26; fewer where they would spill into a small last wave
+    (`whole_waves`)."""
     hit = TUNED.get((N, K, M, dtype))
     if hit is not None and (dense or not hit.get("DENSE")):
         return hit
@@ -847,7 +876,8 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
         down = K >= 2 * N and N >= 4096  # many inputs, few rows: more parts keep the GPU filled
         big = N >= 2 * K or down or N * K >= 1 << 26
         if K >= 4096 and big and has_gluon(None if device is None else device.index):
-            return dict(GEMV1_GLUON, SPLIT=12 if N >= 2 * K else (32 if down else 16))
+            split = 12 if N >= 2 * K else (32 if down else 16)
+            return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device))
         return dict(GEMV1_WIDE if N >= 2 * K and K >= 4096 else GEMV1)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)
@@ -860,7 +890,7 @@ def group_config(N: int, K: int, dtype: torch.dtype, device: torch.device | None
     """The one-token configuration for linears that read one input and run as one launch
     (`mixed_linear.SharedInputGroup`; N their summed rows, K their inputs), or None to run them one by
     one: TUNED's for (N, K, 1, dtype) if set; else the Gluon kernel where `device` can run it, 12 parts
-    from N x K >= 2**25, else 16. H200, `bench/group_probe.py` (group-probe-NVIDIA-H200-2026-12-01.md):
+    from N x K >= 2**25, else 16, fewer where they would spill into a small last wave (`whole_waves`). H200, `bench/group_probe.py` (group-probe-NVIDIA-H200-2026-12-01.md):
     that rule picks the faster of 12 and 16 parts for all seven sets measured (LLaMA-2-7B, 70B,
     LLaMA-3-8B, SmolLM2-135M q/k/v and gate/up), and one launch beats the linears one by one in every
     one of them, by 1.1x (70B gate/up) to 2.4x (SmolLM2 q/k/v)."""
@@ -868,7 +898,8 @@ def group_config(N: int, K: int, dtype: torch.dtype, device: torch.device | None
     if hit is not None:
         return hit if hit.get("GLUON") else None
     if has_gluon(None if device is None else device.index):
-        return dict(GEMV1_GLUON, SPLIT=12 if N * K >= 1 << 25 else 16)
+        split = 12 if N * K >= 1 << 25 else 16
+        return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device))
     return None
 
 

@@ -120,7 +120,7 @@ class MixedBitLinear(torch.nn.Module):
         # host-side layout description (small): width blocks (tile0, tile1, bits, W0) and runs in
         # kernel order (start, end, bits, index into scale/zero); units are built from these
         self.blocks, self.kruns = blocks, runs
-        self._units: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._units: dict[tuple, torch.Tensor] = {}  # work lists and tables, keyed (..., device)
         self.tune: dict | None = None  # kernel config override (mixed_kernel.pick_config's keys)
         self.group: SharedInputGroup | None = None  # linears that read the same input (`group_shared_inputs`)
 
@@ -373,7 +373,7 @@ class MixedBitLinear(torch.nn.Module):
         """Bytes this module holds on its device (codes, scales, zeros, column order, bias, work lists)."""
         n = sum(b.numel() * b.element_size() for b in self.buffers())
         dev = self.qweight.device
-        return n + sum(u.numel() * u.element_size() for (_, d), u in self._units.items() if d == dev)
+        return n + sum(u.numel() * u.element_size() for key, u in self._units.items() if key[-1] == dev)
 
     @property
     def wmask(self) -> int:

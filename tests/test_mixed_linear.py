@@ -543,8 +543,10 @@ def test_part_table(split, max_tiles):
     stream and second unit's (zeros where the part has one unit); the work list is split_units'."""
     m = every_width_linear()
     cpu = torch.device("cpu")
+    held = m.packed_bytes()
     units, table = m.part_table(split, cpu, max_tiles)
     ref_units, uoff = m.split_units(split, cpu, max_tiles=max_tiles)
+    assert m.packed_bytes() == held + sum(t.numel() * t.element_size() for t in (units, uoff, table))  # counted
     assert units is ref_units and table.dtype == torch.int32 and table.shape == (uoff.numel() - 1, 16)
     u, off = units.tolist(), uoff.tolist()
     for p, row in enumerate(table.tolist()):
@@ -566,6 +568,7 @@ def test_pick_config_one_token(monkeypatch, gluon):
     pytest.importorskip("triton")
     import mixed_kernel
     monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: gluon)
+    monkeypatch.setattr(mixed_kernel, "sm_count", lambda device=None: None)  # no trim to whole waves
     for N, K, split, rows in ((11008, 4096, 12, 256), (28672, 8192, 12, 256), (8192, 8192, 16, None),
                               (8192, 28672, 32, None), (4096, 4096, None, 128), (4096, 11008, 32, 128),
                               (1024, 8192, None, 128), (1536, 576, None, 128), (8191, 4096, None, 128),
@@ -680,6 +683,29 @@ def test_shared_input_group_launches_once_per_input(monkeypatch):
     assert call(q, torch.randn(1, C)) is None and len(launches) == 6
 
 
+def test_whole_waves(monkeypatch):
+    """Parts trimmed where the programs would spill into a last wave under a quarter full (132
+    multiprocessors x 4 programs = 528 slots): 7B q/k/v's 48 row tiles x 12 parts = 576 -> 11 parts (528),
+    70B gate/up's 224 x 12 = 2688 -> 11 (2464, within 5 waves); full or nearly full waves and a single
+    partial wave keep theirs; so do the configurations (group and single) built from the rule."""
+    pytest.importorskip("triton")
+    import mixed_kernel
+    monkeypatch.setattr(mixed_kernel, "sm_count", lambda device=None: 132)
+    monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: True)
+    for split, row_tiles, want in ((12, 48, 11), (12, 224, 11), (12, 86, 12), (12, 40, 12), (32, 16, 32),
+                                   (33, 16, 33), (16, 16, 16), (16, 34, 15), (2, 300, 2)):
+        got = mixed_kernel.whole_waves(split, row_tiles)
+        assert got == want, (split, row_tiles, got)
+        waves, rest = divmod(row_tiles * got, 528)
+        assert rest == 0 or rest >= 132 or waves == 0 or got == 2
+    dev = torch.device("cuda", 0)
+    assert mixed_kernel.group_config(12288, 4096, torch.float16, dev)["SPLIT"] == 11
+    assert mixed_kernel.group_config(22016, 4096, torch.float16, dev)["SPLIT"] == 12
+    assert mixed_kernel.pick_config(1, 4096, 11008, torch.float16, device=dev)["SPLIT"] == 32
+    monkeypatch.setattr(mixed_kernel, "sm_count", lambda device=None: None)
+    assert mixed_kernel.whole_waves(12, 48) == 12
+
+
 @pytest.mark.parametrize("gluon", [True, False])
 def test_group_config(monkeypatch, gluon):
     """Groups run as one launch with the Gluon kernel wherever it runs (12 parts from rows x inputs >=
@@ -688,6 +714,7 @@ def test_group_config(monkeypatch, gluon):
     pytest.importorskip("triton")
     import mixed_kernel
     monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: gluon)
+    monkeypatch.setattr(mixed_kernel, "sm_count", lambda device=None: None)  # no trim to whole waves
     dev = torch.device("cuda", 0)
     for N, K, split in ((12288, 4096, 12), (22016, 4096, 12), (10240, 8192, 12), (57344, 8192, 12),
                         (6144, 4096, 16), (960, 576, 16), (3072, 576, 16)):
