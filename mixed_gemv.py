@@ -123,8 +123,15 @@ def _staged_columns(col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr
     P0: gl.constexpr = 4 if BITS >= 4 else 2
     H: gl.constexpr = 16 // P0
     p = gl.arange(0, XT * 32, layout=gl.BlockedLayout([XT // NW], [32], [NW], [0]))
-    hs = (p // P0) % H
-    return hs, col0 + ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + hs * P0 + p % P0
+    return (p // P0) % H, col0 + _staged_offsets(TS, XT, NW)
+
+
+@gluon.jit
+def _staged_offsets(TS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
+    """Column (from the part's first) at each staged position p (`_staged_columns`), (XT * 32,) in the
+    staging layout: the same for every width, since slot * P0 + word = p % 16 (the identity for TS 1)."""
+    p = gl.arange(0, XT * 32, layout=gl.BlockedLayout([XT // NW], [32], [NW], [0]))
+    return ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + p % 16
 
 
 @gluon.jit
@@ -160,14 +167,14 @@ def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, 
 
 @gluon.jit
 def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u, u1, col0, W0, nt, start, end,
-          a, e, run, zs, na, ne, nrun, nzs, BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr,
-          XT: gl.constexpr, NS: gl.constexpr, GATHER: gl.constexpr, SCALE_F16: gl.constexpr):
+          a, e, run, zs, na, ne, nrun, nzs, srcs, BITS: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr,
+          XT: gl.constexpr, NS: gl.constexpr, GATHER: gl.constexpr, SCALE_F16: gl.constexpr, PK: gl.constexpr):
     """y (BLOCK_N,) = sum over the part's units u .. u1 (one width BITS, one block, at most XT tiles
     from its tile-aligned first column) of s (sum q x - z sum x). The words stream through shared
     memory: a ring of NS steps filled by asynchronous copies (each thread copies and later reads
     its own rows' words), NS - 1 steps in flight ahead of the arithmetic without holding registers.
     Steps run over the part's tiles in order; a step that two units share is copied once and read
-    twice."""
+    twice. PK: srcs holds the staged positions' original columns, read beside the part table."""
     NW: gl.constexpr = gl.num_warps()
     R: gl.constexpr = BLOCK_N // (32 * NW)
     P0: gl.constexpr = 4 if BITS >= 4 else 2
@@ -211,7 +218,9 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
     # stage x of the part in shared memory (`_staged_columns`), gathered through the column order
     hs, col = _staged_columns(col0, BITS, TS, XT, NW)
     ok = col < end
-    if GATHER:
+    if PK:
+        src = srcs.to(gl.int64)
+    elif GATHER:
         src = gl.load(kcol_ptr + col, mask=ok, other=0).to(gl.int64)
     else:
         src = col.to(gl.int64)
@@ -272,16 +281,19 @@ def _member(l1, l2, v0, v1, v2, NL: gl.constexpr):
 
 @gluon.jit(do_not_specialize=["has_bias", "T1", "T2", "S0", "S1", "S2", "R1", "R2"])
 def gemv_gl_kernel(x_ptr, kc0, qw0, un0, pt0, sc0, ze0, kc1, qw1, un1, pt1, sc1, ze1, kc2, qw2, un2, pt2, sc2, ze2,
-                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, N0, N1, N2, T1, T2, R1, R2, S0, S1, S2, has_bias,
+                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, N0, N1, N2, T1, T2, R1, R2, S0, S1, S2, W0s, W1s, W2s, has_bias,
                    NL: gl.constexpr, BLOCK_N: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, ATOMIC: gl.constexpr,
-                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr):
+                   GATHER: gl.constexpr, SCALE_F16: gl.constexpr, WMASK: gl.constexpr, NS: gl.constexpr,
+                   PK: gl.constexpr):
     """Grid (row tiles of every member, most parts of a member). out (1, N0 + ... ) = x (1, K) @ W.T
     (+ bias) for NL (1-3) linears that read the same x (`gemv_gl_group`), each with its own packed
     codes, column order, work list, part table, grids (kcI, qwI, unI, ptI, scI, zeI; NI rows, SI parts), their
     outputs side by side (member I's rows from RI; R0 = 0). Program (pn, ps): the member whose row
     tiles (from TI; T0 = 0) hold pn, BLOCK_N of its rows and its part ps (row ps of ptI,
     `MixedBitLinear.part_table`: one width, at most XT tiles; everything the program needs before
-    its loop in one row, read at once); a program past the member's parts does nothing. Only
+    its loop in one row, read at once; WIs int32 words a row, 16, or with PK more: the part's original
+    columns follow the 16 fields, `mixed_linear.part_table_tensor`, and are read beside them, so x's
+    gather waits on one load instead of two); a program past the member's parts does nothing. Only
     the widths in WMASK are compiled in. A member with one part writes its output; more add partials
     through `mixed_kernel._split_k_finish` (`_store_output`; tile counters numbered over the group)."""
     NW: gl.constexpr = gl.num_warps()
@@ -299,19 +311,26 @@ def gemv_gl_kernel(x_ptr, kc0, qw0, un0, pt0, sc0, ze0, kc1, qw1, un1, pt1, sc1,
         scale_ptr = _member(l1, l2, sc0, sc1, sc2, NL)
         zero_ptr = _member(l1, l2, ze0, ze1, ze2, NL)
         lpn = pn - _member(l1, l2, 0, T1, T2, NL)  # the row tile inside the member
-        d = _member(l1, l2, pt0, pt1, pt2, NL) + ps * 16  # the part's row of its member's part table
+        ws = _member(l1, l2, W0s, W1s, W2s, NL)  # int32 words a row of the part table
+        d = _member(l1, l2, pt0, pt1, pt2, NL) + ps * ws  # the part's row of its member's part table
         u, u1, bits, col0, W0, nt, start, end = (gl.load(d), gl.load(d + 1), gl.load(d + 2), gl.load(d + 3),
                                                  gl.load(d + 4), gl.load(d + 5), gl.load(d + 6), gl.load(d + 7))
         a, e, run, zs = gl.load(d + 8), gl.load(d + 9), gl.load(d + 10), gl.load(d + 11)
         na, ne, nrun, nzs = gl.load(d + 12), gl.load(d + 13), gl.load(d + 14), gl.load(d + 15)
+        rel = _staged_offsets(TS, XT, NW)
+        srcs = rel
+        if PK:  # the staged positions' original columns, requested beside the row's fields
+            cty: gl.constexpr = kcol_ptr.dtype.element_ty
+            per: gl.constexpr = 32 // cty.primitive_bitwidth  # columns an int32 word
+            srcs = gl.load((d + 16).to(gl.pointer_type(cty)) + rel, mask=rel < (ws - 16) * per, other=0).to(gl.int32)
         xsm = gl.allocate_shared_memory(gl.float32, [XT * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         y = gl.zeros([BLOCK_N], gl.float32, layout=LY)
         for b in gl.static_range(2, 9):
             if ((WMASK >> b) & 1) == 1:
                 if bits == b:
                     y += gl.convert_layout(_part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, lpn,
-                                                 u, u1, col0, W0, nt, start, end, a, e, run, zs, na, ne, nrun, nzs, b,
-                                                 BLOCK_N, TS, XT, NS, GATHER, SCALE_F16), LY)
+                                                 u, u1, col0, W0, nt, start, end, a, e, run, zs, na, ne, nrun, nzs, srcs,
+                                                 b, BLOCK_N, TS, XT, NS, GATHER, SCALE_F16, PK), LY)
         rows = lpn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LY)
         grows = rows + _member(l1, l2, 0, R1, R2, NL)  # in the group's output
         _store_output(y, grows, rows < N, grows, pn, n_split, ws_ptr, cnt_ptr, bias_ptr, out_ptr, has_bias, ATOMIC)
@@ -348,6 +367,10 @@ def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | No
     Ns = [m[6] for m in members]
     tiles = [triton.cdiv(n, BN) for n in Ns]
     parts = [m[3].shape[0] for m in members]
+    words = [m[3].shape[1] for m in members]  # 16, or more where the rows carry their columns
+    if len({w > 16 for w in words}) != 1 or any(w % 16 for w in words) or (words[0] > 16 and not cfg["GATHER"]):
+        raise ValueError(f"part tables of {words} int32 words a row: all 16, or all more (multiples of 16) "
+                         "and x read through the columns")
     out = torch.empty(1, sum(Ns), dtype=x.dtype, device=x.device)
     atomic = max(parts) > 1
     ws, cnt = workspace(x.device, sum(Ns), sum(tiles)) if atomic else (out, out)
@@ -357,11 +380,12 @@ def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | No
     T1, T2 = (tiles[0] if len(Ns) > 1 else big), (tiles[0] + tiles[1] if len(Ns) > 2 else big)
     R1, R2 = Ns[0], Ns[0] + (Ns[1] if len(Ns) > 1 else 0)
     Npad, Spad = Ns + [Ns[0]] * (3 - len(Ns)), parts + [parts[0]] * (3 - len(parts))
+    Wpad = words + [words[0]] * (3 - len(words))
     with on_device(x.device):
         gemv_gl_kernel[(sum(tiles), max(parts))](
-            x, *args, bias if bias is not None else out, out, ws, cnt, *Npad, T1, T2, R1, R2, *Spad,
+            x, *args, bias if bias is not None else out, out, ws, cnt, *Npad, T1, T2, R1, R2, *Spad, *Wpad,
             int(bias is not None), NL=len(members), BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=atomic,
             GATHER=cfg["GATHER"], SCALE_F16=members[0][4].dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
-            NS=cfg["NS"], num_warps=cfg["num_warps"],
+            NS=cfg["NS"], PK=words[0] > 16, num_warps=cfg["num_warps"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     return out

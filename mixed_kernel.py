@@ -983,9 +983,10 @@ def _warm_one(item: tuple[dict, str]) -> None:
     if cfg.get("GEMV"):  # one part of one unit, the rest empty (the split-K binary)
         run, split, max_tiles = gemv_launcher(cfg)
         uoff = torch.tensor([0] + [1] * split, dtype=torch.int32, device=dev)
-        if max_tiles:  # the Gluon kernel reads the parts from a part table
-            from mixed_linear import part_rows
-            uoff = torch.tensor(part_rows(units.tolist(), uoff.tolist()), dtype=torch.int32, device=dev)
+        if max_tiles:  # the Gluon kernel reads the parts from a part table (with their columns if PK)
+            from mixed_linear import part_table_tensor
+            uoff = part_table_tensor(units.tolist(), uoff.tolist(), dev,
+                                     torch.zeros(K, dtype=torch.int16) if cfg.get("PK") else None)
         run(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
             units, uoff, torch.zeros(1, N, dtype=torch.int16, device=dev), zero,
             None, N, cfg, xg=x)  # fp16 scales, as the solver saves them

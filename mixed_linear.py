@@ -81,6 +81,24 @@ def part_rows(units: list[list[int]], uoff: list[int]) -> list[list[int]]:
     return table
 
 
+def part_table_tensor(units: list[list[int]], uoff: list[int], device, kcols: torch.Tensor | None = None) -> torch.Tensor:
+    """`part_rows` as an int32 tensor on `device`; with kcols (the column order, int16 or int32), each
+    row followed by its part's original columns kcols[first column : end], zero-padded to L entries (L:
+    the longest part, rounded up to a tile) and packed into int32 words (two int16 a word), so that a
+    program reads them without first reading where its part starts. Rows are 16 + L x itemsize / 4 words,
+    a multiple of 16."""
+    rows = torch.tensor(part_rows(units, uoff), dtype=torch.int32).reshape(-1, 16)
+    if kcols is None:
+        return rows.to(device)
+    col0, end = rows[:, 3].tolist(), rows[:, 7].tolist()
+    L = max([TILE] + [-(-(e - c) // TILE) * TILE for c, e in zip(col0, end)])
+    kc = kcols.cpu()
+    cols = torch.zeros(rows.shape[0], L, dtype=kc.dtype)
+    for p, (c, e) in enumerate(zip(col0, end)):
+        cols[p, :max(0, e - c)] = kc[c:e]
+    return torch.cat([rows, cols.view(torch.int32)], 1).to(device)
+
+
 def block_parts(blocks: list, split: int, max_tiles: int = 0, step_cost: float | None = None) -> list[int]:
     """Parts per width block (t0, t1, bits, W0) for `MixedBitLinear.split_units`. step_cost None: in
     proportion to the block's bits (round(split x its share), at least one; parts of about equal
@@ -247,18 +265,19 @@ class MixedBitLinear(torch.nn.Module):
             self._units[okey] = torch.tensor(uoff, dtype=torch.int32, device=device)
         return self._units[key], self._units[okey]
 
-    def part_table(self, split: int, device: torch.device, max_tiles: int,
-                   step_cost: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def part_table(self, split: int, device: torch.device, max_tiles: int, step_cost: float | None = None,
+                   columns: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_gemv`: `split_units`' work list and, instead of its offsets, (parts, 16) int32
         rows that hold everything a program reads before its loop, so that it reads them at once
         (one round trip to memory instead of a chain of dependent ones): first and end unit u, u1;
         then, from the units (zeros for an empty part), the width, first column, W0, nt, block
         start, the last unit's end column, the first unit's a, e, run, zero stream and the second
-        unit's (zeros if none)."""
+        unit's (zeros if none). columns: each row followed by its part's original columns
+        (`part_table_tensor`), so that a program reads them beside the row instead of after it."""
         units, uoff = self.split_units(split, device, max_tiles=max_tiles, step_cost=step_cost)
-        key = ("parts", split, max_tiles, step_cost, device)
+        key = ("parts", split, max_tiles, step_cost, columns, device)
         if key not in self._units:
-            self._units[key] = torch.tensor(part_rows(units.tolist(), uoff.tolist()), dtype=torch.int32, device=device)
+            self._units[key] = part_table_tensor(units.tolist(), uoff.tolist(), device, self.kcols if columns else None)
         return units, self._units[key]
 
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,7 +364,8 @@ class MixedBitLinear(torch.nn.Module):
                     return out.reshape(*shape[:-1], self.out_features)
             run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
             lists = self.part_table if max_tiles else self.split_units  # the Gluon kernel reads a part table
-            units, uoff = lists(split, x.device, max_tiles=max_tiles, step_cost=cfg.get("STEP_COST"))
+            extra = {"columns": cfg.get("PK", False) and cfg["GATHER"]} if max_tiles else {}
+            units, uoff = lists(split, x.device, max_tiles=max_tiles, step_cost=cfg.get("STEP_COST"), **extra)
             out = run(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias, self.out_features, cfg,
                       xg, self.wmask)
             return out.reshape(*shape[:-1], self.out_features)
@@ -480,7 +500,7 @@ class SharedInputGroup:
         _, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
         members = []
         for m in self.members:
-            units, parts = m.part_table(split, x2.device, max_tiles, cfg.get("STEP_COST"))
+            units, parts = m.part_table(split, x2.device, max_tiles, cfg.get("STEP_COST"), cfg.get("PK", False))
             members.append((m.kcols, m.qweight, units, parts, m.scale_bits, m.zero, m.out_features))
         out = mixed_gemv.gemv_gl_group(x2, members, self._group_bias(x2.dtype), cfg, self._wmask)
         return [out[:, a:b] for a, b in zip(self._bounds, self._bounds[1:])]

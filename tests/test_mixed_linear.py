@@ -557,6 +557,23 @@ def test_part_table(split, max_tiles):
         assert row[8:12] == [first[0], first[1], first[3], first[7]]
         assert row[12:] == [second[0], second[1], second[3], second[7]]
     assert m.part_table(split, cpu, max_tiles)[1] is table  # built once
+    _, with_cols = m.part_table(split, cpu, max_tiles, columns=True)  # each row followed by its part's columns
+    assert torch.equal(with_cols[:, :16], table) and with_cols.shape[1] % 16 == 0 and with_cols.shape[1] > 16
+    cols = with_cols[:, 16:].contiguous().view(m.kcols.dtype)
+    for p, row in enumerate(table.tolist()):
+        n = max(0, row[7] - row[3])
+        assert torch.equal(cols[p, :n], m.kcols[row[3]:row[7]]) and not cols[p, n:].any()
+    assert cols.shape[1] == max(-(-max(0, r[7] - r[3]) // 32) * 32 for r in table.tolist())
+
+
+def test_part_table_tensor_int32_columns():
+    """Column orders stored as int32 (models past 32767 inputs) ride in the table one a word."""
+    from mixed_linear import part_table_tensor
+    units = [[0, 40, 3, 0, 0, 2, 0, 0], [40, 64, 3, 1, 0, 2, 0, 0], [64, 96, 5, 2, 6, 1, 64, 0]]
+    kcols = torch.arange(96, dtype=torch.int32).flip(0) + 40000
+    t = part_table_tensor(units, [0, 2, 3], "cpu", kcols)
+    assert t.shape == (2, 16 + 64) and t.dtype == torch.int32
+    assert torch.equal(t[0, 16:], kcols[:64]) and torch.equal(t[1, 16:48], kcols[64:96]) and not t[1, 48:].any()
 
 
 @pytest.mark.parametrize("gluon", [True, False])
