@@ -804,7 +804,12 @@ GEMV1_WIDE = dict(GEMV1, BLOCK_N=256)
 # 8192x28672 67.1 (16 parts) vs 77.7; 4096x4096 keeps GEMV1 (11.8 vs 10.8), 1024x8192 was even (12.4 vs
 # 12.8) and keeps it too; 4096x11008, even there (19.2 vs 19.3), runs it with 32 parts since the part
 # table (group-probe-NVIDIA-H200-2026-12-02-parts.md: 17.6 against gemv_kernel's 18.5).
-GEMV1_GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16, XT=32, NS=3, GATHER=True, num_warps=4)
+# PK: part tables that carry their columns (x's gather one load after the program starts instead of two):
+# 7B sets at 3.5 bits 76.8 -> 73.5 us summed (q/k/v 18.8 -> 18.2, o 10.3 -> 9.7, gate/up 30.7 -> 29.4, down 17.0 ->
+# 16.2), at 3.0 bits 68.3 -> 68.8, within the runs' spread (group-probe-NVIDIA-H200-2026-12-02-pk.md). Where the
+# inputs are fewer than 4096 the padded columns would cost over ~1% of the codes (SmolLM2's k/v: 4%): off there.
+GEMV1_GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16, XT=32, NS=3, GATHER=True, num_warps=4,
+                   PK=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -890,7 +895,8 @@ def group_config(N: int, K: int, dtype: torch.dtype, device: torch.device | None
     """The one-token configuration for linears that read one input and run as one launch
     (`mixed_linear.SharedInputGroup`; N their summed rows, K their inputs), or None to run them one by
     one: TUNED's for (N, K, 1, dtype) if set; else the Gluon kernel where `device` can run it, 12 parts
-    from N x K >= 2**25, else 16, fewer where they would spill into a small last wave (`whole_waves`). H200, `bench/group_probe.py` (group-probe-NVIDIA-H200-2026-12-01.md):
+    from N x K >= 2**25, else 16, fewer where they would spill into a small last wave (`whole_waves`); part
+    tables with their columns (PK) from 4096 inputs. H200, `bench/group_probe.py` (group-probe-NVIDIA-H200-2026-12-01.md):
     that rule picks the faster of 12 and 16 parts for all seven sets measured (LLaMA-2-7B, 70B,
     LLaMA-3-8B, SmolLM2-135M q/k/v and gate/up), and one launch beats the linears one by one in every
     one of them, by 1.1x (70B gate/up) to 2.4x (SmolLM2 q/k/v)."""
@@ -899,7 +905,7 @@ def group_config(N: int, K: int, dtype: torch.dtype, device: torch.device | None
         return hit if hit.get("GLUON") else None
     if has_gluon(None if device is None else device.index):
         split = 12 if N * K >= 1 << 25 else 16
-        return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device))
+        return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device), PK=K >= 4096)
     return None
 
 

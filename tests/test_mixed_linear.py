@@ -726,8 +726,9 @@ def test_whole_waves(monkeypatch):
 @pytest.mark.parametrize("gluon", [True, False])
 def test_group_config(monkeypatch, gluon):
     """Groups run as one launch with the Gluon kernel wherever it runs (12 parts from rows x inputs >=
-    2**25, else 16: the faster of the two on each set the H200 measured), else their members apart; a
-    TUNED entry wins (and one that is not the Gluon kernel keeps them apart)."""
+    2**25, else 16: the faster of the two on each set the H200 measured; part tables with their columns
+    from 4096 inputs), else their members apart; a TUNED entry wins (and one that is not the Gluon kernel
+    keeps them apart)."""
     pytest.importorskip("triton")
     import mixed_kernel
     monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: gluon)
@@ -736,7 +737,7 @@ def test_group_config(monkeypatch, gluon):
     for N, K, split in ((12288, 4096, 12), (22016, 4096, 12), (10240, 8192, 12), (57344, 8192, 12),
                         (6144, 4096, 16), (960, 576, 16), (3072, 576, 16)):
         cfg = mixed_kernel.group_config(N, K, torch.float16, dev)
-        assert cfg == (dict(mixed_kernel.GEMV1_GLUON, SPLIT=split) if gluon else None), (N, K, cfg)
+        assert cfg == (dict(mixed_kernel.GEMV1_GLUON, SPLIT=split, PK=K >= 4096) if gluon else None), (N, K, cfg)
     key = (960, 576, 1, torch.float16)
     monkeypatch.setitem(mixed_kernel.TUNED, key, dict(mixed_kernel.GEMV1_GLUON, SPLIT=4))
     assert mixed_kernel.group_config(960, 576, torch.float16, dev)["SPLIT"] == 4
