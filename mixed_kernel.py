@@ -967,6 +967,12 @@ def gemv_launcher(cfg: dict):
     return gemv, cfg["SPLIT"], 0
 
 
+def table_columns(cfg: dict) -> bool:
+    """Whether a Gluon configuration's part tables carry their columns (`MixedBitLinear.part_table`'s
+    columns): PK, where x is read through the column order (GATHER)."""
+    return bool(cfg.get("PK")) and cfg["GATHER"]
+
+
 # ---------------------------------------------------------------- compile ahead
 def _warm_one(item: tuple[dict, str]) -> None:
     """Compile one configuration for one input dtype with a tiny launch (fills Triton's disk cache)."""
@@ -989,10 +995,10 @@ def _warm_one(item: tuple[dict, str]) -> None:
     if cfg.get("GEMV"):  # one part of one unit, the rest empty (the split-K binary)
         run, split, max_tiles = gemv_launcher(cfg)
         uoff = torch.tensor([0] + [1] * split, dtype=torch.int32, device=dev)
-        if max_tiles:  # the Gluon kernel reads the parts from a part table (with their columns if PK)
+        if max_tiles:  # the Gluon kernel reads the parts from a part table (with their columns, as forward builds it)
             from mixed_linear import part_table_tensor
             uoff = part_table_tensor(units.tolist(), uoff.tolist(), dev,
-                                     torch.zeros(K, dtype=torch.int16) if cfg.get("PK") else None)
+                                     torch.zeros(K, dtype=torch.int16) if table_columns(cfg) else None)
         run(x, torch.zeros(K, dtype=torch.int16, device=dev), torch.zeros(4 * K // 32, N, dtype=torch.int32, device=dev),
             units, uoff, torch.zeros(1, N, dtype=torch.int16, device=dev), zero,
             None, N, cfg, xg=x)  # fp16 scales, as the solver saves them

@@ -364,7 +364,7 @@ class MixedBitLinear(torch.nn.Module):
                     return out.reshape(*shape[:-1], self.out_features)
             run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
             lists = self.part_table if max_tiles else self.split_units  # the Gluon kernel reads a part table
-            extra = {"columns": cfg.get("PK", False) and cfg["GATHER"]} if max_tiles else {}
+            extra = {"columns": mixed_kernel.table_columns(cfg)} if max_tiles else {}
             units, uoff = lists(split, x.device, max_tiles=max_tiles, step_cost=cfg.get("STEP_COST"), **extra)
             out = run(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias, self.out_features, cfg,
                       xg, self.wmask)
@@ -500,7 +500,7 @@ class SharedInputGroup:
         _, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
         members = []
         for m in self.members:
-            units, parts = m.part_table(split, x2.device, max_tiles, cfg.get("STEP_COST"), cfg.get("PK", False))
+            units, parts = m.part_table(split, x2.device, max_tiles, cfg.get("STEP_COST"), mixed_kernel.table_columns(cfg))
             members.append((m.kcols, m.qweight, units, parts, m.scale_bits, m.zero, m.out_features))
         out = mixed_gemv.gemv_gl_group(x2, members, self._group_bias(x2.dtype), cfg, self._wmask)
         return [out[:, a:b] for a, b in zip(self._bounds, self._bounds[1:])]
