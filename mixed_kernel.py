@@ -854,6 +854,14 @@ def whole_waves(split: int, row_tiles: int, device: torch.device | None = None) 
     return split
 
 
+def wide_balance(N: int, K: int) -> dict:
+    """{"STEP_COST": 3} (parts balanced by time, `mixed_linear.block_parts`) where rows >= 2 x inputs (gate/up),
+    else {} (parts of about equal bytes). H200, 7B gate/up at 12 parts, two runs each: 3.5 bits 30.3 -> 28.7
+    and 29.2 -> 27.2 us, 3.0 bits 27.5 -> 26.9 and 26.6 -> 26.4 (group-probe-NVIDIA-H200-2026-12-02-balance.md,
+    -stepcost-pk.md); q/k/v and down gained nothing clear, or lost."""
+    return {"STEP_COST": 3.0} if N >= 2 * K else {}
+
+
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
@@ -871,7 +879,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
     twice as many inputs as rows (4096 rows or more: the down projections; H200,
     group-probe-NVIDIA-H200-2026-12-02-parts.md: 7B down 18.5 -> 17.6 us at 3.5 bits, 70B down 61.2 ->
     58.4), else 16 from rows x inputs >= 2**26; fewer where they would spill into a small last wave
-    (`whole_waves`)."""
+    (`whole_waves`); parts balanced by time where rows >= 2 x inputs (`wide_balance`)."""
     hit = TUNED.get((N, K, M, dtype))
     if hit is not None and (dense or not hit.get("DENSE")):
         return hit
@@ -882,7 +890,8 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
         big = N >= 2 * K or down or N * K >= 1 << 26
         if K >= 4096 and big and has_gluon(None if device is None else device.index):
             split = 12 if N >= 2 * K else (32 if down else 16)
-            return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device))
+            return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device),
+                        **wide_balance(N, K))
         return dict(GEMV1_WIDE if N >= 2 * K and K >= 4096 else GEMV1)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)
@@ -896,7 +905,8 @@ def group_config(N: int, K: int, dtype: torch.dtype, device: torch.device | None
     (`mixed_linear.SharedInputGroup`; N their summed rows, K their inputs), or None to run them one by
     one: TUNED's for (N, K, 1, dtype) if set; else the Gluon kernel where `device` can run it, 12 parts
     from N x K >= 2**25, else 16, fewer where they would spill into a small last wave (`whole_waves`); part
-    tables with their columns (PK) from 4096 inputs. H200, `bench/group_probe.py` (group-probe-NVIDIA-H200-2026-12-01.md):
+    tables with their columns (PK) from 4096 inputs; parts balanced by time where rows >= 2 x inputs
+    (`wide_balance`). H200, `bench/group_probe.py` (group-probe-NVIDIA-H200-2026-12-01.md):
     that rule picks the faster of 12 and 16 parts for all seven sets measured (LLaMA-2-7B, 70B,
     LLaMA-3-8B, SmolLM2-135M q/k/v and gate/up), and one launch beats the linears one by one in every
     one of them, by 1.1x (70B gate/up) to 2.4x (SmolLM2 q/k/v)."""
@@ -905,7 +915,8 @@ def group_config(N: int, K: int, dtype: torch.dtype, device: torch.device | None
         return hit if hit.get("GLUON") else None
     if has_gluon(None if device is None else device.index):
         split = 12 if N * K >= 1 << 25 else 16
-        return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device), PK=K >= 4096)
+        return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device), PK=K >= 4096,
+                    **wide_balance(N, K))
     return None
 
 

@@ -580,7 +580,8 @@ def test_part_table_tensor_int32_columns():
 def test_pick_config_one_token(monkeypatch, gluon):
     """One token, 4096 columns or more: mixed_gemv's Gluon kernel where rows >= 2 x columns (12
     parts), columns >= 2 x rows with 4096 rows or more (32 parts) or rows x columns >= 2**26 (16
-    parts), where the H200 measured it faster (gate/up, down and 70B's square shapes); else GEMV1.
+    parts), where the H200 measured it faster (gate/up, down and 70B's square shapes), parts balanced
+    by time where rows >= 2 x columns; else GEMV1.
     Without Gluon: 256 rows a program where rows >= 2 x columns (gate/up), else GEMV1."""
     pytest.importorskip("triton")
     import mixed_kernel
@@ -592,7 +593,7 @@ def test_pick_config_one_token(monkeypatch, gluon):
                               (24576, 2048, None, 128)):
         cfg = mixed_kernel.pick_config(1, N, K, torch.float16, device=torch.device("cuda", 0))
         if gluon and split:
-            assert cfg == dict(mixed_kernel.GEMV1_GLUON, SPLIT=split), (N, K, cfg)
+            assert cfg == dict(mixed_kernel.GEMV1_GLUON, SPLIT=split, **({"STEP_COST": 3.0} if N >= 2 * K else {})), cfg
             import mixed_gemv  # its parts: one width each (at least 2), at most XT tiles
             assert mixed_kernel.gemv_launcher(cfg) == (mixed_gemv.gemv_gl, split, cfg["XT"])
             assert mixed_kernel.gemv_launcher(dict(cfg, SPLIT=1))[1] == 2
@@ -727,8 +728,8 @@ def test_whole_waves(monkeypatch):
 def test_group_config(monkeypatch, gluon):
     """Groups run as one launch with the Gluon kernel wherever it runs (12 parts from rows x inputs >=
     2**25, else 16: the faster of the two on each set the H200 measured; part tables with their columns
-    from 4096 inputs), else their members apart; a TUNED entry wins (and one that is not the Gluon kernel
-    keeps them apart)."""
+    from 4096 inputs, parts balanced by time where rows >= 2 x inputs), else their members apart; a TUNED
+    entry wins (and one that is not the Gluon kernel keeps them apart)."""
     pytest.importorskip("triton")
     import mixed_kernel
     monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: gluon)
@@ -737,7 +738,8 @@ def test_group_config(monkeypatch, gluon):
     for N, K, split in ((12288, 4096, 12), (22016, 4096, 12), (10240, 8192, 12), (57344, 8192, 12),
                         (6144, 4096, 16), (960, 576, 16), (3072, 576, 16)):
         cfg = mixed_kernel.group_config(N, K, torch.float16, dev)
-        assert cfg == (dict(mixed_kernel.GEMV1_GLUON, SPLIT=split, PK=K >= 4096) if gluon else None), (N, K, cfg)
+        wide = {"STEP_COST": 3.0} if N >= 2 * K else {}
+        assert cfg == (dict(mixed_kernel.GEMV1_GLUON, SPLIT=split, PK=K >= 4096, **wide) if gluon else None), (N, K, cfg)
     key = (960, 576, 1, torch.float16)
     monkeypatch.setitem(mixed_kernel.TUNED, key, dict(mixed_kernel.GEMV1_GLUON, SPLIT=4))
     assert mixed_kernel.group_config(960, 576, torch.float16, dev)["SPLIT"] == 4
