@@ -29,6 +29,8 @@ first tile; a unit's first and last steps mask x outside the unit's columns [a, 
 unit (for the zero point) is a reduction over the staged x at the unit's start. What a program
 needs before its loop (unit range, width, block, its first two units' fields) is one row of the
 part table, read at once; its first words, scales and zero points are requested before x's gather.
+With PK (from 4096 inputs) the row also carries the part's original columns, requested with its fields,
+so that x's gather waits on that one load (bench/NOTES.md row 43).
 The split-K finish is `mixed_kernel`'s (atomics into the fp32 workspace, a counter per row tile).
 
 Measured (H200, 2026-12-01; bench/results/gemv-sweep-NVIDIA-H200-2026-12-01-gluon.md, gemv-floor-…,
