@@ -313,8 +313,8 @@ def gemv_gl_kernel(x_ptr, kc0, qw0, un0, pt0, sc0, ze0, kc1, qw1, un1, pt1, sc1,
         scale_ptr = _member(l1, l2, sc0, sc1, sc2, NL)
         zero_ptr = _member(l1, l2, ze0, ze1, ze2, NL)
         lpn = pn - _member(l1, l2, 0, T1, T2, NL)  # the row tile inside the member
-        ws = _member(l1, l2, W0s, W1s, W2s, NL)  # int32 words a row of the part table
-        d = _member(l1, l2, pt0, pt1, pt2, NL) + ps * ws  # the part's row of its member's part table
+        row_words = _member(l1, l2, W0s, W1s, W2s, NL)  # int32 words a row of the part table
+        d = _member(l1, l2, pt0, pt1, pt2, NL) + ps * row_words  # the part's row of its member's part table
         u, u1, bits, col0, W0, nt, start, end = (gl.load(d), gl.load(d + 1), gl.load(d + 2), gl.load(d + 3),
                                                  gl.load(d + 4), gl.load(d + 5), gl.load(d + 6), gl.load(d + 7))
         a, e, run, zs = gl.load(d + 8), gl.load(d + 9), gl.load(d + 10), gl.load(d + 11)
@@ -324,7 +324,8 @@ def gemv_gl_kernel(x_ptr, kc0, qw0, un0, pt0, sc0, ze0, kc1, qw1, un1, pt1, sc1,
         if PK:  # the staged positions' original columns, requested beside the row's fields
             cty: gl.constexpr = kcol_ptr.dtype.element_ty
             per: gl.constexpr = 32 // cty.primitive_bitwidth  # columns an int32 word
-            srcs = gl.load((d + 16).to(gl.pointer_type(cty)) + rel, mask=rel < (ws - 16) * per, other=0).to(gl.int32)
+            srcs = gl.load((d + 16).to(gl.pointer_type(cty)) + rel, mask=rel < (row_words - 16) * per,
+                           other=0).to(gl.int32)
         xsm = gl.allocate_shared_memory(gl.float32, [XT * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         y = gl.zeros([BLOCK_N], gl.float32, layout=LY)
         for b in gl.static_range(2, 9):
