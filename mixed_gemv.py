@@ -349,6 +349,11 @@ def gemv_gl(x: torch.Tensor, kcols: torch.Tensor, qweight: torch.Tensor, units: 
                          cfg, wmask, x_rows=x.shape[0])
 
 
+def _three(values: list) -> list:
+    """A group's per-member values for the kernel's three slots, the first repeated in the unused ones."""
+    return values + values[:1] * (3 - len(values))
+
+
 def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | None, cfg: dict,
                   wmask: int = 0b111111100, x_rows: int | None = None) -> torch.Tensor:
     """out (1, N0 + N1 + ...) in x's dtype: the products of x (1, K) contiguous with 1-3 linears that
@@ -377,16 +382,14 @@ def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | No
     out = torch.empty(1, sum(Ns), dtype=x.dtype, device=x.device)
     atomic = max(parts) > 1
     ws, cnt = workspace(x.device, sum(Ns), sum(tiles)) if atomic else (out, out)
-    pad = members + [members[0]] * (3 - len(members))  # unused slots: never selected
-    args = [t for m in pad for t in m[:6]]
+    args = [t for m in _three(members) for t in m[:6]]  # unused slots: never selected
     big = 1 << 30
     T1, T2 = (tiles[0] if len(Ns) > 1 else big), (tiles[0] + tiles[1] if len(Ns) > 2 else big)
     R1, R2 = Ns[0], Ns[0] + (Ns[1] if len(Ns) > 1 else 0)
-    Npad, Spad = Ns + [Ns[0]] * (3 - len(Ns)), parts + [parts[0]] * (3 - len(parts))
-    Wpad = words + [words[0]] * (3 - len(words))
     with on_device(x.device):
         gemv_gl_kernel[(sum(tiles), max(parts))](
-            x, *args, bias if bias is not None else out, out, ws, cnt, *Npad, T1, T2, R1, R2, *Spad, *Wpad,
+            x, *args, bias if bias is not None else out, out, ws, cnt, *_three(Ns), T1, T2, R1, R2, *_three(parts),
+            *_three(words),
             int(bias is not None), NL=len(members), BLOCK_N=BN, TS=cfg["TS"], XT=cfg["XT"], ATOMIC=atomic,
             GATHER=cfg["GATHER"], SCALE_F16=members[0][4].dtype == torch.int16, WMASK=cfg.get("WMASK", wmask),
             NS=cfg["NS"], PK=words[0] > 16, num_warps=cfg["num_warps"],

@@ -862,6 +862,14 @@ def wide_balance(N: int, K: int) -> dict:
     return {"STEP_COST": 3.0} if N >= 2 * K else {}
 
 
+def gluon_one_token(N: int, K: int, split: int, device: torch.device | None = None) -> dict:
+    """GEMV1_GLUON for N rows (a group's summed) x K inputs at about `split` parts: fewer where they would
+    spill into a small last wave (`whole_waves`), part tables with their columns from 4096 inputs (PK),
+    parts balanced by time where rows >= 2 x inputs (`wide_balance`). pick_config's and group_config's."""
+    return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device), PK=K >= 4096,
+                **wide_balance(N, K))
+
+
 # (out, in, tokens, dtype) -> config, filled by a tuning sweep (bench/inference.py); else the rules below
 TUNED: dict[tuple[int, int, int, torch.dtype], dict] = {}
 
@@ -889,9 +897,7 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
         down = K >= 2 * N and N >= 4096  # many inputs, few rows: more parts keep the GPU filled
         big = N >= 2 * K or down or N * K >= 1 << 26
         if K >= 4096 and big and has_gluon(None if device is None else device.index):
-            split = 12 if N >= 2 * K else (32 if down else 16)
-            return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device),
-                        **wide_balance(N, K))
+            return gluon_one_token(N, K, 12 if N >= 2 * K else (32 if down else 16), device)
         return dict(GEMV1_WIDE if N >= 2 * K and K >= 4096 else GEMV1)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)
@@ -914,9 +920,7 @@ def group_config(N: int, K: int, dtype: torch.dtype, device: torch.device | None
     if hit is not None:
         return hit if hit.get("GLUON") else None
     if has_gluon(None if device is None else device.index):
-        split = 12 if N * K >= 1 << 25 else 16
-        return dict(GEMV1_GLUON, SPLIT=whole_waves(split, triton.cdiv(N, GEMV1_GLUON["BLOCK_N"]), device), PK=K >= 4096,
-                    **wide_balance(N, K))
+        return gluon_one_token(N, K, 12 if N * K >= 1 << 25 else 16, device)
     return None
 
 

@@ -280,6 +280,16 @@ class MixedBitLinear(torch.nn.Module):
             self._units[key] = part_table_tensor(units.tolist(), uoff.tolist(), device, self.kcols if columns else None)
         return units, self._units[key]
 
+    def one_token_lists(self, cfg: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a one-token configuration's launch reads (`mixed_kernel.gemv_launcher`): the work list and
+        `split_units`' offsets (gemv_kernel), or `part_table`'s table, with the parts' columns where the
+        configuration asks for them (`mixed_kernel.table_columns`; the Gluon kernel)."""
+        import mixed_kernel
+        _, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
+        if max_tiles:
+            return self.part_table(split, device, max_tiles, cfg.get("STEP_COST"), mixed_kernel.table_columns(cfg))
+        return self.split_units(split, device, step_cost=cfg.get("STEP_COST"))
+
     def dequant_meta(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For `mixed_kernel.dequant_kernel`: (n_tiles, 8) int32 tiles (bits, W0, nt, tile index in
         its block, then the run in kernel order of its first column and that run's scale/zero row,
@@ -362,10 +372,8 @@ class MixedBitLinear(torch.nn.Module):
                 out = self.group.output(self, x, x2)
                 if out is not None:
                     return out.reshape(*shape[:-1], self.out_features)
-            run, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
-            lists = self.part_table if max_tiles else self.split_units  # the Gluon kernel reads a part table
-            extra = {"columns": mixed_kernel.table_columns(cfg)} if max_tiles else {}
-            units, uoff = lists(split, x.device, max_tiles=max_tiles, step_cost=cfg.get("STEP_COST"), **extra)
+            run = mixed_kernel.gemv_launcher(cfg)[0]
+            units, uoff = self.one_token_lists(cfg, x.device)
             out = run(x2, self.kcols, self.qweight, units, uoff, self.scale_bits, self.zero, bias, self.out_features, cfg,
                       xg, self.wmask)
             return out.reshape(*shape[:-1], self.out_features)
@@ -496,11 +504,9 @@ class SharedInputGroup:
         """Every member's output for x2 (1, in), in one launch of `mixed_gemv.gemv_gl_group`: views
         (1, out) into one (1, sum of outs) tensor."""
         import mixed_gemv
-        import mixed_kernel
-        _, split, max_tiles = mixed_kernel.gemv_launcher(cfg)
         members = []
         for m in self.members:
-            units, parts = m.part_table(split, x2.device, max_tiles, cfg.get("STEP_COST"), mixed_kernel.table_columns(cfg))
+            units, parts = m.one_token_lists(cfg, x2.device)
             members.append((m.kcols, m.qweight, units, parts, m.scale_bits, m.zero, m.out_features))
         out = mixed_gemv.gemv_gl_group(x2, members, self._group_bias(x2.dtype), cfg, self._wmask)
         return [out[:, a:b] for a, b in zip(self._bounds, self._bounds[1:])]

@@ -566,6 +566,22 @@ def test_part_table(split, max_tiles):
     assert cols.shape[1] == max(-(-max(0, r[7] - r[3]) // 32) * 32 for r in table.tolist())
 
 
+def test_one_token_lists():
+    """What the forward, a group's launch and bench.gemv_floor hand a one-token kernel: gemv_kernel's work
+    list and offsets; the Gluon kernel's part table, with its parts' columns where PK and GATHER ask, the
+    parts balanced as STEP_COST says."""
+    import mixed_kernel
+    m = every_width_linear()
+    cpu = torch.device("cpu")
+    gemv = dict(mixed_kernel.GEMV1, SPLIT=4)
+    assert all(torch.equal(a, b) for a, b in zip(m.one_token_lists(gemv, cpu), m.split_units(4, cpu)))
+    gl = dict(mixed_kernel.GEMV1_GLUON, SPLIT=6)
+    units, table = m.one_token_lists(gl, cpu)
+    assert table is m.part_table(6, cpu, gl["XT"], columns=True)[1] and table.shape[1] > 16
+    assert m.one_token_lists(dict(gl, GATHER=False), cpu)[1] is m.part_table(6, cpu, gl["XT"])[1]
+    assert m.one_token_lists(dict(gl, PK=False, STEP_COST=3.0), cpu)[1] is m.part_table(6, cpu, gl["XT"], 3.0)[1]
+
+
 def test_part_table_tensor_int32_columns():
     """Column orders stored as int32 (models past 32767 inputs) ride in the table one a word."""
     from mixed_linear import part_table_tensor
