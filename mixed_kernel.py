@@ -807,7 +807,8 @@ GEMV1_WIDE = dict(GEMV1, BLOCK_N=256)
 # PK: part tables that carry their columns (x's gather one load after the program starts instead of two):
 # 7B sets at 3.5 bits 76.8 -> 73.5 us summed (q/k/v 18.8 -> 18.2, o 10.3 -> 9.7, gate/up 30.7 -> 29.4, down 17.0 ->
 # 16.2), at 3.0 bits 68.3 -> 68.8, within the runs' spread (group-probe-NVIDIA-H200-2026-12-02-pk.md). Where the
-# inputs are fewer than 4096 the padded columns would cost over ~1% of the codes (SmolLM2's k/v: 4%): off there.
+# inputs are fewer than 4096 the padded columns would cost up to ~5% of a linear's buffers (SmolLM2's k/v 192x576 at
+# 16 parts: 5.2%, computed on the CPU): off there.
 GEMV1_GLUON = dict(GEMV=True, GLUON=True, BLOCK_M=1, BLOCK_N=256, TS=1, SPLIT=16, XT=32, NS=3, GATHER=True, num_warps=4,
                    PK=True)
 
