@@ -76,43 +76,70 @@ def _unit_meta(unit_ptr, u, ok):
 
 
 @gluon.jit
-def _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0, BITS: gl.constexpr, TS: gl.constexpr, R: gl.constexpr,
-              NW: gl.constexpr):
-    """acc (TS, P0, BLOCK_N) += code * x over both 16-bit halves of step k's words, codes decoded
-    in place (`mixed_kernel._inplace_dot`); x (pre-scaled) read from the staged part, masked to
-    [a, e) only where the step sticks out of the unit (col0: kernel column of the step's start)."""
+def _select(p, q, MASK: gl.constexpr, LUT: gl.constexpr):
+    """(p & MASK) | (q & ~MASK) for LUT 0xE4, (p & ~MASK) | (q & MASK) for 0xD8: one LOP3 a word (written
+    out, the compiler moves q's shift into the masks and splits it into two)."""
+    return gl.inline_asm_elementwise(f"lop3.b32 $0, $1, $2, {MASK}, {LUT};", "=r,r,r", [p, q], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _field_mask(a, e, c0, j, F: gl.constexpr):
+    """The bits of a word's F-bit fields whose columns lie in [a, e), for a word whose field at bit t
+    holds kernel column c0 + t + j (j: the word's offset, a tensor or 0): every plane of every width
+    is laid out so (plane 0: F = P0, j = word; one-bit planes: F = 1, j = 0; plane 1 of widths 6-8:
+    F = P1, j = word % P1)."""
+    lo = gl.minimum(gl.maximum(a - c0 - j, 0), 32)
+    hi = gl.minimum(gl.maximum(e - c0 - j, 0), 32)
+    lo = ((lo + F - 1) // F * F).to(gl.int64)
+    hi = ((hi + F - 1) // F * F).to(gl.int64)
+    return ((1 << hi) - (1 << lo)).to(gl.int32)  # bits [lo, hi), in 64 bits so that hi may be 32
+
+
+@gluon.jit
+def _step_dot(acc, w0, w1, w2, xsm2, k, BITS: gl.constexpr, R: gl.constexpr, NW: gl.constexpr):
+    """acc (1, P0, BLOCK_N) += code * x over step k's words (one tile), both 16-bit halves, one slot
+    of the half words at a time: per code one logic op (its field masked in place) and one
+    multiply-add into acc (`mixed_kernel._inplace_dot`'s decode; x pre-scaled, read from the staged
+    part as rows (slot, word) of `xsm2`). Widths whose second plane holds one bit (3, 5) merge each
+    half's planes twice first, for the even and the odd slots (a slot's plane-1 bit lands on the next
+    slot's field), one LOP3 a word each; widths 6-8 merge their planes per code. Codes outside the unit
+    are zeroed in the words beforehand (`_field_mask`)."""
     P0: gl.constexpr = 4 if BITS >= 4 else 2
     P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
     S1: gl.constexpr = 4 if BITS >= 5 else 2
     P2: gl.constexpr = 1 if BITS == 7 else 0
     H: gl.constexpr = 16 // P0
-    L4: gl.constexpr = gl.BlockedLayout([TS, P0, H, R], [1, 1, 1, 32], [1, 1, 1, NW], [3, 2, 1, 0])
-    LX: gl.constexpr = gl.SliceLayout(3, L4)
-    # (1, 1, H, 1) slot of the half word and (1, P0, 1, 1) word: the masks and shifts of the in-place decode
-    hs = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, H, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))),
-                                                      0), 1), 3)
-    w4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.arange(0, P0, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))),
-                                                      0), 2), 3)
-    m0 = ((1 << P0) - 1) << (hs * P0)
-    up1 = S1 - (w4 // max(P1, 1)) * P1  # plane 1's bits of a column move up beside plane 0's field
-    m1 = ((1 << P1) - 1) << (hs * P0 + S1)
-    up2 = 6 - w4
-    m2 = 1 << (hs * P0 + 6)
-    bnd = (col0 < a) | (col0 + TS * 32 > e)
+    L4: gl.constexpr = gl.BlockedLayout([1, P0, H, R], [1, 1, 1, 32], [1, 1, 1, NW], [3, 2, 1, 0])
+    LW: gl.constexpr = gl.SliceLayout(2, L4)
+    LX: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LW))  # (P0,): one slot's x, broadcast over the rows
+    w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, P0, layout=LX), 0), 2)
+    up1 = S1 - (w3 // max(P1, 1)) * P1  # plane 1's bits of a column move up beside plane 0's field
+    up2 = 6 - w3
+    EVEN: gl.constexpr = 0x33333333 if P0 == 2 else 0x0F0F0F0F  # plane 0's fields of the even slots
     for h in gl.static_range(2):
-        xh = xsm5.index(k * 2 + h).permute((0, 2, 1)).load(LX)  # (TS, P0, H)
-        if bnd:
-            i3 = gl.expand_dims(gl.expand_dims(gl.arange(0, TS, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
-            w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, P0, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
-            h3 = gl.expand_dims(gl.expand_dims(gl.arange(0, H, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
-            c = col0 + i3 * 32 + h * 16 + h3 * P0 + w3
-            xh = gl.where((c >= a) & (c < e), xh, 0.0)
-        v = gl.expand_dims(_half(w0, h), 2) & m0
+        h0 = _half(w0, h)
         if P1 > 0:
-            v |= (gl.expand_dims(_half(w1, h), 2) << up1) & m1
+            h1 = _half(w1, h) << up1
         if P2 > 0:
-            v |= (gl.expand_dims(_half(w2, h), 2) << up2) & m2
-        acc += gl.sum(_field_denormal(v) * gl.expand_dims(xh, 3), axis=2)
+            h2 = _half(w2, h) << up2
+        if P1 == 1:
+            ev = _select(h0, h1, EVEN, 0xE4)
+            od = _select(h0, h1, EVEN, 0xD8)
+        for sl in gl.static_range(H):
+            xh = gl.expand_dims(gl.expand_dims(xsm2.index((k * 2 + h) * H + sl).load(LX), 0), 2)
+            if P1 == 1:
+                if sl % 2 == 0:
+                    v = ev & (((1 << (P0 + 1)) - 1) << (sl * P0))
+                else:
+                    v = od & (((1 << (P0 + 1)) - 1) << (sl * P0))
+            else:
+                v = h0 & (((1 << P0) - 1) << (sl * P0))
+                if P1 > 0:
+                    v |= h1 & (((1 << P1) - 1) << (sl * P0 + S1))
+                if P2 > 0:
+                    v |= h2 & (1 << (sl * P0 + 6))
+            acc = acc + _field_denormal(v) * xh
     return acc
 
 
@@ -189,6 +216,7 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
     LR: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, LW))
     SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     STEP: gl.constexpr = TS * 32
+    gl.static_assert(TS == 1, "one tile a step (the decode reads x a slot at a time)")
 
     rows = pn * BLOCK_N + gl.arange(0, BLOCK_N, layout=LR)
     rmask = rows < N
@@ -228,7 +256,7 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
         src = col.to(gl.int64)
     xsm.store(gl.load(x_ptr + src, mask=ok, other=0.0).to(gl.float32) * _inplace_scale(hs * P0))
     gl.thread_barrier()
-    xsm5 = xsm._reinterpret(gl.float32, [XT // TS * 2, TS, H, P0], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    xsm2 = xsm._reinterpret(gl.float32, [XT * 32 // P0, P0], gl.SwizzledSharedLayout(1, 1, 1, [0]))  # (slot, word)
 
     xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
     k = (a - col0) // STEP
@@ -251,7 +279,16 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
             w1 = ring1.index(slot).load(LW)
         if P2 > 0:
             w2 = ring2.index(slot).load(LW)
-        acc = _step_dot(acc, w0, w1, w2, xsm5, k, a, e, col0 + k * STEP, BITS, TS, R, NW)
+        c0 = col0 + k * STEP
+        if (c0 < a) | (c0 + STEP > e):  # the step sticks out of the unit: its other codes zeroed
+            w0 = w0 & _field_mask(a, e, c0, w3, P0)
+            if P1 == 1:
+                w1 = w1 & _field_mask(a, e, c0, 0, 1)
+            elif P1 > 0:
+                w1 = w1 & _field_mask(a, e, c0, w3 % max(P1, 1), P1)
+            if P2 > 0:
+                w2 = w2 & _field_mask(a, e, c0, 0, 1)
+        acc = _step_dot(acc, w0, w1, w2, xsm2, k, BITS, R, NW)
         ends = k + 1 >= k1  # this step is the unit's last
         more = u + 1 < u1
         kn = gl.where(ends, (na - col0) // STEP, k + 1)
@@ -369,8 +406,8 @@ def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | No
     if len({m[4].dtype for m in members}) != 1:
         raise ValueError("the linears' scales differ in dtype")
     BN = cfg["BLOCK_N"]
-    if BN % (32 * cfg["num_warps"]) or cfg["XT"] % cfg["TS"] or cfg["XT"] % cfg["num_warps"] or cfg["NS"] < 2:
-        raise ValueError(f"BLOCK_N must be a multiple of 32 x num_warps, XT of TS and of num_warps, NS at least 2: "
+    if BN % (32 * cfg["num_warps"]) or cfg["TS"] != 1 or cfg["XT"] % cfg["num_warps"] or cfg["NS"] < 2:
+        raise ValueError(f"BLOCK_N must be a multiple of 32 x num_warps, TS 1, XT a multiple of num_warps, NS at least 2: "
                          f"{cfg}")
     Ns = [m[6] for m in members]
     tiles = [triton.cdiv(n, BN) for n in Ns]

@@ -43,13 +43,14 @@ GEMV_VARIANTS = [dict(SPLIT=1), dict(SPLIT=4, TS=2), dict(SPLIT=16, BLOCK_N=64),
                  dict(BLOCK_M=2, SPLIT=3), dict(BLOCK_M=4, SPLIT=2), dict(SPLIT=16, INPLACE=1), dict(SPLIT=4, INPLACE=2),
                  dict(BLOCK_N=256), dict(SPLIT=8, INPLACE=0)]
 
-# mixed_gemv (Gluon, one token): the measured candidate, direct store where a linear has one part, longer
-# steps, x gathered first, parts capped at 4 tiles (many parts, units cut by the cap), 8 warps; the part
-# table without its columns (PK False, as groups of fewer than 4096 inputs run), also with capped parts
+# mixed_gemv (Gluon, one token): the measured candidate, direct store where a linear has one part, one row
+# a thread with a deeper ring, x gathered first, parts capped at 4 tiles (many parts, units cut by the cap),
+# 8 warps; the part table without its columns (PK False, as groups of fewer than 4096 inputs run), also with
+# capped parts; the shortest ring
 GLUON = mixed_kernel.GEMV1_GLUON
-GLUON_VARIANTS = [dict(), dict(SPLIT=1), dict(TS=2, NS=4, BLOCK_N=128), dict(GATHER=False), dict(XT=4, SPLIT=2),
+GLUON_VARIANTS = [dict(), dict(SPLIT=1), dict(NS=4, BLOCK_N=128), dict(GATHER=False), dict(XT=4, SPLIT=2),
                   dict(BLOCK_N=512, num_warps=8, NS=6), dict(PK=False), dict(PK=False, XT=4, SPLIT=2),
-                  dict(TS=2, NS=4, BLOCK_N=128, SPLIT=8)]
+                  dict(NS=4, BLOCK_N=128, SPLIT=8), dict(NS=2, SPLIT=24)]
 
 
 def captured(module, static_x: torch.Tensor):
