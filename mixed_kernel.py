@@ -883,12 +883,13 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
     Else the fused kernel's BLOCK_M (tokens per program; 1 = CUDA-core path, one token per
     program), BLOCK_N (rows), BLOCK_K (columns per step), USE_DOT (tensor cores), GATHER (x read
     through kcols inside the kernel, else gathered first), unit_k (columns per unit), num_warps.
-    One token on the larger shapes: `mixed_gemv`'s Gluon kernel (GEMV1_GLUON) where `device` (the
-    current CUDA device when None) can run it: 12 parts from twice as many rows as inputs, 32 from
-    twice as many inputs as rows (4096 rows or more: the down projections; H200,
+    One token from 4096 inputs and 4096 rows (or rows x inputs >= 2**26): `mixed_gemv`'s Gluon kernel
+    (GEMV1_GLUON) where `device` (the current CUDA device when None) can run it: 12 parts from twice as
+    many rows as inputs, 32 from twice as many inputs as rows (the down projections; H200,
     group-probe-NVIDIA-H200-2026-12-02-parts.md: 7B down 18.5 -> 17.6 us at 3.5 bits, 70B down 61.2 ->
-    58.4), else 16 from rows x inputs >= 2**26; fewer where they would spill into a small last wave
-    (`whole_waves`); parts balanced by time where rows >= 2 x inputs (`wide_balance`)."""
+    58.4) or below rows x inputs 2**26 (7B o, 4096x4096: 11.0 -> 9.0 us at 3.5 bits, 9.5 -> 8.3 at 3.0,
+    group-probe-NVIDIA-H200-2026-12-02-slotfma.md), else 16; fewer where they would spill into a small
+    last wave (`whole_waves`); parts balanced by time where rows >= 2 x inputs (`wide_balance`)."""
     hit = TUNED.get((N, K, M, dtype))
     if hit is not None and (dense or not hit.get("DENSE")):
         return hit
@@ -896,9 +897,8 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, dense: bool = True,
         return dict(DENSE)
     if M == 1:
         down = K >= 2 * N and N >= 4096  # many inputs, few rows: more parts keep the GPU filled
-        big = N >= 2 * K or down or N * K >= 1 << 26
-        if K >= 4096 and big and has_gluon(None if device is None else device.index):
-            return gluon_one_token(N, K, 12 if N >= 2 * K else (32 if down else 16), device)
+        if K >= 4096 and (N >= 4096 or N * K >= 1 << 26) and has_gluon(None if device is None else device.index):
+            return gluon_one_token(N, K, 12 if N >= 2 * K else (32 if down or N * K < 1 << 26 else 16), device)
         return dict(GEMV1_WIDE if N >= 2 * K and K >= 4096 else GEMV1)
     if M <= 2 or dtype == torch.float32:  # fp32 inputs never go through fp16 operands
         return dict(BLOCK_M=1, BLOCK_N=128, BLOCK_K=64, USE_DOT=False, GATHER=True, unit_k=256, num_warps=1)

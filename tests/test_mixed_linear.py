@@ -595,17 +595,17 @@ def test_part_table_tensor_int32_columns():
 @pytest.mark.parametrize("gluon", [True, False])
 def test_pick_config_one_token(monkeypatch, gluon):
     """One token, 4096 columns or more: mixed_gemv's Gluon kernel where rows >= 2 x columns (12
-    parts), columns >= 2 x rows with 4096 rows or more (32 parts) or rows x columns >= 2**26 (16
-    parts), where the H200 measured it faster (gate/up, down and 70B's square shapes), parts balanced
-    by time where rows >= 2 x columns; else GEMV1.
+    parts), columns >= 2 x rows with 4096 rows or more (32 parts), 4096 rows or more below rows x
+    columns 2**26 (32 parts) or from it (16 parts), where the H200 measured it faster (gate/up, down, 7B's
+    and 70B's square shapes), parts balanced by time where rows >= 2 x columns; else GEMV1.
     Without Gluon: 256 rows a program where rows >= 2 x columns (gate/up), else GEMV1."""
     pytest.importorskip("triton")
     import mixed_kernel
     monkeypatch.setattr(mixed_kernel, "has_gluon", lambda device=None: gluon)
     monkeypatch.setattr(mixed_kernel, "sm_count", lambda device=None: None)  # no trim to whole waves
     for N, K, split, rows in ((11008, 4096, 12, 256), (28672, 8192, 12, 256), (8192, 8192, 16, None),
-                              (8192, 28672, 32, None), (4096, 4096, None, 128), (4096, 11008, 32, 128),
-                              (1024, 8192, None, 128), (1536, 576, None, 128), (8191, 4096, None, 128),
+                              (8192, 28672, 32, None), (4096, 4096, 32, 128), (4096, 11008, 32, 128),
+                              (1024, 8192, None, 128), (1536, 576, None, 128), (8191, 4096, 32, 128), (2048, 4096, None, 128),
                               (24576, 2048, None, 128)):
         cfg = mixed_kernel.pick_config(1, N, K, torch.float16, device=torch.device("cuda", 0))
         if gluon and split:
