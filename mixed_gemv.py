@@ -10,23 +10,25 @@ larger shapes.
 
 Why a second kernel: `gemv_kernel` leaves layouts to Triton, which loads a step's words four rows a
 thread and then moves them, and x, through shared memory into the layout of the arithmetic (7
-barriers a step in the offline sm_90 SASS of its 4-bit loop). Here every layout is chosen:
+barriers a step in the offline sm_90 SASS of its 4-bit loop). Here every layout is chosen. A step is
+one tile (32 columns; the TS argument must be 1):
 
-  L4 (TS, P0, H, BLOCK_N)  a step: TS tiles x P0 words of plane 0 x H slots of a 16-bit half word
-                           x rows. A thread holds all of the first three and R = BLOCK_N / (32 *
-                           warps) consecutive rows; lanes and warps run along the rows.
-  words (TS, P0, BLOCK_N)  slice 2 of L4: streamed through a ring of NS steps in shared memory by
+  L4 (1, P0, H, BLOCK_N)   P0 words of plane 0 x H slots of a 16-bit half word x rows. A thread holds
+                           all of the first three and R = BLOCK_N / (32 * warps) consecutive rows;
+                           lanes and warps run along the rows.
+  words (1, P0, BLOCK_N)   slice 2 of L4: streamed through a ring of NS steps in shared memory by
                            asynchronous copies, each thread copying (R-wide vectors, coalesced along
                            rows) and later reading only its own rows' words.
-  x (TS, P0, H)            slice 3 of L4: every thread holds the step's x. The program stages its
-                           part's x (gathered through the column order, pre-scaled for the in-place
-                           read) in shared memory once; a step reads it back as broadcast loads.
-  acc (TS, P0, BLOCK_N)    slice 2 of L4, summed over tiles and words (inside the thread) once a unit.
+  x                        the program stages its part's x (gathered through the column order,
+                           pre-scaled for the in-place read) in shared memory once, as rows (slot,
+                           word); a step reads one slot's P0 values at a time as broadcast loads.
+  acc (1, P0, BLOCK_N)     slice 2 of L4: each code's product is one multiply-add into it (slot by
+                           slot), summed over words (inside the thread) once a unit.
 
 So a program (row tile, part) needs its part to be one width and at most XT tiles long
-(`MixedBitLinear.part_table(..., max_tiles=XT)`). Steps are aligned to TS tiles from the part's
-first tile; a unit's first and last steps mask x outside the unit's columns [a, e); sum_k x over a
-unit (for the zero point) is a reduction over the staged x at the unit's start. What a program
+(`MixedBitLinear.part_table(..., max_tiles=XT)`). A unit's first and last steps zero the codes outside
+the unit's columns [a, e) in their words (`_field_mask`); sum_k x over a unit (for the zero point) is
+a reduction over the staged x at the unit's start. What a program
 needs before its loop (unit range, width, block, its first two units' fields) is one row of the
 part table, read at once; its first words, scales and zero points are requested before x's gather.
 With PK (from 4096 inputs) the row also carries the part's original columns, requested with its fields,
@@ -45,6 +47,14 @@ kernel (`gemv_gl_group`, up to 3 members, each with its own codes, order, work l
 pay the launch's fixed cost once: the 7B layer in model order 1.39x -> 1.64x of fp16 at 3.5 bits, 70B
 1.72x -> 1.93x (inference-NVIDIA-H200-2026-12-01-grouped.md); every set bench/group_probe.py measured runs
 faster as one launch.
+
+One multiply-add a code into the accumulator (2026-12-02, bench/NOTES.md row 45): the products of a
+step were summed over a half word's slots and then added to acc (a multiply, multiply-adds and an add
+per 8 codes), and widths 3 and 5 merged their planes with two logic ops a code; now each product goes
+straight into acc and those widths merge with one LOP3 a word for the even slots and one for the odd.
+Offline sm_90, a step's steady path at widths 2/3/4/5: 214/299/237/331 -> 204/238/222/281 instructions.
+H200: the 7B layer in model order, grouped, 71 -> 64 us of linears at 3.5 bits (2.10x of fp16),
+inference-NVIDIA-H200-2026-12-02-slotfma.md.
 """
 from __future__ import annotations
 
