@@ -154,30 +154,29 @@ def _step_dot(acc, w0, w1, w2, xsm2, k, BITS: gl.constexpr, R: gl.constexpr, NW:
 
 
 @gluon.jit
-def _staged_columns(col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
-    """The staged part's layout: position p = ((step * 2 + half) * TS + tile) * 16 + slot * P0 + word
-    holds kernel column col (the part starts at col0), so that a step's half is a (TS, H, P0) block;
-    its x is scaled by 2**(85 - slot * P0) for the in-place read (`_inplace_scale`). Returns (slot, col), (XT * 32,)
-    in the staging layout."""
+def _staged_columns(col0, BITS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
+    """The staged part's layout: position p = (step * 2 + half) * 16 + slot * P0 + word holds kernel
+    column col0 + p (the part starts at col0), so that a step's half is H rows (slot) of P0 words; its x
+    is scaled by 2**(85 - slot * P0) for the in-place read (`_inplace_scale`). Returns (slot, col),
+    (XT * 32,) in the staging layout."""
     P0: gl.constexpr = 4 if BITS >= 4 else 2
     H: gl.constexpr = 16 // P0
-    p = gl.arange(0, XT * 32, layout=gl.BlockedLayout([XT // NW], [32], [NW], [0]))
-    return (p // P0) % H, col0 + _staged_offsets(TS, XT, NW)
+    p = _staged_offsets(XT, NW)
+    return (p // P0) % H, col0 + p
 
 
 @gluon.jit
-def _staged_offsets(TS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
-    """Column (from the part's first) at each staged position p (`_staged_columns`), (XT * 32,) in the
-    staging layout: the same for every width, since slot * P0 + word = p % 16 (the identity for TS 1)."""
-    p = gl.arange(0, XT * 32, layout=gl.BlockedLayout([XT // NW], [32], [NW], [0]))
-    return ((p // (32 * TS)) * TS + (p // 16) % TS) * 32 + ((p // (16 * TS)) % 2) * 16 + p % 16
+def _staged_offsets(XT: gl.constexpr, NW: gl.constexpr):
+    """Column (from the part's first) at each staged position p (`_staged_columns`): p itself, (XT * 32,)
+    in the staging layout, the same for every width."""
+    return gl.arange(0, XT * 32, layout=gl.BlockedLayout([XT // NW], [32], [NW], [0]))
 
 
 @gluon.jit
-def _unit_xsum(xsm, a, e, col0, BITS: gl.constexpr, TS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
+def _unit_xsum(xsm, a, e, col0, BITS: gl.constexpr, XT: gl.constexpr, NW: gl.constexpr):
     """sum of x over kernel columns [a, e), from the staged part (whose first column is col0)."""
     P0: gl.constexpr = 4 if BITS >= 4 else 2
-    hs, col = _staged_columns(col0, BITS, TS, XT, NW)
+    hs, col = _staged_columns(col0, BITS, XT, NW)
     xv = xsm.load(gl.BlockedLayout([XT // NW], [32], [NW], [0])) * _pow2(hs * P0 - 85)  # undo _inplace_scale (exact)
     return gl.sum(gl.where((col >= a) & (col < e), xv, 0.0), axis=0)
 
@@ -256,7 +255,7 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
     s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask, SCALE_F16)  # in flight beside x's gather
 
     # stage x of the part in shared memory (`_staged_columns`), gathered through the column order
-    hs, col = _staged_columns(col0, BITS, TS, XT, NW)
+    hs, col = _staged_columns(col0, BITS, XT, NW)
     ok = col < end
     if PK:
         src = srcs.to(gl.int64)
@@ -268,7 +267,7 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
     gl.thread_barrier()
     xsm2 = xsm._reinterpret(gl.float32, [XT * 32 // P0, P0], gl.SwizzledSharedLayout(1, 1, 1, [0]))  # (slot, word)
 
-    xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
+    xs = _unit_xsum(xsm, a, e, col0, BITS, XT, NW)
     k = (a - col0) // STEP
     k1 = (e - col0 + STEP - 1) // STEP
     kiss = k + NS - 1  # the next step to copy
@@ -308,7 +307,7 @@ def _part(x_ptr, kcol_ptr, qw_ptr, unit_ptr, scale_ptr, zero_ptr, xsm, N, pn, u,
             u += 1
             a, e, run, zs = na, ne, nrun, nzs
             s, z = _run_grid(scale_ptr, zero_ptr, run, zs, N, rows, rmask & more, SCALE_F16)
-            xs = _unit_xsum(xsm, a, e, col0, BITS, TS, XT, NW)
+            xs = _unit_xsum(xsm, a, e, col0, BITS, XT, NW)
             na, ne, nrun, nzs = _unit_meta(unit_ptr, u + 1, more & (u + 1 < u1))
             k1 = (e - col0 + STEP - 1) // STEP
         k = kn
@@ -366,7 +365,7 @@ def gemv_gl_kernel(x_ptr, kc0, qw0, un0, pt0, sc0, ze0, kc1, qw1, un1, pt1, sc1,
                                                  gl.load(d + 4), gl.load(d + 5), gl.load(d + 6), gl.load(d + 7))
         a, e, run, zs = gl.load(d + 8), gl.load(d + 9), gl.load(d + 10), gl.load(d + 11)
         na, ne, nrun, nzs = gl.load(d + 12), gl.load(d + 13), gl.load(d + 14), gl.load(d + 15)
-        rel = _staged_offsets(TS, XT, NW)
+        rel = _staged_offsets(XT, NW)
         srcs = rel
         if PK:  # the staged positions' original columns, requested beside the row's fields
             cty: gl.constexpr = kcol_ptr.dtype.element_ty
