@@ -185,7 +185,7 @@ def _unit_xsum(xsm, a, e, col0, BITS: gl.constexpr, XT: gl.constexpr, NW: gl.con
 def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, start, tile0, end, j, nsteps, ts3,
            BITS: gl.constexpr, TS: gl.constexpr, NS: gl.constexpr):
     """Start the copies of step j's words (every plane) into ring slot j % NS, one commit group
-    (empty past the part's last step)."""
+    (empty past the part's last step). Offsets in 32 bits (`gemv_gl_group` checks that they fit)."""
     P0: gl.constexpr = 4 if BITS >= 4 else 2
     P1: gl.constexpr = 4 if BITS == 8 else (2 if (BITS == 6 or BITS == 7) else (1 if (BITS == 3 or BITS == 5) else 0))
     S1: gl.constexpr = 4 if BITS >= 5 else 2
@@ -194,12 +194,12 @@ def _issue(qw_ptr, N, ring0, ring1, ring2, offs0, offs1, offs2, rmask3, W0, nt, 
         t = tile0 + j * TS
         ok = (start + (t + ts3) * 32 < end) & rmask3  # (TS, 1, BLOCK_N)
         slot = j % NS
-        cp.async_copy_global_to_shared(ring0.index(slot), qw_ptr + (W0 + t * P0).to(gl.int64) * N + offs0, mask=ok)
+        cp.async_copy_global_to_shared(ring0.index(slot), qw_ptr + ((W0 + t * P0) * N + offs0), mask=ok)
         if P1 > 0:
-            cp.async_copy_global_to_shared(ring1.index(slot), qw_ptr + (W0 + S1 * nt + t * P1).to(gl.int64) * N + offs1,
+            cp.async_copy_global_to_shared(ring1.index(slot), qw_ptr + ((W0 + S1 * nt + t * P1) * N + offs1),
                                            mask=ok)
         if P2 > 0:
-            cp.async_copy_global_to_shared(ring2.index(slot), qw_ptr + (W0 + 6 * nt + t).to(gl.int64) * N + offs2, mask=ok)
+            cp.async_copy_global_to_shared(ring2.index(slot), qw_ptr + ((W0 + 6 * nt + t) * N + offs2), mask=ok)
     cp.commit_group()
 
 
@@ -418,6 +418,8 @@ def gemv_gl_group(x: torch.Tensor, members: list[tuple], bias: torch.Tensor | No
     if BN % (32 * cfg["num_warps"]) or cfg["TS"] != 1 or cfg["XT"] % cfg["num_warps"] or cfg["NS"] < 2:
         raise ValueError(f"BLOCK_N must be a multiple of 32 x num_warps, TS 1, XT a multiple of num_warps, NS at least 2: "
                          f"{cfg}")
+    if max(m[1].numel() for m in members) >= 1 << 31:  # never at LLM shapes: 405B's largest linear is < 2**29 words
+        raise ValueError("packed codes of 2**31 words or more: the Gluon kernel addresses them in 32 bits")
     Ns = [m[6] for m in members]
     tiles = [triton.cdiv(n, BN) for n in Ns]
     parts = [m[3].shape[0] for m in members]

@@ -592,6 +592,24 @@ def test_part_table_tensor_int32_columns():
     assert torch.equal(t[0, 16:], kcols[:64]) and torch.equal(t[1, 16:48], kcols[64:96]) and not t[1, 48:].any()
 
 
+def test_gluon_group_refuses_what_it_cannot_address():
+    """The Gluon kernel addresses the packed codes with 32-bit offsets: codes of 2**31 words or more, and
+    steps other than one tile, are refused with a clear error before anything runs (meta tensors: no memory)."""
+    pytest.importorskip("triton")
+    import mixed_gemv
+    import mixed_kernel
+    meta = torch.device("meta")
+    x = torch.empty(1, 4096, dtype=torch.float16, device=meta)
+    small = torch.empty(8, dtype=torch.int32, device=meta)
+    member = (small, torch.empty(1 << 31, dtype=torch.int32, device=meta), small, torch.empty(4, 16, dtype=torch.int32,
+              device=meta), torch.empty(8, dtype=torch.int16, device=meta), small, 4096)
+    with pytest.raises(ValueError, match="32 bits"):
+        mixed_gemv.gemv_gl_group(x, [member], None, dict(mixed_kernel.GEMV1_GLUON))
+    member = member[:1] + (small,) + member[2:]
+    with pytest.raises(ValueError, match="TS 1"):
+        mixed_gemv.gemv_gl_group(x, [member], None, dict(mixed_kernel.GEMV1_GLUON, TS=2))
+
+
 @pytest.mark.parametrize("gluon", [True, False])
 def test_pick_config_one_token(monkeypatch, gluon):
     """One token, 4096 columns or more: mixed_gemv's Gluon kernel where rows >= 2 x columns (12
