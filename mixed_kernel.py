@@ -797,13 +797,15 @@ GEMV1 = dict(GEMV=True, BLOCK_M=1, BLOCK_N=128, TS=2, SPLIT=16, GATHER=True, num
 GEMV1_WIDE = dict(GEMV1, BLOCK_N=256)
 # one token through mixed_gemv (Gluon): 256 rows a program (2 a thread), one tile a step, a ring of 3 steps
 # of asynchronous copies, parts of at most 32 tiles (`MixedBitLinear.part_table(..., max_tiles=XT)`).
-# pick_config takes it for 4096 columns and more where rows >= 2 x columns (12 parts), columns >= 2 x rows
-# from 4096 rows (32 parts) or rows x columns >= 2**26 (16 parts): bench.inference's per-shape trials on an
+# pick_config takes it for 4096 columns and 4096 rows and more (see pick_config for the part counts); when it
+# came in, for rows >= 2 x columns, columns >= 2 x rows and rows x columns >= 2**26: bench.inference's per-shape trials on an
 # H200 at 3.5 bits (inference-NVIDIA-H200-2026-12-01-gluon.json), us, against the best gemv_kernel
 # configuration: 11008x4096 19.8 (12 parts) vs 22.2, 28672x8192 67.6 vs 76.3, 8192x8192 25.7 (16) vs 28.8,
-# 8192x28672 67.1 (16 parts) vs 77.7; 4096x4096 keeps GEMV1 (11.8 vs 10.8), 1024x8192 was even (12.4 vs
-# 12.8) and keeps it too; 4096x11008, even there (19.2 vs 19.3), runs it with 32 parts since the part
-# table (group-probe-NVIDIA-H200-2026-12-02-parts.md: 17.6 against gemv_kernel's 18.5).
+# 8192x28672 67.1 (16 parts) vs 77.7; 4096x4096 kept GEMV1 then (11.8 vs 10.8), 1024x8192 was even (12.4 vs
+# 12.8) and keeps it; 4096x11008, even there (19.2 vs 19.3), runs it with 32 parts since the part
+# table (group-probe-NVIDIA-H200-2026-12-02-parts.md: 17.6 against gemv_kernel's 18.5), and 4096x4096 with 32
+# parts since one multiply-add a code (9.0 against 11.0, group-probe-NVIDIA-H200-2026-12-02-slotfma.md).
+# TS must be 1 (mixed_gemv reads x a slot at a time).
 # PK: part tables that carry their columns (x's gather one load after the program starts instead of two):
 # 7B sets at 3.5 bits 76.8 -> 73.5 us summed (q/k/v 18.8 -> 18.2, o 10.3 -> 9.7, gate/up 30.7 -> 29.4, down 17.0 ->
 # 16.2), at 3.0 bits 68.3 -> 68.8, within the runs' spread (group-probe-NVIDIA-H200-2026-12-02-pk.md). Where the
