@@ -829,7 +829,9 @@ def has_gluon(device: int | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-GLUON_PROGRAMS_PER_SM = 4  # gemv_gl_kernel's 128 registers a thread x 4 warps: 4 programs an SM
+# gemv_gl_kernel with the widths a mixed linear compiles in (offline sm_90: widths 2-5 117 registers a thread,
+# 2-8 128) x 4 warps: 4 programs an SM (a binary of one width needs fewer registers and may fit more)
+GLUON_PROGRAMS_PER_SM = 4
 
 
 @functools.lru_cache(maxsize=None)
